@@ -1,0 +1,21 @@
+// Operator schemas for the prunepath library, and the Python module stub `prunepath._C`.
+// Kernels register against these schemas in csrc/cpu/*.cpp (CPU) and csrc/cuda/*.cu (CUDA).
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// Importing prunepath._C loads this shared object, which runs the static registrations below.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(prunepath, m) {
+  // logits [T, E] float; budget [T] float32 -> bool mask [T, E]
+  m.def("route(Tensor logits, Tensor budget, int min_experts, int max_experts) -> Tensor");
+  // x [T, d]; w_gate/w_up [F, d] (nn.Linear layout); w_down [d, F]; mask [T, E] bool -> [T, d]
+  m.def(
+      "routed_ffn(Tensor x, Tensor? w_gate, Tensor w_up, Tensor w_down, Tensor mask, "
+      "str activation, Tensor? b_up, Tensor? b_down) -> Tensor");
+}

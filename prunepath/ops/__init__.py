@@ -1,0 +1,81 @@
+"""The public ops: cumulative-mass routing and the routed (block-sparse) FFN.
+
+>>> mask = prunepath.ops.route(router_logits, budget=0.7)          # [T, E] bool
+>>> y = prunepath.ops.routed_ffn(x, w_gate, w_up, w_down, mask)   # [T, d]
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import backends, checks
+from .backends import BACKENDS, BackendUnavailable
+from .reference import ACTIVATIONS
+
+
+def route(
+    logits: torch.Tensor,
+    budget=1.0,
+    *,
+    min_experts: int = 1,
+    max_experts: int | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Per token, the smallest top-probability expert set whose softmax mass reaches ``budget``.
+
+    Args:
+        logits: router logits ``[T, E]``, any float dtype (computed in fp32).
+        budget: float in [0, 1] or a ``[T]`` tensor of per-token budgets. 1.0 = every expert.
+        min_experts, max_experts: clamp the per-token expert count to this range.
+        backend: "auto", "torch", "cpu", "triton" or "cuda".
+
+    Returns a bool mask ``[T, E]``. Never synchronizes with the host.
+    """
+    checks.check_logits(logits)
+    t, e = logits.shape
+    lo, hi = checks.expert_count_bounds(min_experts, max_experts, e)
+    b = checks.budget_tensor(budget, t, logits.device)
+    name = backends.resolve(backend, logits.device, "route", (e,))
+    return backends.load(name).route(logits.contiguous(), b, lo, hi)
+
+
+def routed_ffn(
+    x: torch.Tensor,
+    w_gate: torch.Tensor | None,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    activation: str = "silu",
+    b_up: torch.Tensor | None = None,
+    b_down: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """The dense FFN with each token's inactive experts' neurons zeroed.
+
+    Weights use ``nn.Linear`` layout: ``w_gate``/``w_up`` ``[F, d]`` (``w_gate=None`` for a
+    non-gated FFN), ``w_down`` ``[d, F]``. ``mask`` ``[T, E]`` from :func:`route`; expert e owns
+    neurons ``[e*F/E, (e+1)*F/E)``. Experts are not re-weighted. Returns ``[T, d]``.
+    """
+    checks.check_ffn_args(x, w_gate, w_up, w_down, mask, activation, b_up, b_down)
+    key = (x.dtype, x.shape[1], w_up.shape[0], mask.shape[1], w_gate is not None, x.shape[0])
+    name = backends.resolve(backend, x.device, "routed_ffn", key)
+    return backends.load(name).routed_ffn(
+        x.contiguous(), w_gate, w_up, w_down, mask.contiguous(), activation, b_up, b_down
+    )
+
+
+def available_backends(device: str | torch.device = "cpu") -> list[str]:
+    """Backends that can run on ``device`` here (built, installed and supported)."""
+    device = torch.device(device)
+    return [n for n in BACKENDS if backends.supports_device(n, device) and backends.is_available(n)]
+
+
+__all__ = [
+    "route",
+    "routed_ffn",
+    "available_backends",
+    "ACTIVATIONS",
+    "BACKENDS",
+    "BackendUnavailable",
+]

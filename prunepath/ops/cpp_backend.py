@@ -1,0 +1,60 @@
+"""The "cpu" and "cuda" backends: the compiled extension ``prunepath._C``.
+
+The extension registers ``torch.ops.prunepath.route`` and ``torch.ops.prunepath.routed_ffn``
+(CPU kernels always; CUDA kernels when built with nvcc). Fake kernels for ``torch.compile``
+are registered here, once, when the extension is first loaded.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .backends import BackendUnavailable
+
+_BUILD_HINT = (
+    "the compiled extension prunepath._C is not built; install from a source checkout with "
+    "`pip install torch && pip install --no-build-isolation .`"
+)
+
+
+@functools.cache
+def _load():
+    try:
+        from prunepath import _C  # noqa: F401  (registers the ops)
+    except ImportError as err:
+        return err
+    _register_fakes()
+    return None
+
+
+def _register_fakes() -> None:
+    @torch.library.register_fake("prunepath::route")
+    def _(logits, budget, min_experts, max_experts):
+        return torch.empty(logits.shape, dtype=torch.bool, device=logits.device)
+
+    @torch.library.register_fake("prunepath::routed_ffn")
+    def _(x, w_gate, w_up, w_down, mask, activation, b_up, b_down):
+        return torch.empty_like(x)
+
+
+def ensure_available(name: str) -> None:
+    err = _load()
+    if err is not None:
+        raise BackendUnavailable(f"backend={name!r}: {_BUILD_HINT} ({err})")
+    if name == "cuda" and not torch._C._dispatch_has_kernel_for_dispatch_key(
+        "prunepath::routed_ffn", "CUDA"
+    ):
+        raise BackendUnavailable(
+            "backend='cuda': prunepath._C was built without CUDA kernels; rebuild on a machine "
+            "with nvcc and a CUDA build of torch: `pip install --no-build-isolation .`"
+        )
+
+
+def route(logits, budget, min_experts, max_experts):
+    return torch.ops.prunepath.route(logits, budget, min_experts, max_experts)
+
+
+def routed_ffn(x, w_gate, w_up, w_down, mask, activation, b_up, b_down):
+    return torch.ops.prunepath.routed_ffn(x, w_gate, w_up, w_down, mask, activation, b_up, b_down)
