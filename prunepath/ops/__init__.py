@@ -10,7 +10,9 @@ import torch
 
 from . import backends, checks
 from .backends import BACKENDS, BackendUnavailable
+from .packed import PackedFFN, prepack_ffn, routed_ffn_packed
 from .reference import ACTIVATIONS
+from .router_route import router_route
 
 
 def route(
@@ -74,6 +76,10 @@ def available_backends(device: str | torch.device = "cpu") -> list[str]:
 __all__ = [
     "route",
     "routed_ffn",
+    "router_route",
+    "prepack_ffn",
+    "routed_ffn_packed",
+    "PackedFFN",
     "available_backends",
     "ACTIVATIONS",
     "BACKENDS",

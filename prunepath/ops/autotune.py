@@ -1,36 +1,236 @@
 """Choosing a backend for ``backend="auto"``.
 
-This is the one piece of explicit global state in the library: a cache of choices keyed
-by (op, device, key). Until a measured choice exists, a static preference order is used.
+This is the one piece of explicit global state in the library: a cache of choices.
+
+* CPU tensors: a static preference (the compiled "cpu" extension, then "torch").
+* CUDA tensors: the available GPU backends ("cuda", "triton", "torch") are *measured* once
+  per (op, GPU model, dtype, shape, token-count bucket) on synthetic inputs of that shape
+  (a random mask with half the experts per token), and the fastest is remembered in memory
+  and on disk in ``platformdirs.user_cache_dir("prunepath")/autotune.json`` (atomic
+  write; ``PRUNEPATH_CACHE_DIR`` overrides the folder). Token counts are bucketed to powers
+  of two (1, 2, 4, ..., 64, then 128+ as one bucket).
+* Never measures while ``torch.compile`` traces or a CUDA graph is being captured: then a
+  cached choice is used if there is one, else the static order ("triton", "cuda", "torch").
+* ``PRUNEPATH_AUTOTUNE=0`` turns measuring off (static order only).
+
+Forcing a backend (``backend="triton"`` / ``"cuda"``) bypasses all of this.
 """
 
 from __future__ import annotations
+
+import json
+import os
+import statistics
+import tempfile
 
 import torch
 
 from . import backends
 
 _CHOICES: dict = {}
+_DISK: dict | None = None  # the disk cache, loaded on first use
 
 _PREFERENCE = {
     "cpu": ("cpu", "torch"),
     "cuda": ("triton", "cuda", "torch"),
 }
+_FORMAT = 1  # bump when kernels change enough to invalidate stored choices
+
+
+def _tracing() -> bool:
+    if torch.compiler.is_compiling():
+        return True
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def token_bucket(t: int) -> int:
+    """1, 2, 4, ..., 64 (next power of two), and 128 for every larger count."""
+    b = 1
+    while b < t and b < 128:
+        b *= 2
+    return b
+
+
+def _bucket_key(op: str, key):
+    # routed_ffn keys end with the token count
+    if op in ("routed_ffn", "routed_ffn_packed") and key:
+        return tuple(key[:-1]) + (token_bucket(int(key[-1])),)
+    return tuple(key) if key is not None else ()
+
+
+def _candidates(device: torch.device) -> list[str]:
+    return [n for n in _PREFERENCE.get(device.type, ("torch",))
+            if backends.supports_device(n, device) and backends.is_available(n)]
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type != "cuda":
+        return device.type
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    return torch.cuda.get_device_name(idx)
+
+
+def _disk_key(op: str, device: torch.device, bkey) -> str:
+    parts = [str(_FORMAT), op, _device_name(device), torch.__version__]
+    parts += [str(k).replace("torch.", "") for k in bkey]
+    return "|".join(parts)
+
+
+def cache_path() -> str:
+    folder = os.environ.get("PRUNEPATH_CACHE_DIR")
+    if not folder:
+        import platformdirs
+
+        folder = platformdirs.user_cache_dir("prunepath")
+    return os.path.join(folder, "autotune.json")
+
+
+def _disk() -> dict:
+    global _DISK
+    if _DISK is None:
+        try:
+            with open(cache_path()) as fh:
+                _DISK = json.load(fh)
+            if not isinstance(_DISK, dict):
+                _DISK = {}
+        except (OSError, ValueError):
+            _DISK = {}
+    return _DISK
+
+
+def _store_disk(dkey: str, entry: dict) -> None:
+    """Merge one entry into the cache file: write a temp file beside it, then rename."""
+    path = cache_path()
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        try:
+            with open(path) as fh:
+                current = json.load(fh)
+            if not isinstance(current, dict):
+                current = {}
+        except (OSError, ValueError):
+            current = {}
+        current[dkey] = entry
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".autotune.", suffix=".tmp")
+        with os.fdopen(fd, "w") as fh:
+            json.dump(current, fh, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+        _disk()[dkey] = entry
+    except OSError:
+        _disk()[dkey] = entry  # read-only cache dir: keep it in memory only
 
 
 def choose(op: str, device: torch.device, key=None) -> str:
-    cache_key = (op, device.type, key)
+    bkey = _bucket_key(op, key)
+    cache_key = (op, str(device), bkey)
     hit = _CHOICES.get(cache_key)
     if hit is not None:
         return hit
-    for name in _PREFERENCE.get(device.type, ("torch",)):
-        if backends.supports_device(name, device) and backends.is_available(name):
-            _CHOICES[cache_key] = name
-            return name
-    _CHOICES[cache_key] = "torch"
-    return "torch"
+    cands = _candidates(device)
+    if not cands:
+        return "torch"
+    if device.type != "cuda" or len(cands) == 1:
+        _CHOICES[cache_key] = cands[0]
+        return cands[0]
+    dkey = _disk_key(op, device, bkey)
+    stored = _disk().get(dkey)
+    if stored is not None and stored.get("choice") in cands:
+        _CHOICES[cache_key] = stored["choice"]
+        return stored["choice"]
+    if _tracing() or os.environ.get("PRUNEPATH_AUTOTUNE", "1") == "0":
+        return cands[0]  # static order; measured later, outside tracing/capture
+    times = measure(op, device, key, cands)
+    if not times:
+        _CHOICES[cache_key] = cands[0]
+        return cands[0]
+    best = min(times, key=times.get)
+    _CHOICES[cache_key] = best
+    _store_disk(dkey, {"choice": best, "ms": times})
+    return best
+
+
+# ------------------------------------------------------------------------------ measuring
+
+
+def _synthetic_args(op: str, device: torch.device, key):
+    gen = torch.Generator(device=device).manual_seed(0)
+    if op == "route":
+        (e,) = key
+        logits = torch.randn(16, e, device=device, generator=gen) * 2
+        return (logits, torch.full((16,), 0.5, device=device), 1, e)
+    if op == "router_route":
+        dtype, d, e = key
+        x = torch.randn(16, d, device=device, dtype=dtype, generator=gen)
+        w = torch.randn(e, d, device=device, dtype=dtype, generator=gen) / d**0.5
+        return (x, w, torch.full((16,), 0.5, device=device))
+    dtype, d, f, e, gated, t = key
+    t = token_bucket(int(t))
+    x = torch.randn(t, d, device=device, dtype=dtype, generator=gen)
+    w = lambda *s: torch.randn(*s, device=device, dtype=dtype, generator=gen) / s[-1] ** 0.5  # noqa: E731
+    wg = w(f, d) if gated else None
+    wu = w(f, d)
+    wd = w(f, d) if op == "routed_ffn_packed" else w(d, f)
+    mask = torch.rand(t, e, device=device, generator=gen) < 0.5
+    return (x, wg, wu, wd, mask, "silu", None, None)
+
+
+def _runner(op: str, name: str, args):
+    from . import packed, router_route
+
+    if op == "route":
+        mod = backends.load(name)
+        return lambda: mod.route(*args)
+    if op == "router_route":
+        x, w, b = args
+        return lambda: router_route.router_route(x, w, b, hidden_activation="none", backend=name)
+    if op == "routed_ffn_packed":
+        x, wg, wu, wdt, mask, act, bu, bd = args
+        return lambda: packed.routed_ffn_packed(x, wg, wu, wdt, mask, activation=act, backend=name)
+    mod = backends.load(name)
+    return lambda: mod.routed_ffn(*args)
+
+
+def measure(op: str, device: torch.device, key, candidates, repeats: int = 15) -> dict:
+    """Median milliseconds of each candidate backend on synthetic inputs of ``key``'s shape."""
+    try:
+        args = _synthetic_args(op, device, key)
+    except (torch.OutOfMemoryError, RuntimeError, ValueError):
+        return {}
+    times = {}
+    stream = torch.cuda.current_stream(device)
+    for name in candidates:
+        try:
+            fn = _runner(op, name, args)
+            for _ in range(3):
+                fn()
+            ms = []
+            for _ in range(repeats):
+                start = torch.cuda.Event(enable_timing=True)
+                end = torch.cuda.Event(enable_timing=True)
+                start.record(stream)
+                fn()
+                end.record(stream)
+                end.synchronize()
+                ms.append(start.elapsed_time(end))
+            times[name] = statistics.median(ms)
+        except Exception:  # a backend that fails on this shape is simply not chosen
+            continue
+    del args
+    return times
 
 
 def clear() -> None:
-    """Forget every cached choice."""
+    """Forget every cached choice in memory (the disk file stays) and re-check backends."""
+    global _DISK
     _CHOICES.clear()
+    _DISK = None
+    backends._LOADED.clear()
+
+
+def clear_disk() -> None:
+    """Delete the on-disk cache file."""
+    clear()
+    try:
+        os.remove(cache_path())
+    except FileNotFoundError:
+        pass

@@ -39,12 +39,20 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# backends that loaded fine (a plain dict lookup, so torch.compile can trace `load`)
+_LOADED: dict = {}
+
+
 def load(name: str):
     """Import and return the backend module ``name`` (raises BackendUnavailable with a fix)."""
+    module = _LOADED.get(name)
+    if module is not None:
+        return module
     if name not in _MODULES:
         raise ValueError(f"backend must be one of {BACKENDS + ('auto',)}, got {name!r}")
     module = importlib.import_module(_MODULES[name])
     module.ensure_available(name)
+    _LOADED[name] = module
     return module
 
 

@@ -44,7 +44,7 @@ def budget_tensor(budget, num_tokens: int, device: torch.device) -> torch.Tensor
             raise ValueError(f"budget is on {budget.device} but logits are on {device}")
         if not budget.is_floating_point():
             raise ValueError(f"budget tensor must be floating point, got {budget.dtype}")
-        if budget.device.type == "cpu" and not torch.compiler.is_compiling():
+        if budget.device.type == "cpu" and not _tracing():
             bad = (budget < 0) | (budget > 1) | torch.isnan(budget)
             if bool(bad.any()):
                 raise ValueError(

@@ -1,0 +1,720 @@
+"""End-to-end decoding speed: PrunePath vs dense, next to the Amdahl ceiling from bytes.
+
+GPU (random bf16 weights at real Llama shapes, built on the device; nothing downloaded):
+
+    python bench/decode.py gpu [--quick] [--models llama3-8b,llama2-7b] [--out DIR]
+
+  For each model, batch (1/2/4/8) and FFN sparsity (50/70/75/90 %), the same decode loop
+  (prunepath.decode.Decoder: static KV cache, one CUDA graph per step) runs the dense model
+  (cuBLAS FFN) and the PrunePath model. The expert masks are controlled: each RoutedFFN's
+  router is replaced by a :class:`SyntheticRouter` that runs the real router's projection
+  and adds a precomputed per-step mask (so exactly k of E experts per token); for batch > 1
+  the masks are either independent per sequence (the worst case for the union of experts)
+  or drawn with the expert-popularity skew measured on SmolLM2's trained routers
+  (``overlap`` JSON from the ``overlap`` command below), fitted to its measured union.
+  Reported with each speed: the union density, the Amdahl ceiling from bytes (weights + KV
+  read per step, dense / with only the union's FFN experts), the achieved fraction of it,
+  the FFN's share of step time (torch profiler) and peak memory.
+
+CPU (the real SmolLM2-135M-Instruct, batch 1, dense vs calibrated presets):
+
+    python bench/decode.py cpu [--checkpoint DIR] [--quick]
+
+SmolLM2 expert overlap in a batch (CPU; writes the JSON the GPU run reads):
+
+    python bench/decode.py overlap [--checkpoint DIR]
+
+Every command prints a table last and writes JSON (``--out``, default ``runs/bench_decode``).
+``prunepath bench decode ...`` calls :func:`main` with the same arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_OUT = Path("runs/bench_decode")
+DEFAULT_OVERLAP = HERE / "results" / "smollm2_overlap.json"
+SMOLLM2_CHECKPOINT = Path(os.environ.get("PRUNEPATH_SMOLLM2_CKPT", "runs/smollm2_e48"))
+
+# Real shapes (from the models' published configs); weights are random.
+LLAMA_SHAPES = {
+    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
+                      rope_theta=10000.0, rms_norm_eps=1e-5, max_position_embeddings=4096),
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                      rope_theta=500000.0, rms_norm_eps=1e-5, max_position_embeddings=8192),
+    # for checking this script on a CPU
+    "tiny": dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, vocab_size=1000,
+                 max_position_embeddings=1024),
+}
+MASK_MODELS = ("independent", "smollm2")
+NEG = -40.0  # logit of an expert outside the chosen set: softmax mass e^-40, i.e. none
+
+
+# --------------------------------------------------------------------------- utilities
+
+
+def log(*args):
+    print(*args, flush=True)
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def atomic_write_json(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def environment(device) -> dict:
+    env = {"date": datetime.date.today().isoformat(), "torch": torch.__version__,
+           "python": platform.python_version(), "argv": sys.argv,
+           "cpu_threads": torch.get_num_threads()}
+    try:
+        import transformers
+
+        env["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    if torch.device(device).type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    else:
+        env["cpu"] = platform.processor() or platform.machine()
+    return env
+
+
+# --------------------------------------------------------------------------- synthetic masks
+
+
+class SyntheticRouter(nn.Module):
+    """The real MLP router's work, whose logits are a precomputed mask of the current step.
+
+    ``logits = bank[step] + 1e-30 * (fc2 gelu(fc1 standardize(x)))``: the projection runs as
+    in the real router (same kernels, same bytes; its output is scaled away), and the mask
+    bank ``[S, B, E]`` (0 for a chosen expert, -40 otherwise) picks exactly the chosen set at
+    budget ``1 - 0.5/k``. One extra small kernel per layer (the indexed bank read). The
+    shared ``step`` counter ``[1]`` advances once per decode step (in the last layer).
+    """
+
+    def __init__(self, real: nn.Module, bank: torch.Tensor, step: torch.Tensor, advance: bool):
+        super().__init__()
+        self.real = real
+        self.register_buffer("bank", bank, persistent=False)
+        self.step = step
+        self.advance = advance
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        r = self.real
+        h = torch.nn.functional.gelu(r.fc1(r.standardize(x.to(r.fc1.weight.dtype))))
+        rows = self.bank.index_select(0, self.step).squeeze(0)  # [B, E]
+        if x.shape[0] != rows.shape[0]:  # a prompt (T = B * S): one mask per sequence
+            rows = rows.repeat_interleave(x.shape[0] // rows.shape[0], dim=0)
+        out = torch.addmm(rows, h, r.fc2.weight.t(), alpha=1e-30)
+        if self.advance:
+            self.step.add_(1).remainder_(self.bank.shape[0])
+        return out
+
+
+def fit_popularity(freq: torch.Tensor, k: int, batch: int, target_union: float,
+                   steps: int = 4096, seed: int = 0) -> tuple[float, float]:
+    """Scale ``tau`` of popularity logits ``tau * log(freq)`` so that Gumbel-top-k masks of
+    ``batch`` tokens have mean union density ``target_union``. Returns (tau, union)."""
+    logp = freq.clamp_min(1e-4).log()
+    gen = torch.Generator().manual_seed(seed)
+
+    def union(tau):
+        g = -torch.empty(steps, batch, freq.shape[-1]).exponential_(generator=gen).log()
+        idx = (tau * logp + g).topk(k, dim=-1).indices
+        m = torch.zeros(steps, batch, freq.shape[-1], dtype=torch.bool).scatter_(-1, idx, True)
+        return m.any(1).float().mean().item()
+
+    lo, hi = 0.0, 8.0
+    if union(lo) <= target_union:
+        return lo, union(lo)
+    for _ in range(20):
+        mid = (lo + hi) / 2
+        if union(mid) > target_union:
+            lo = mid
+        else:
+            hi = mid
+    return hi, union(hi)
+
+
+def resample(freq: torch.Tensor, n: int) -> torch.Tensor:
+    """A length-``n`` popularity vector with the same sorted profile as ``freq``."""
+    s = freq.sort(descending=True).values
+    pos = torch.linspace(0, len(s) - 1, n)
+    lo = pos.floor().long()
+    hi = pos.ceil().long()
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def make_bank(num_layers, steps, batch, num_experts, k, popularity=None, seed=0):
+    """Per-step expert sets ``[L, S, B, E]`` (bool) with exactly k experts per token."""
+    gen = torch.Generator().manual_seed(seed)
+    g = -torch.empty(num_layers, steps, batch, num_experts).exponential_(generator=gen).log()
+    if popularity is not None:  # [L, E] logits, a random expert order per layer
+        perm = torch.stack([torch.randperm(num_experts, generator=gen) for _ in range(num_layers)])
+        g = g + torch.gather(popularity, 1, perm)[:, None, None, :]
+    idx = g.topk(k, dim=-1).indices
+    return torch.zeros_like(g, dtype=torch.bool).scatter_(-1, idx, True)
+
+
+def install_masks(model, chosen: torch.Tensor) -> None:
+    """Give every RoutedFFN a SyntheticRouter over ``chosen`` [L, S, B, E]; budget 1-0.5/k."""
+    import prunepath
+    from prunepath.budget import routed_layers
+
+    layers = routed_layers(model)
+    dev = layers[0].budget.device
+    step = torch.zeros(1, dtype=torch.long, device=dev)
+    for i, layer in enumerate(layers):
+        real = layer.router.real if isinstance(layer.router, SyntheticRouter) else layer.router
+        bank = torch.where(chosen[i], 0.0, NEG).to(device=dev, dtype=real.fc1.weight.dtype)
+        layer.router = SyntheticRouter(real, bank, step, advance=i == len(layers) - 1)
+    k = int(chosen[0, 0, 0].sum())
+    prunepath.set_budget(model, 1.0 - 0.5 / k)
+
+
+def union_density(chosen: torch.Tensor) -> float:
+    """Mean over layers and steps of the fraction of experts some token of the batch uses."""
+    return chosen.any(dim=2).float().mean().item()
+
+
+# --------------------------------------------------------------------------- bytes model
+
+
+def step_bytes(cfg, batch: int, cache_len: int, ffn_density: float = 1.0,
+               num_experts: int = 0, router_rank: int = 0, elem: int = 2) -> float:
+    """Bytes of weights + KV cache one decode step must read (each once)."""
+    d, f, n_layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    hd = getattr(cfg, "head_dim", None) or d // cfg.num_attention_heads
+    q = cfg.num_attention_heads * hd
+    kv = cfg.num_key_value_heads * hd
+    attn = d * q + 2 * d * kv + q * d
+    ffn = 3 * d * f * ffn_density
+    router = (d * router_rank + router_rank * num_experts) if router_rank else d * num_experts
+    router = router if ffn_density < 1.0 else 0
+    norms = 2 * d
+    per_layer = attn + ffn + router + norms
+    lm_head = cfg.vocab_size * d + d
+    kv_cache = 2 * kv * cache_len * batch * n_layers
+    return float((n_layers * per_layer + lm_head + kv_cache) * elem)
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def ffn_modules(model) -> list[nn.Module]:
+    return [layer.mlp for layer in model.model.layers]
+
+
+@contextlib.contextmanager
+def ffn_annotated(model, name="prunepath_ffn"):
+    """Wrap every FFN module's forward in a profiler range called ``name``."""
+    from torch.autograd.profiler import record_function
+
+    open_ranges, hooks = {}, []
+    for m in ffn_modules(model):
+        def pre(mod, args):
+            r = record_function(name)
+            r.__enter__()
+            open_ranges[id(mod)] = r
+
+        def post(mod, args, out):
+            open_ranges.pop(id(mod)).__exit__(None, None, None)
+
+        hooks += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def profile_ffn_ms(dec, model, prompt, steps: int = 3) -> dict:
+    """Device time per decode step of the FFNs (routing included) and of everything, from the
+    torch profiler over eager steps after a prefill of ``prompt`` (kernel times do not depend
+    on graph replay)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = dec.device.type == "cuda"
+    dec.prefill(prompt, eos_token_id=[])
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with dec.preserved_state():
+        dec.step(eager=True)  # warm
+        sync(dec.device)
+        with ffn_annotated(model), profile(activities=acts) as prof:
+            for _ in range(steps):
+                dec.step(eager=True)
+            sync(dec.device)
+    events = prof.key_averages()
+    attr = "device_time_total" if cuda else "cpu_time_total"
+    ffn = sum(getattr(e, attr) for e in events if e.key == "prunepath_ffn")
+    if cuda:
+        total = sum(e.self_device_time_total for e in events)
+    else:
+        total = sum(e.self_cpu_time_total for e in events)
+    return {"ffn_ms": ffn / 1e3 / steps, "all_ms": total / 1e3 / steps}
+
+
+def time_decode(dec, prompt: torch.Tensor, new_tokens: int, repeats: int = 1) -> dict:
+    """Prefill then decode ``new_tokens`` (no EOS); median ms per decode step and prefill ms."""
+    per_step, prefill = [], []
+    for _ in range(repeats):
+        sync(dec.device)
+        t0 = time.perf_counter()
+        dec.prefill(prompt, eos_token_id=[])
+        sync(dec.device)
+        t1 = time.perf_counter()
+        n = dec.decode(new_tokens)
+        sync(dec.device)
+        t2 = time.perf_counter()
+        prefill.append((t1 - t0) * 1e3)
+        per_step.append((t2 - t1) * 1e3 / max(n - 1, 1))
+    return {"ms_per_step": statistics.median(per_step), "prefill_ms": statistics.median(prefill),
+            "all_ms_per_step": per_step}
+
+
+# --------------------------------------------------------------------------- GPU suite
+
+
+@dataclass
+class Row:
+    model: str
+    batch: int
+    masks: str  # "dense", "independent", "smollm2"
+    sparsity: float  # per-token FFN sparsity
+    union: float  # union density of the batch's experts (mean over layers and steps)
+    ms_per_step: float
+    tok_s: float  # generated tokens per second, whole batch
+    speedup: float = 1.0  # dense ms / this ms (same batch)
+    ceiling: float = 1.0  # Amdahl ceiling from bytes
+    of_ceiling: float = 1.0
+    path: str = "dense"  # FFN path the decoder chose ("sparse" or masked "dense")
+    path_ms: dict = field(default_factory=dict)
+    ffn_ms: float | None = None
+    ffn_share: float | None = None
+    peak_gib: float = 0.0
+    prefill_ms: float = 0.0
+
+
+def build_llama(name: str, device, dtype, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(**LLAMA_SHAPES[name], tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = LlamaForCausalLM._from_config(cfg, dtype=dtype)
+    return model.eval()
+
+
+def load_overlap(path: Path) -> dict | None:
+    if not path.exists():
+        return None
+    return json.loads(path.read_text())
+
+
+def popularity_for(overlap: dict, sparsity: float, num_layers: int, num_experts: int, k: int,
+                   batch: int) -> tuple[torch.Tensor, dict]:
+    """Per-layer popularity logits [L, E] for a Llama of ``num_layers``/``num_experts``,
+    from SmolLM2's measured expert frequencies at the nearest measured sparsity, scaled so
+    that the union of ``batch`` tokens matches SmolLM2's measured union at that batch."""
+    levels = overlap["levels"]
+    lv = min(levels, key=lambda r: abs(r["sparsity"] - sparsity))
+    freq = torch.tensor(lv["freq"])  # [L_smol, E_smol]
+    rows = []
+    for i in range(num_layers):
+        j = round(i * (freq.shape[0] - 1) / max(num_layers - 1, 1))
+        rows.append(resample(freq[j], num_experts))
+    freq_l = torch.stack(rows)
+    target = lv["union"].get(str(batch))
+    info = {"smollm2_sparsity": lv["sparsity"], "smollm2_union": target}
+    if batch == 1 or target is None:
+        return freq_l.clamp_min(1e-4).log(), info
+    # SmolLM2's union is measured at its own per-token sparsity; match the *excess* over one
+    # token's share, scaled to this run's per-token density.
+    own = 1 - lv["sparsity"]
+    excess = (target - own) / max(1 - own, 1e-6)
+    want = (k / num_experts) + excess * (1 - k / num_experts)
+    tau, got = fit_popularity(freq_l[num_layers // 2], k, batch, want)
+    info.update(tau=tau, fitted_union=got)
+    return tau * freq_l.clamp_min(1e-4).log(), info
+
+
+def gpu_suite(args) -> list[dict]:
+    import prunepath
+    from prunepath.convert import wrap
+    from prunepath.decode import Decoder
+
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    elem = torch.finfo(dtype).bits // 8
+    overlap = load_overlap(Path(args.overlap))
+    if overlap is None:
+        log(f"[no overlap file {args.overlap}: smollm2-overlap masks skipped]")
+    prompt_len, new = args.prompt, args.new
+    max_len = prompt_len + new
+    rows, results = [], []
+    out_json = Path(args.out) / "gpu.json"
+    for name in args.models:
+        t0 = time.perf_counter()
+        model = build_llama(name, device, dtype)
+        cfg = model.config
+        log(f"== {name}: built in {time.perf_counter() - t0:.1f}s")
+        e = args.experts
+        for batch in args.batches:
+            gen = torch.Generator().manual_seed(batch)
+            prompt = torch.randint(0, cfg.vocab_size, (batch, prompt_len), generator=gen).to(device)
+            # dense: the unconverted model, same decoder
+            if prunepath.decode.routed_layers(model):
+                prunepath.unload(model)
+            torch.cuda.reset_peak_memory_stats(device) if device.type == "cuda" else None
+            dec = Decoder(model, batch, max_len, mode=args.mode)
+            t = time_decode(dec, prompt, new, repeats=args.repeats)
+            prof = profile_ffn_ms(dec, model, prompt) if args.profile else {}
+            dense_ms = t["ms_per_step"]
+            dense_bytes = step_bytes(cfg, batch, max_len, elem=elem)
+            row = Row(name, batch, "dense", 0.0, 1.0, dense_ms, batch * 1e3 / dense_ms,
+                      ffn_ms=prof.get("ffn_ms"),
+                      ffn_share=(prof["ffn_ms"] / dense_ms) if prof else None,
+                      peak_gib=_peak_gib(device), prefill_ms=t["prefill_ms"])
+            row.of_ceiling = 1.0
+            rows.append(row)
+            log(_fmt(row))
+            del dec
+            # PrunePath: wrap (no clustering: random weights), then synthetic masks
+            wrap(model, prunepath.PrunePathConfig(num_experts=e, clustering="none", router="mlp",
+                                                  router_rank=args.router_rank,
+                                                  prefill="dense", backend=args.backend))
+            dec = Decoder(model, batch, max_len, mode=args.mode, ffn_path=args.ffn_path)
+            kinds = ["independent"] if batch == 1 else list(MASK_MODELS)
+            for sparsity in args.sparsities:
+                k = max(1, round(e * (1 - sparsity)))
+                for kind in kinds:
+                    info = {}
+                    if kind == "smollm2":
+                        if overlap is None:
+                            continue
+                        pop, info = popularity_for(overlap, sparsity, cfg.num_hidden_layers, e, k,
+                                                   batch)
+                    else:
+                        pop = None
+                    chosen = make_bank(cfg.num_hidden_layers, args.bank_steps, batch, e, k, pop,
+                                       seed=batch * 100 + k)
+                    install_masks(model, chosen)
+                    u = union_density(chosen)
+                    if device.type == "cuda":
+                        torch.cuda.reset_peak_memory_stats(device)
+                    t = time_decode(dec, prompt, new, repeats=args.repeats)
+                    prof = profile_ffn_ms(dec, model, prompt) if args.profile and batch in (1, 8) else {}
+                    ms = t["ms_per_step"]
+                    sparse_bytes = step_bytes(cfg, batch, max_len, u, e, args.router_rank, elem)
+                    ceiling = dense_bytes / sparse_bytes
+                    row = Row(name, batch, kind, 1 - k / e, u, ms, batch * 1e3 / ms,
+                              speedup=dense_ms / ms, ceiling=ceiling,
+                              of_ceiling=dense_ms / ms / ceiling,
+                              path=getattr(dec, "last_path", "sparse"),
+                              path_ms=dict(getattr(dec, "path_timings", {}) or {}),
+                              ffn_ms=prof.get("ffn_ms"),
+                              ffn_share=(prof["ffn_ms"] / ms) if prof else None,
+                              peak_gib=_peak_gib(device), prefill_ms=t["prefill_ms"])
+                    rows.append(row)
+                    results.append({**asdict(row), "mask_info": info})
+                    log(_fmt(row))
+                    atomic_write_json(out_json, {"env": environment(device), "args": vars(args),
+                                                 "rows": [asdict(r) for r in rows],
+                                                 "details": results})
+            del dec
+            prunepath.unload(model)
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    atomic_write_json(out_json, {"env": environment(device), "args": vars(args),
+                                 "rows": [asdict(r) for r in rows], "details": results})
+    return [asdict(r) for r in rows]
+
+
+def _peak_gib(device) -> float:
+    if torch.device(device).type != "cuda":
+        return 0.0
+    return torch.cuda.max_memory_allocated(device) / 2**30
+
+
+def _fmt(r: Row) -> str:
+    share = "" if r.ffn_share is None else f" ffn {100 * r.ffn_share:4.1f}%"
+    return (f"{r.model:10s} B={r.batch} {r.masks:11s} s={r.sparsity:.2f} union={r.union:.3f} "
+            f"{r.ms_per_step:7.3f} ms/step {r.tok_s:8.1f} tok/s x{r.speedup:.2f} "
+            f"(ceiling x{r.ceiling:.2f}, {100 * r.of_ceiling:.0f}%) {r.path}{share} "
+            f"peak {r.peak_gib:.1f} GiB")
+
+
+def print_table(rows: list[dict], title: str) -> None:
+    cols = ["model", "batch", "masks", "sparsity", "union", "ms_per_step", "tok_s", "speedup",
+            "ceiling", "of_ceiling", "path", "ffn_share", "peak_gib"]
+    log(f"\n{title}")
+    log(" | ".join(cols))
+    for r in rows:
+        vals = []
+        for c in cols:
+            v = r.get(c)
+            if isinstance(v, float):
+                v = f"{v:.3f}" if c not in ("tok_s", "peak_gib") else f"{v:.1f}"
+            vals.append("-" if v is None else str(v))
+        log(" | ".join(vals))
+
+
+# --------------------------------------------------------------------------- SmolLM2 (CPU)
+
+
+def smollm2_routed(checkpoint: Path, *, presets=("s30", "s50", "s70", "s90"), num_experts=48):
+    """The converted SmolLM2 (trained routers, calibrated presets), converting and saving it
+    under ``checkpoint`` on first use."""
+    import prunepath
+
+    if (checkpoint / "prunepath_config.json").exists():
+        model = prunepath.from_pretrained(checkpoint)
+        tok = _tokenizer(checkpoint)
+        return model.eval(), tok
+    log(f"[converting SmolLM2 into {checkpoint}: E={num_experts}, trained routers, presets]")
+    from transformers import AutoTokenizer
+
+    from prunepath.data import calibration_texts
+
+    model = prunepath.models.load("smollm2-135m-instruct")
+    tok = AutoTokenizer.from_pretrained(prunepath.models.cached_path("smollm2-135m-instruct"))
+    texts = calibration_texts()
+    prunepath.convert(model, prunepath.PrunePathConfig(num_experts=num_experts), calibration=texts,
+                      tokenizer=tok)
+    for name in presets:
+        prunepath.calibrate(model, texts, tokenizer=tok, target_sparsity=int(name[1:]) / 100,
+                            name=name)
+    prunepath.save(model, checkpoint, tokenizer=tok)
+    return model.eval(), tok
+
+
+def _tokenizer(checkpoint: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(checkpoint)
+    except Exception:
+        import prunepath
+
+        return AutoTokenizer.from_pretrained(prunepath.models.cached_path("smollm2-135m-instruct"))
+
+
+def _text_prompt(tok, length: int, offset: int = 0) -> torch.Tensor:
+    text = (Path(__file__).resolve().parents[1] / "prunepath" / "data" /
+            "wikitext2_valid.txt").read_text(encoding="utf-8")
+    ids = tok(text[offset: offset + 20 * length], return_tensors="pt").input_ids[:, :length]
+    return ids
+
+
+def cpu_suite(args) -> list[dict]:
+    import prunepath
+    from prunepath.budget import reset_stats, set_routing, stats
+    from prunepath.decode import Decoder
+
+    torch.set_num_threads(args.threads)
+    model, tok = smollm2_routed(Path(args.checkpoint))
+    cfg = model.config
+    presets = [p for p in args.presets if p in model.prunepath_config.presets]
+    prompt = _text_prompt(tok, args.prompt)
+    max_len = args.prompt + args.new
+    dec = Decoder(model, 1, max_len, mode=args.mode)
+    configs = [("dense", None)] + [(p, p) for p in presets]
+    times = {name: [] for name, _ in configs}
+    sparsity = {}
+    for rep in range(args.repeats):  # interleaved: a busy machine slows every config alike
+        for name, preset in configs:
+            if preset is None:
+                set_routing(model, "dense")
+            else:
+                prunepath.set_budget(model, preset)
+            dec.prefill(prompt, eos_token_id=[])
+            reset_stats(model)
+            t0 = time.perf_counter()
+            n = dec.decode(args.new)
+            times[name].append((time.perf_counter() - t0) * 1e3 / max(n - 1, 1))
+            sparsity[name] = stats(model, include_report=False)["cumulative"]["sparsity"]
+            log(f"  rep {rep} {name:6s} {times[name][-1]:.2f} ms/token sparsity {sparsity[name]:.3f}")
+    dense_ms = statistics.median(times["dense"])
+    e = model.prunepath_config.num_experts
+    rank = model.prunepath_config.router_rank
+    dense_bytes = step_bytes(cfg, 1, max_len, elem=4)
+    rows = []
+    for name, _ in configs:
+        ms = statistics.median(times[name])
+        s = sparsity[name] if name != "dense" else 0.0
+        ceiling = dense_bytes / step_bytes(cfg, 1, max_len, 1 - s, e, rank, 4) if s else 1.0
+        rows.append({"model": "smollm2-135m", "batch": 1, "masks": name, "sparsity": s,
+                     "union": 1 - s, "ms_per_step": ms, "tok_s": 1e3 / ms,
+                     "speedup": dense_ms / ms, "ceiling": ceiling,
+                     "of_ceiling": dense_ms / ms / ceiling, "path": "cpu", "ffn_share": None,
+                     "peak_gib": 0.0, "all_ms": times[name]})
+    if args.profile:
+        for row, (name, preset) in zip(rows, configs):
+            if preset is None:
+                set_routing(model, "dense")
+            else:
+                prunepath.set_budget(model, preset)
+            dec.prefill(prompt, eos_token_id=[])
+            p = profile_ffn_ms(dec, model, prompt, steps=5)
+            row["ffn_share"] = p["ffn_ms"] / p["all_ms"] if p["all_ms"] else None
+            row["ffn_ms"] = p["ffn_ms"]
+    atomic_write_json(Path(args.out) / "cpu.json", {"env": environment("cpu"), "args": vars(args),
+                                                   "rows": rows})
+    return rows
+
+
+def overlap_suite(args) -> dict:
+    """Measure, on SmolLM2's trained routers, each expert's activation frequency per layer and
+    the union density of B tokens from B different sequences at the same position."""
+    import prunepath
+    from prunepath.budget import routed_layers
+
+    torch.set_num_threads(args.threads)
+    model, tok = smollm2_routed(Path(args.checkpoint))
+    text = (Path(__file__).resolve().parents[1] / "prunepath" / "data" /
+            "wikitext2_valid.txt").read_text(encoding="utf-8")
+    ids = tok(text, return_tensors="pt").input_ids[0]
+    nseq, seqlen = args.overlap_seqs, args.overlap_len
+    ids = ids[: nseq * seqlen].reshape(nseq, seqlen)
+    layers = routed_layers(model)
+    masks = {}
+
+    def hook(layer):
+        def pre(mod, args_):
+            x = args_[0]
+            masks.setdefault(mod.layer_idx, []).append(
+                mod.expert_mask(x.reshape(-1, x.shape[-1]), x.shape[0]).reshape(
+                    x.shape[0], x.shape[1], -1))
+        return layer.register_forward_pre_hook(pre)
+
+    levels = []
+    presets = [p for p in args.presets if p in model.prunepath_config.presets]
+    for preset in presets:
+        prunepath.set_budget(model, preset)
+        masks.clear()
+        hooks = [hook(layer) for layer in layers]
+        with torch.no_grad():
+            for i in range(0, nseq, 8):
+                model(ids[i: i + 8])
+        for h in hooks:
+            h.remove()
+        m = torch.stack([torch.cat(masks[i]) for i in range(len(layers))])  # [L, N, S, E]
+        e = m.shape[-1]
+        sparsity = 1 - m.float().mean().item()
+        freq = m.float().mean(dim=(1, 2))  # [L, E]
+        unions, indep = {}, {}
+        gen = torch.Generator().manual_seed(0)
+        for b in (1, 2, 4, 8):
+            vals = []
+            for _ in range(32):
+                seqs = torch.randperm(nseq, generator=gen)[:b]
+                vals.append(m[:, seqs].any(dim=1).float().mean().item())
+            unions[str(b)] = statistics.mean(vals)
+            per_tok = m.float().sum(-1).mean().item() / e
+            indep[str(b)] = 1 - (1 - per_tok) ** b
+        levels.append({"preset": preset, "sparsity": sparsity, "num_experts": e,
+                       "freq": freq.tolist(), "union": unions, "independent_union": indep})
+        log(f"{preset}: sparsity {sparsity:.3f} union {unions} (independent: "
+            f"{ {k: round(v, 3) for k, v in indep.items()} })")
+    data = {"env": environment("cpu"), "model": "smollm2-135m-instruct",
+            "checkpoint": str(args.checkpoint), "sequences": nseq, "seq_len": seqlen,
+            "levels": levels}
+    atomic_write_json(Path(args.overlap), data)
+    return data
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="prunepath bench decode", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("suite", choices=("gpu", "cpu", "overlap"))
+    p.add_argument("--quick", action="store_true", help="fewer configurations and tokens")
+    p.add_argument("--out", default=str(DEFAULT_OUT))
+    p.add_argument("--device", default=None, help="gpu suite: device (default cuda)")
+    p.add_argument("--models", default="llama3-8b,llama2-7b")
+    p.add_argument("--batches", default="1,2,4,8")
+    p.add_argument("--sparsities", default="0.5,0.7,0.75,0.9")
+    p.add_argument("--experts", type=int, default=64)
+    p.add_argument("--router-rank", type=int, default=64)
+    p.add_argument("--prompt", type=int, default=None, help="prompt tokens (gpu 256, cpu 64)")
+    p.add_argument("--new", type=int, default=None, help="decoded tokens (gpu 256, cpu 128)")
+    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--mode", default="auto", help="Decoder mode")
+    p.add_argument("--ffn-path", default="auto", help="Decoder ffn_path")
+    p.add_argument("--backend", default="auto", help="ops backend of the routed FFNs")
+    p.add_argument("--bank-steps", type=int, default=64, help="distinct mask steps (cycled)")
+    p.add_argument("--no-profile", dest="profile", action="store_false")
+    p.add_argument("--overlap", default=str(DEFAULT_OVERLAP))
+    p.add_argument("--overlap-seqs", type=int, default=64)
+    p.add_argument("--overlap-len", type=int, default=128)
+    p.add_argument("--checkpoint", default=str(SMOLLM2_CHECKPOINT))
+    p.add_argument("--presets", default="s30,s50,s70,s90")
+    p.add_argument("--threads", type=int, default=2)
+    a = p.parse_args(argv)
+    a.models = a.models.split(",")
+    a.batches = [int(b) for b in a.batches.split(",")]
+    a.sparsities = [float(s) for s in a.sparsities.split(",")]
+    a.presets = a.presets.split(",")
+    gpu = a.suite == "gpu"
+    a.device = a.device or ("cuda" if gpu else "cpu")
+    a.prompt = a.prompt or (256 if gpu else 64)
+    a.new = a.new or (256 if gpu else 128)
+    a.repeats = a.repeats or (1 if gpu else 5)
+    if a.quick:
+        if gpu:
+            a.models = a.models[:1]
+            a.batches = [b for b in a.batches if b in (1, 8)] or a.batches[:1]
+            a.sparsities = [s for s in a.sparsities if s in (0.5, 0.75)] or a.sparsities[:1]
+            a.new = min(a.new, 128)
+        else:
+            a.presets = [p for p in a.presets if p == "s50"] or a.presets[:1]
+            a.new = min(a.new, 64)
+            a.repeats = min(a.repeats, 3)
+    return a
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.suite == "gpu":
+        rows = gpu_suite(args)
+        print_table(rows, f"decode speed, {environment(args.device).get('gpu', args.device)}, "
+                          f"prompt {args.prompt}, decode {args.new}")
+    elif args.suite == "cpu":
+        rows = cpu_suite(args)
+        print_table(rows, f"decode speed, CPU ({args.threads} threads), SmolLM2-135M, batch 1, "
+                          f"prompt {args.prompt}, decode {args.new}")
+    else:
+        overlap_suite(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+// Raw CPU dot-product kernels behind the block-sparse routed FFN (csrc/cpu/routed_ffn.cpp).
+//
+// This header deliberately includes no torch headers: csrc/cpu/kernels_avx2.cpp compiles its
+// functions with __attribute__((target("avx2,fma,f16c"))), and any inline torch/std function
+// instantiated there could be emitted with AVX2 instructions and picked by the linker for
+// callers on machines without AVX2. The AVX2 versions are chosen at run time
+// (cpu_has_avx2()); the generic versions (kernels_generic.cpp) run everywhere.
+//
+// Weights are read in their storage type (fp32, bf16 or fp16 bit patterns) and converted
+// to fp32 in registers; activations (x, h) and every accumulation are fp32.
+#pragma once
+
+#include <cstdint>
+
+namespace prunepath {
+namespace cpu {
+
+enum class WType : int { F32 = 0, BF16 = 1, F16 = 2 };
+
+inline int64_t wtype_size(WType t) { return t == WType::F32 ? 4 : 2; }
+
+// Segmented rows x tokens dot products:
+//   out[k * ldo + r] = sum_s sum_{j < seg_len[s]} w[r * ldw + seg_col[s] + j] * h[k][seg_off[s] + j]
+// for r < nrows, k < nt. With one segment (col 0, off 0, len d) this is a plain block of
+// dot products (the up/gate projection of one expert's rows); with the runs of active
+// experts as segments and h[k] a compact vector of the active columns, it is the down
+// projection. Each weight element is loaded once per tile of up to 4 tokens, and up to 4
+// rows are streamed at once.
+struct SegsDot {
+  WType wtype;
+  const void* w;
+  int64_t ldw;
+  int64_t nrows;
+  const int64_t* seg_col;
+  const int64_t* seg_len;
+  const int64_t* seg_off;
+  int64_t nseg;
+  const float* const* h;  // nt pointers to fp32 vectors (indexed by seg_off + j)
+  int64_t nt;
+  float* out;
+  int64_t ldo;
+};
+
+void segs_dot_generic(const SegsDot& a);
+
+// True when the AVX2 kernels were compiled in (x86) and the CPU has AVX2, FMA and F16C.
+bool cpu_has_avx2();
+void segs_dot_avx2(const SegsDot& a);
+
+// Bit-pattern conversions shared by the generic kernels.
+inline float bf16_bits_to_float(uint16_t b) {
+  union {
+    uint32_t u;
+    float f;
+  } v;
+  v.u = static_cast<uint32_t>(b) << 16;
+  return v.f;
+}
+
+inline float f16_bits_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  uint32_t exp = (h >> 10) & 0x1fu;
+  uint32_t man = h & 0x3ffu;
+  uint32_t bits;
+  if (exp == 0x1fu) {  // inf / nan
+    bits = sign | 0x7f800000u | (man << 13);
+  } else if (exp != 0) {  // normal
+    bits = sign | ((exp + 112u) << 23) | (man << 13);
+  } else if (man == 0) {  // zero
+    bits = sign;
+  } else {  // subnormal: normalise
+    exp = 113u;
+    while ((man & 0x400u) == 0) {
+      man <<= 1;
+      --exp;
+    }
+    bits = sign | (exp << 23) | ((man & 0x3ffu) << 13);
+  }
+  union {
+    uint32_t u;
+    float f;
+  } v;
+  v.u = bits;
+  return v.f;
+}
+
+}  // namespace cpu
+}  // namespace prunepath

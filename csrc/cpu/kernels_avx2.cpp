@@ -1,0 +1,163 @@
+// AVX2 + FMA (+ F16C for fp16 weights) versions of the routed-FFN dot kernels (see kernels.h).
+//
+// Every function here carries __attribute__((target(...))) instead of the whole build using
+// -mavx2/-march=native, so the same binary runs on any x86-64 CPU: routed_ffn.cpp calls these
+// only when cpu_has_avx2() says the CPU supports them. Nothing from torch or the C++ standard
+// library is instantiated in this file (see kernels.h for why).
+#include "kernels.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+
+#define PP_TARGET __attribute__((target("avx2,fma,f16c")))
+#define PP_INLINE PP_TARGET inline __attribute__((always_inline))
+
+namespace prunepath {
+namespace cpu {
+namespace {
+
+struct F32 {
+  using T = float;
+  PP_INLINE static __m256 load8(const T* p) { return _mm256_loadu_ps(p); }
+  PP_INLINE static float get(const T* p) { return *p; }
+};
+
+struct BF16 {
+  using T = uint16_t;
+  // bf16 is the top half of an fp32: widen to 32 bits and shift left by 16.
+  PP_INLINE static __m256 load8(const T* p) {
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
+  }
+  PP_INLINE static float get(const T* p) { return bf16_bits_to_float(*p); }
+};
+
+struct F16 {
+  using T = uint16_t;
+  PP_INLINE static __m256 load8(const T* p) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+  PP_INLINE static float get(const T* p) { return _cvtsh_ss(*p); }
+};
+
+PP_INLINE float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// acc[r][k][u] += w[r][j..] * x[k][j..] over j < n: R weight rows (R concurrent memory
+// streams) times NT tokens, U independent vectors per pair to hide the FMA latency; the last
+// n % 8 elements go to the scalar tail[r][k].
+template <typename W, int R, int NT, int U>
+PP_INLINE void accumulate(const typename W::T* const (&w)[R], const float* const (&x)[NT],
+                          int64_t n, __m256 (&acc)[R][NT][U], float (&tail)[R][NT]) {
+  int64_t j = 0;
+  for (; j + 8 * U <= n; j += 8 * U) {
+    for (int u = 0; u < U; ++u) {
+      __m256 xv[NT];
+      for (int k = 0; k < NT; ++k) xv[k] = _mm256_loadu_ps(x[k] + j + 8 * u);
+      for (int r = 0; r < R; ++r) {
+        const __m256 wv = W::load8(w[r] + j + 8 * u);
+        for (int k = 0; k < NT; ++k) acc[r][k][u] = _mm256_fmadd_ps(wv, xv[k], acc[r][k][u]);
+      }
+    }
+  }
+  for (; j + 8 <= n; j += 8) {
+    __m256 xv[NT];
+    for (int k = 0; k < NT; ++k) xv[k] = _mm256_loadu_ps(x[k] + j);
+    for (int r = 0; r < R; ++r) {
+      const __m256 wv = W::load8(w[r] + j);
+      for (int k = 0; k < NT; ++k) acc[r][k][0] = _mm256_fmadd_ps(wv, xv[k], acc[r][k][0]);
+    }
+  }
+  for (; j < n; ++j)
+    for (int r = 0; r < R; ++r) {
+      const float wj = W::get(w[r] + j);
+      for (int k = 0; k < NT; ++k) tail[r][k] += wj * x[k][j];
+    }
+}
+
+// Rows [r0, r0 + R) against tokens [k0, k0 + NT), summed over all segments.
+template <typename W, int R, int NT>
+PP_INLINE void tile(const SegsDot& a, const typename W::T* w, int64_t r0, int64_t k0) {
+  constexpr int U = R * NT <= 4 ? 2 : 1;
+  __m256 acc[R][NT][U];
+  float tail[R][NT];
+  for (int r = 0; r < R; ++r)
+    for (int k = 0; k < NT; ++k) {
+      tail[r][k] = 0.f;
+      for (int u = 0; u < U; ++u) acc[r][k][u] = _mm256_setzero_ps();
+    }
+  for (int64_t s = 0; s < a.nseg; ++s) {
+    const typename W::T* ws[R];
+    const float* xs[NT];
+    for (int r = 0; r < R; ++r) ws[r] = w + (r0 + r) * a.ldw + a.seg_col[s];
+    for (int k = 0; k < NT; ++k) xs[k] = a.h[k0 + k] + a.seg_off[s];
+    accumulate<W, R, NT, U>(ws, xs, a.seg_len[s], acc, tail);
+  }
+  for (int r = 0; r < R; ++r)
+    for (int k = 0; k < NT; ++k) {
+      __m256 v = acc[r][k][0];
+      for (int u = 1; u < U; ++u) v = _mm256_add_ps(v, acc[r][k][u]);
+      a.out[(k0 + k) * a.ldo + r0 + r] = hsum(v) + tail[r][k];
+    }
+}
+
+// Rows [r0, r0 + R) against every token, in tiles of up to 4 tokens (one token: R rows).
+template <typename W, int R>
+PP_INLINE void row_block(const SegsDot& a, const typename W::T* w, int64_t r0) {
+  int64_t k0 = 0;
+  if constexpr (R <= 2) {
+    for (; k0 + 4 <= a.nt; k0 += 4) tile<W, R, 4>(a, w, r0, k0);
+    switch (a.nt - k0) {
+      case 3: tile<W, R, 3>(a, w, r0, k0); return;
+      case 2: tile<W, R, 2>(a, w, r0, k0); return;
+      default: break;
+    }
+  }
+  for (; k0 < a.nt; ++k0) tile<W, R, 1>(a, w, r0, k0);
+}
+
+template <typename W>
+PP_TARGET void segs_dot(const SegsDot& a) {
+  const auto* w = static_cast<const typename W::T*>(a.w);
+  int64_t r = 0;
+  if (a.nt == 1) {
+    for (; r + 4 <= a.nrows; r += 4) row_block<W, 4>(a, w, r);
+  } else {
+    for (; r + 2 <= a.nrows; r += 2) row_block<W, 2>(a, w, r);
+  }
+  for (; r < a.nrows; ++r) row_block<W, 1>(a, w, r);
+}
+
+}  // namespace
+
+bool cpu_has_avx2() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+         __builtin_cpu_supports("f16c");
+}
+
+PP_TARGET void segs_dot_avx2(const SegsDot& a) {
+  switch (a.wtype) {
+    case WType::F32: return segs_dot<F32>(a);
+    case WType::BF16: return segs_dot<BF16>(a);
+    case WType::F16: return segs_dot<F16>(a);
+  }
+}
+
+}  // namespace cpu
+}  // namespace prunepath
+
+#else  // not x86-64: only the generic kernels exist
+
+namespace prunepath {
+namespace cpu {
+bool cpu_has_avx2() { return false; }
+void segs_dot_avx2(const SegsDot& a) { segs_dot_generic(a); }
+}  // namespace cpu
+}  // namespace prunepath
+
+#endif

@@ -1,0 +1,56 @@
+// Portable versions of the routed-FFN dot kernels (see kernels.h). Compiled for the baseline
+// ISA; `#pragma omp simd` lets the compiler vectorize the reductions. Used when the CPU has no
+// AVX2/FMA/F16C, on non-x86 machines, and when PRUNEPATH_CPU_ISA=generic.
+#include "kernels.h"
+
+namespace prunepath {
+namespace cpu {
+namespace {
+
+struct F32 {
+  using T = float;
+  static float get(const T* p, int64_t j) { return p[j]; }
+};
+struct BF16 {
+  using T = uint16_t;
+  static float get(const T* p, int64_t j) { return bf16_bits_to_float(p[j]); }
+};
+struct F16 {
+  using T = uint16_t;
+  static float get(const T* p, int64_t j) { return f16_bits_to_float(p[j]); }
+};
+
+template <typename W>
+float dot(const typename W::T* w, const float* x, int64_t n) {
+  float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t j = 0; j < n; ++j) acc += W::get(w, j) * x[j];
+  return acc;
+}
+
+template <typename W>
+void segs_dot(const SegsDot& a) {
+  const auto* w = static_cast<const typename W::T*>(a.w);
+  for (int64_t r = 0; r < a.nrows; ++r) {
+    const auto* row = w + r * a.ldw;
+    for (int64_t k = 0; k < a.nt; ++k) {
+      float acc = 0.f;
+      for (int64_t s = 0; s < a.nseg; ++s)
+        acc += dot<W>(row + a.seg_col[s], a.h[k] + a.seg_off[s], a.seg_len[s]);
+      a.out[k * a.ldo + r] = acc;
+    }
+  }
+}
+
+}  // namespace
+
+void segs_dot_generic(const SegsDot& a) {
+  switch (a.wtype) {
+    case WType::F32: return segs_dot<F32>(a);
+    case WType::BF16: return segs_dot<BF16>(a);
+    case WType::F16: return segs_dot<F16>(a);
+  }
+}
+
+}  // namespace cpu
+}  // namespace prunepath

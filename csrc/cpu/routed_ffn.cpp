@@ -1,0 +1,338 @@
+// CPU kernel of prunepath::routed_ffn (schema in csrc/ops.cpp): the FFN with each token's
+// inactive experts' neurons zeroed, reading only the active experts' weights.
+//
+// Semantics: prunepath/ops/reference.py::routed_ffn_reference. Expert e owns neurons
+// [e*B, (e+1)*B), B = F/E: rows of w_gate/w_up ([F, d], contiguous slab of B rows) and
+// columns of w_down ([d, F], a strided slab of d rows x B columns).
+//
+// Two paths, same result:
+//  * decode (few tokens, T < kGatherMinTokens): the union of the tokens' active experts is
+//    computed once; then
+//      1. up/gate: for each active row r of expert e and each token t that chose e,
+//         h[t, r] = act(Wg[r].x_t) * (Wu[r].x_t + b_up[r])  (0 for tokens that did not);
+//         OpenMP over the active rows, each weight row read once for all its tokens;
+//      2. down: y[t, i] = sum over runs of consecutive active experts of Wd[i, run] . h[t, run]
+//         (+ b_down[i]); OpenMP over the output rows i.
+//    Weights stay in their dtype (fp32/bf16/fp16) and are widened to fp32 in registers
+//    (kernels_avx2.cpp, or kernels_generic.cpp without AVX2); accumulation is fp32.
+//  * gather (prefill, T >= kGatherMinTokens, or fp64): for each run of consecutive experts
+//    chosen by the same tokens, gather those tokens and use at::mm on the weight slices
+//    (in fp32 for bf16/fp16 weights, fp64 for fp64), then index_add into y.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "kernels.h"
+
+namespace prunepath {
+namespace cpu {
+namespace {
+
+// From this many tokens on, gathered at::mm per expert run beats the row-wise decode kernels
+// (measured on a 2-core AVX2 EPYC with d=2048, F=8192, E=64; see BENCHMARKS.md).
+constexpr int64_t kGatherMinTokens = 32;
+
+enum class Act { Silu, Gelu, GeluTanh, Relu };
+
+Act parse_activation(c10::string_view name) {
+  if (name == "silu") return Act::Silu;
+  if (name == "gelu") return Act::Gelu;
+  if (name == "gelu_tanh") return Act::GeluTanh;
+  if (name == "relu") return Act::Relu;
+  TORCH_CHECK(false, "prunepath::routed_ffn: activation must be one of silu, gelu, gelu_tanh, relu; got '",
+              std::string(name), "'");
+}
+
+inline float activate(Act act, float v) {
+  switch (act) {
+    case Act::Silu: return v / (1.0f + std::exp(-v));
+    case Act::Gelu: return 0.5f * v * (1.0f + std::erf(v * 0.70710678118654752f));
+    case Act::GeluTanh: {
+      const float inner = 0.79788456080286536f * (v + 0.044715f * v * v * v);
+      return 0.5f * v * (1.0f + std::tanh(inner));
+    }
+    case Act::Relu: return v < 0.0f ? 0.0f : v;
+  }
+  return v;
+}
+
+at::Tensor activate(Act act, const at::Tensor& h) {
+  switch (act) {
+    case Act::Silu: return at::silu(h);
+    case Act::Gelu: return at::gelu(h);
+    case Act::GeluTanh: return at::gelu(h, "tanh");
+    case Act::Relu: return at::relu(h);
+  }
+  return h;
+}
+
+// PRUNEPATH_CPU_ISA=generic forces the portable kernels (read per call so tests can toggle it).
+bool use_avx2() {
+  static const bool has_avx2 = cpu_has_avx2();
+  if (!has_avx2) return false;
+  const char* isa = std::getenv("PRUNEPATH_CPU_ISA");
+  return isa == nullptr || std::strcmp(isa, "generic") != 0;
+}
+
+void check_tensor(const at::Tensor& t, const char* name, at::ScalarType dtype,
+                  c10::IntArrayRef shape) {
+  TORCH_CHECK(t.device().is_cpu(), "prunepath::routed_ffn: ", name, " must be a CPU tensor, got ",
+              t.device());
+  TORCH_CHECK(t.scalar_type() == dtype, "prunepath::routed_ffn: ", name, " must have dtype ", dtype,
+              " (like x), got ", t.scalar_type());
+  TORCH_CHECK(t.sizes() == shape, "prunepath::routed_ffn: ", name, " must have shape ", shape,
+              ", got ", t.sizes());
+  TORCH_CHECK(t.is_contiguous(), "prunepath::routed_ffn: ", name, " must be contiguous");
+}
+
+struct Ffn {
+  const at::Tensor& x;
+  const std::optional<at::Tensor>& w_gate;
+  const at::Tensor& w_up;
+  const at::Tensor& w_down;
+  const at::Tensor& mask;
+  Act act;
+  const std::optional<at::Tensor>& b_up;
+  const std::optional<at::Tensor>& b_down;
+  int64_t T, d, F, E, B;
+};
+
+std::vector<float> to_float_vector(const std::optional<at::Tensor>& t) {
+  if (!t.has_value()) return {};
+  const at::Tensor f = t->to(at::kFloat).contiguous();
+  return std::vector<float>(f.const_data_ptr<float>(), f.const_data_ptr<float>() + f.numel());
+}
+
+WType wtype_of(at::ScalarType s) {
+  switch (s) {
+    case at::kFloat: return WType::F32;
+    case at::kBFloat16: return WType::BF16;
+    case at::kHalf: return WType::F16;
+    default: TORCH_CHECK(false, "prunepath::routed_ffn: no decode kernel for dtype ", s);
+  }
+}
+
+// ------------------------------------------------------------------------------ decode path
+
+// What the decode path reads: the active experts and, per active expert, its tokens.
+struct DecodePlan {
+  std::vector<int64_t> active;   // expert ids chosen by at least one token, ascending
+  std::vector<int64_t> tok_ptr;  // tokens of active expert k: tok_id[tok_ptr[k] .. tok_ptr[k+1])
+  std::vector<int64_t> tok_id;
+};
+
+DecodePlan plan_decode(const at::Tensor& mask) {
+  const int64_t T = mask.size(0), E = mask.size(1);
+  const bool* m = mask.const_data_ptr<bool>();
+  DecodePlan p;
+  p.tok_ptr.push_back(0);
+  for (int64_t e = 0; e < E; ++e) {
+    for (int64_t t = 0; t < T; ++t)
+      if (m[t * E + e]) p.tok_id.push_back(t);
+    if (static_cast<int64_t>(p.tok_id.size()) > p.tok_ptr.back()) {
+      p.active.push_back(e);
+      p.tok_ptr.push_back(static_cast<int64_t>(p.tok_id.size()));
+    }
+  }
+  return p;
+}
+
+struct Segments {
+  std::vector<int64_t> col, len, off;
+  int64_t size() const { return static_cast<int64_t>(col.size()); }
+};
+
+// Runs of consecutive experts among active[k0, k1): the column segments of w_down to read,
+// with their offsets in a compact h whose column 0 is expert active[k0]'s first neuron.
+Segments runs_of(const std::vector<int64_t>& active, int64_t k0, int64_t k1, int64_t B) {
+  Segments s;
+  for (int64_t k = k0; k < k1; ++k) {
+    if (k > k0 && active[k] == active[k - 1] + 1) {
+      s.len.back() += B;
+    } else {
+      s.col.push_back(active[k] * B);
+      s.len.push_back(B);
+      s.off.push_back((k - k0) * B);
+    }
+  }
+  return s;
+}
+
+at::Tensor routed_ffn_decode(const Ffn& f) {
+  const int64_t T = f.T, d = f.d, F = f.F, B = f.B;
+  const WType wt = wtype_of(f.x.scalar_type());
+  const int64_t esz = wtype_size(wt);
+  const auto segs_dot = use_avx2() ? segs_dot_avx2 : segs_dot_generic;
+  const DecodePlan plan = plan_decode(f.mask);
+  const int64_t n_active = static_cast<int64_t>(plan.active.size());
+
+  const at::Tensor xf = f.x.scalar_type() == at::kFloat ? f.x : f.x.to(at::kFloat);
+  const float* x_ptr = xf.const_data_ptr<float>();
+  const std::vector<float> b_up = to_float_vector(f.b_up);
+  const std::vector<float> b_down = to_float_vector(f.b_down);
+  const bool gated = f.w_gate.has_value();
+  const char* wu = static_cast<const char*>(f.w_up.const_data_ptr());
+  const char* wg = gated ? static_cast<const char*>(f.w_gate->const_data_ptr()) : nullptr;
+  const char* wd = static_cast<const char*>(f.w_down.const_data_ptr());
+  const int64_t zero = 0;  // the single segment of a w_up/w_gate row: columns [0, d)
+
+  // h[t, c] for the B neurons of active expert k (c = col0 + j): the tokens that chose k
+  // get act(Wg x) * (Wu x + b_up), the others keep the 0 already there.
+  auto expert_hidden = [&](int64_t k, float* h, int64_t ldh, int64_t col0,
+                           std::vector<float>& ubuf, std::vector<float>& gbuf,
+                           std::vector<const float*>& xs) {
+    const int64_t r0 = plan.active[k] * B;
+    const int64_t* toks = plan.tok_id.data() + plan.tok_ptr[k];
+    const int64_t nt = plan.tok_ptr[k + 1] - plan.tok_ptr[k];
+    xs.resize(nt);
+    for (int64_t i = 0; i < nt; ++i) xs[i] = x_ptr + toks[i] * d;
+    ubuf.resize(nt * B);
+    segs_dot(SegsDot{wt, wu + r0 * d * esz, d, B, &zero, &d, &zero, 1, xs.data(), nt, ubuf.data(), B});
+    if (gated) {
+      gbuf.resize(nt * B);
+      segs_dot(SegsDot{wt, wg + r0 * d * esz, d, B, &zero, &d, &zero, 1, xs.data(), nt,
+                       gbuf.data(), B});
+    }
+    for (int64_t i = 0; i < nt; ++i) {
+      float* h_row = h + toks[i] * ldh + col0;
+      for (int64_t j = 0; j < B; ++j) {
+        float u = ubuf[i * B + j];
+        if (!b_up.empty()) u += b_up[r0 + j];
+        h_row[j] = gated ? activate(f.act, gbuf[i * B + j]) * u : activate(f.act, u);
+      }
+    }
+  };
+
+  // The active experts are split into one contiguous chunk per thread. Each chunk computes
+  // its experts' h and their share of the down projection, y_c = Wd[:, chunk] h_chunk, over
+  // all d rows; the partial outputs are summed at the end. One parallel region per call, and
+  // h never leaves the core that computed it.
+  const int64_t n_chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n_active));
+  std::vector<float> y_part(static_cast<size_t>(n_chunks * T * d), 0.0f);
+  at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
+    std::vector<float> h, ubuf, gbuf;
+    std::vector<const float*> xs, hs(T);
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t k0 = n_active * c / n_chunks, k1 = n_active * (c + 1) / n_chunks;
+      if (k0 == k1) continue;
+      const int64_t ldh = (k1 - k0) * B;
+      h.assign(static_cast<size_t>(T * ldh), 0.0f);
+      for (int64_t k = k0; k < k1; ++k) expert_hidden(k, h.data(), ldh, (k - k0) * B, ubuf, gbuf, xs);
+      const Segments seg = runs_of(plan.active, k0, k1, B);
+      for (int64_t t = 0; t < T; ++t) hs[t] = h.data() + t * ldh;
+      segs_dot(SegsDot{wt, wd, F, d, seg.col.data(), seg.len.data(), seg.off.data(), seg.size(),
+                       hs.data(), T, y_part.data() + c * T * d, d});
+    }
+  });
+
+  // y = sum of the chunks' partial outputs + b_down, in x's dtype.
+  at::Tensor out = at::empty({T, d}, f.x.options());
+  at::parallel_for(0, T * d, 8192, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      float v = b_down.empty() ? 0.0f : b_down[i % d];
+      for (int64_t c = 0; c < n_chunks; ++c) v += y_part[c * T * d + i];
+      y_part[i] = v;
+    }
+  });
+  const at::Tensor y32 = at::from_blob(y_part.data(), {T, d}, f.x.options().dtype(at::kFloat));
+  out.copy_(y32);
+  return out;
+}
+
+// ------------------------------------------------------------------------------ gather path
+
+at::Tensor routed_ffn_gather(const Ffn& f) {
+  const int64_t T = f.T, E = f.E, B = f.B;
+  const at::ScalarType cdt = f.x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor xc = f.x.to(cdt);
+  at::Tensor y = at::zeros({T, f.d}, f.x.options().dtype(cdt));
+  const bool* m = f.mask.const_data_ptr<bool>();
+  const bool gated = f.w_gate.has_value();
+
+  auto same_tokens = [&](int64_t e1, int64_t e2) {
+    for (int64_t t = 0; t < T; ++t)
+      if (m[t * E + e1] != m[t * E + e2]) return false;
+    return true;
+  };
+  std::vector<int64_t> toks;
+  for (int64_t e = 0; e < E;) {
+    toks.clear();
+    for (int64_t t = 0; t < T; ++t)
+      if (m[t * E + e]) toks.push_back(t);
+    int64_t e_end = e + 1;  // extend over following experts chosen by the same tokens
+    while (e_end < E && same_tokens(e, e_end)) ++e_end;
+    if (!toks.empty()) {
+      const int64_t n = static_cast<int64_t>(toks.size());
+      const int64_t c0 = e * B, nc = (e_end - e) * B;
+      at::Tensor idx;
+      at::Tensor xe = xc;
+      if (n < T) {
+        idx = at::from_blob(toks.data(), {n}, at::kLong).clone();
+        xe = xc.index_select(0, idx);
+      }
+      at::Tensor u = at::mm(xe, f.w_up.narrow(0, c0, nc).to(cdt).t());
+      if (f.b_up.has_value()) u.add_(f.b_up->narrow(0, c0, nc).to(cdt));
+      const at::Tensor hh = gated
+          ? activate(f.act, at::mm(xe, f.w_gate->narrow(0, c0, nc).to(cdt).t())).mul_(u)
+          : activate(f.act, u);
+      const at::Tensor part = at::mm(hh, f.w_down.narrow(1, c0, nc).to(cdt).t());
+      if (n < T) {
+        y.index_add_(0, idx, part);
+      } else {
+        y.add_(part);
+      }
+    }
+    e = e_end;
+  }
+  if (f.b_down.has_value()) y.add_(f.b_down->to(cdt));
+  return y.to(f.x.scalar_type());
+}
+
+// ------------------------------------------------------------------------------ entry point
+
+at::Tensor routed_ffn_cpu(const at::Tensor& x, const std::optional<at::Tensor>& w_gate,
+                          const at::Tensor& w_up, const at::Tensor& w_down, const at::Tensor& mask,
+                          c10::string_view activation, const std::optional<at::Tensor>& b_up,
+                          const std::optional<at::Tensor>& b_down) {
+  const Act act = parse_activation(activation);
+  TORCH_CHECK(x.dim() == 2, "prunepath::routed_ffn: x must be 2-D [T, d], got shape ", x.sizes());
+  const at::ScalarType dt = x.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf || dt == at::kDouble,
+              "prunepath::routed_ffn: x must be float32, bfloat16, float16 or float64, got ", dt);
+  const int64_t T = x.size(0), d = x.size(1);
+  check_tensor(x, "x", dt, {T, d});
+  TORCH_CHECK(w_up.dim() == 2, "prunepath::routed_ffn: w_up must be 2-D [F, d], got shape ",
+              w_up.sizes());
+  const int64_t F = w_up.size(0);
+  check_tensor(w_up, "w_up", dt, {F, d});
+  if (w_gate.has_value()) check_tensor(*w_gate, "w_gate", dt, {F, d});
+  check_tensor(w_down, "w_down", dt, {d, F});
+  TORCH_CHECK(mask.dim() == 2 && mask.size(0) == T,
+              "prunepath::routed_ffn: mask must be 2-D [T=", T, ", E], got shape ", mask.sizes());
+  const int64_t E = mask.size(1);
+  check_tensor(mask, "mask", at::kBool, {T, E});
+  TORCH_CHECK(E >= 1 && F % E == 0, "prunepath::routed_ffn: F=", F,
+              " must be divisible by the number of experts E=", E, " (mask.size(1))");
+  if (b_up.has_value()) check_tensor(*b_up, "b_up", dt, {F});
+  if (b_down.has_value()) check_tensor(*b_down, "b_down", dt, {d});
+
+  const Ffn f{x, w_gate, w_up, w_down, mask, act, b_up, b_down, T, d, F, E, F / E};
+  if (T == 0) return at::empty({0, d}, x.options());
+  if (dt == at::kDouble || T >= kGatherMinTokens) return routed_ffn_gather(f);
+  return routed_ffn_decode(f);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(prunepath, CPU, m) { m.impl("routed_ffn", &routed_ffn_cpu); }
+
+}  // namespace cpu
+}  // namespace prunepath

@@ -1,0 +1,528 @@
+"""Fast generation: static KV cache, one-token steps on device, CUDA graphs.
+
+A gpt-fast-style decode loop over any Hugging Face causal LM that supports
+``transformers.StaticCache`` (Llama, Mistral, Qwen, Gemma, ...), routed (PrunePath) or dense:
+
+>>> out = prunepath.generate(model, input_ids, max_new_tokens=128, budget=0.5)
+
+or, to keep the cache and captured graphs between calls (what a server does):
+
+>>> dec = prunepath.decode.Decoder(model, batch_size=4, max_length=1024)
+>>> out = dec.generate(input_ids, 128, temperature=0.7, top_k=50)
+
+How one generation runs:
+
+1. **Prefill** (eager): the prompt goes through the model once, filling the static KV cache;
+   the first new token is chosen from the last position's logits.
+2. **Decode**: one token per step. The whole step -- model forward, token choice, EOS
+   bookkeeping, writing the token into the output buffer -- reads and writes only device
+   tensors (``Decoder._token``, ``_pos``, ``_n``, ``_done``, ``_out``), so it can be captured
+   once as a CUDA graph (``mode="graph"``) or compiled (``mode="compile"``,
+   ``torch.compile(mode="reduce-overhead")``) and replayed. The host never reads a token:
+   it only checks "is every sequence done?" once every ``check_every`` steps.
+3. The PrunePath budget lives in a device tensor inside each routed layer
+   (:func:`prunepath.set_budget` updates it in place), so a new budget is picked up by the
+   same captured graph: nothing is recaptured or recompiled.
+
+``ffn_path`` chooses how routed FFNs run during decode: ``"sparse"`` (block-sparse kernels
+read only the active experts), ``"dense"`` (cuBLAS over every expert, inactive neurons
+zeroed: same result, dense cost) or ``"auto"``: with ``mode="graph"`` both are captured and
+timed once per (budget) on the live cache, and the faster one is replayed, so decoding is
+never slower than dense when the union of a batch's experts is nearly everything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+MODES = ("auto", "eager", "graph", "compile")
+_MAX_EOS = 16  # size of the device buffer of end-of-sequence ids
+FFN_PATHS = ("auto", "sparse", "dense")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _eos_ids(model, eos_token_id) -> list[int]:
+    if eos_token_id is None:
+        cfg = getattr(model, "generation_config", None)
+        eos_token_id = getattr(cfg, "eos_token_id", None)
+        if eos_token_id is None:
+            eos_token_id = getattr(model.config, "eos_token_id", None)
+    if eos_token_id is None:
+        return []
+    if isinstance(eos_token_id, int):
+        return [eos_token_id]
+    return [int(t) for t in eos_token_id]
+
+
+def _model_device_dtype(model) -> tuple[torch.device, torch.dtype]:
+    p = next(model.parameters())
+    return p.device, p.dtype
+
+
+def routed_layers(model) -> list[torch.nn.Module]:
+    """The PrunePath routed FFN modules of ``model`` (empty for a dense model)."""
+    try:
+        from prunepath.layers import RoutedFFN
+    except ImportError:
+        return []
+    return [m for m in model.modules() if isinstance(m, RoutedFFN)]
+
+
+def _routing_key(layers) -> tuple:
+    """The host-side routing state a captured step depends on (a change means a new capture).
+    Budget *values* are not part of it: they live in device buffers the step reads."""
+    return tuple(
+        (m.policy, m._dense_budget, m.topk, tuple(m.budget.shape), m.budget.data_ptr(),
+         getattr(m, "backend", None), getattr(m, "ffn_backend", None))
+        for m in layers
+    )
+
+
+class HostSyncError(RuntimeError):
+    """Raised by :func:`no_host_sync` when code reads a device value on the host."""
+
+
+# aten ops that need the host to see tensor values (a device->host sync on a GPU)
+_SYNC_OPS = (
+    "aten::_local_scalar_dense",  # .item(), bool(t), int(t), .tolist()
+    "aten::nonzero",
+    "aten::masked_select",
+    "aten::unique",
+    "aten::_unique2",
+    "aten::repeat_interleave",  # with a tensor of repeats: output size depends on values
+)
+
+
+@contextlib.contextmanager
+def no_host_sync():
+    """Fail if the code inside reads tensor values on the host (checks the aten ops it runs).
+
+    Used by the tests on the CPU to show that a decode step could be captured as a CUDA
+    graph: ``.item()``, ``bool(tensor)``, ``nonzero`` and other data-dependent ops raise
+    :class:`HostSyncError` naming the op. ``torch.cuda.is_current_stream_capturing`` (and
+    prunepath's own argument checks) report a capture meanwhile, so libraries take the
+    branches they take during a real CUDA graph capture.
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class _Mode(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func._schema.name
+            if name in _SYNC_OPS and not (func is torch.ops.aten.repeat_interleave.self_int):
+                raise HostSyncError(f"host sync inside a decode step: {func}")
+            return func(*args, **(kwargs or {}))
+
+    from prunepath.ops import checks
+
+    real = torch.cuda.is_current_stream_capturing, checks._tracing
+    torch.cuda.is_current_stream_capturing = checks._tracing = lambda: True
+    try:
+        with _Mode():
+            yield
+    finally:
+        torch.cuda.is_current_stream_capturing, checks._tracing = real
+
+
+# --------------------------------------------------------------------------- decoder
+
+
+class Decoder:
+    """Static-cache decoder for one batch size and maximum length (prompt + new tokens).
+
+    Args:
+        model: a Hugging Face causal LM (dense or converted by :func:`prunepath.convert`).
+        batch_size: sequences per call.
+        max_length: cache length = longest prompt + ``max_new_tokens`` this decoder will see.
+        mode: ``"graph"`` (CUDA graph per step, GPU only), ``"compile"``
+            (``torch.compile(mode="reduce-overhead")``), ``"eager"``, or ``"auto"`` (graph on
+            CUDA, eager on the CPU).
+        ffn_path: ``"auto"``, ``"sparse"`` or ``"dense"`` (module docstring).
+        check_every: decode steps between host checks of "all sequences ended".
+    """
+
+    def __init__(
+        self,
+        model,
+        batch_size: int,
+        max_length: int,
+        *,
+        mode: str = "auto",
+        ffn_path: str = "auto",
+        check_every: int = 16,
+    ):
+        from transformers import StaticCache
+
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if ffn_path not in FFN_PATHS:
+            raise ValueError(f"ffn_path must be one of {FFN_PATHS}, got {ffn_path!r}")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if not isinstance(max_length, int) or max_length < 2:
+            raise ValueError(f"max_length must be an int >= 2, got {max_length!r}")
+        if not isinstance(check_every, int) or check_every < 1:
+            raise ValueError(f"check_every must be a positive int, got {check_every!r}")
+        self.model = model.eval()
+        self.device, self.dtype = _model_device_dtype(model)
+        if mode == "auto":
+            mode = "graph" if self.device.type == "cuda" else "eager"
+        if mode == "graph" and self.device.type != "cuda":
+            raise ValueError(f"mode='graph' needs a model on a CUDA device, got {self.device}")
+        self.mode, self.batch_size, self.max_length = mode, batch_size, max_length
+        self.check_every = check_every
+        self.layers = routed_layers(model)
+        # with no routed layers there is nothing to choose
+        self.ffn_path = ffn_path if self.layers else "dense"
+        self.cache = StaticCache(config=model.config, max_cache_len=max_length)
+
+        dev, b = self.device, batch_size
+        # The device-side state of a generation. Steps only update these in place.
+        self._token = torch.zeros(b, dtype=torch.long, device=dev)  # last chosen token
+        self._pos = torch.zeros(b, dtype=torch.long, device=dev)  # its position id
+        self._n = torch.zeros(1, dtype=torch.long, device=dev)  # tokens emitted so far
+        self._done = torch.zeros(b, dtype=torch.bool, device=dev)  # sequence hit EOS
+        self._out = torch.zeros(b, max_length, dtype=torch.long, device=dev)  # emitted tokens
+        self._attn = torch.ones(b, max_length, dtype=torch.long, device=dev)  # padding mask
+        self._temperature = torch.ones(1, dtype=torch.float32, device=dev)
+        self._eos = torch.full((_MAX_EOS,), -1, dtype=torch.long, device=dev)  # -1 = unused
+        self._pad = torch.zeros((), dtype=torch.long, device=dev)
+        self._padded = False  # does any prompt have left padding (pass the 2-D mask)?
+        self._steps = {}  # (greedy, top_k, padded, ffn_path) -> callable running one step
+        self._path_choice = {}  # budget key -> "sparse" | "dense" (ffn_path="auto")
+        self._graph_pool = None
+        self.last_path = None  # FFN path of the last decode ("sparse" / "dense")
+        self.path_timings = None  # ms per step of each path, when ffn_path="auto" timed them
+
+    # -- one step ---------------------------------------------------------------------
+
+    def _choose(self, logits: torch.Tensor, greedy: bool, top_k: int | None) -> torch.Tensor:
+        """Next token per row from last-position logits [B, V], on device."""
+        if greedy:
+            return logits.argmax(dim=-1)
+        logits = logits.float() / self._temperature
+        if top_k is not None:
+            kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        # Gumbel/exponential trick: argmax(p / Exp(1)) ~ Categorical(p), with no host sync
+        # (torch.multinomial may synchronize).
+        return (probs / torch.empty_like(probs).exponential_(1.0)).argmax(dim=-1)
+
+    def _emit(self, logits: torch.Tensor, greedy: bool, top_k: int | None) -> None:
+        nxt = self._choose(logits, greedy, top_k)
+        nxt = torch.where(self._done, self._pad, nxt)
+        self._done |= torch.isin(nxt, self._eos)
+        self._token.copy_(nxt)
+        self._out.index_copy_(1, self._n, nxt.unsqueeze(1))
+        self._n += 1
+
+    def _forward_step(self, greedy: bool, top_k: int | None, padded: bool) -> None:
+        out = self.model(
+            input_ids=self._token.unsqueeze(1),
+            attention_mask=self._attn if padded else None,
+            position_ids=self._pos.unsqueeze(1),
+            past_key_values=self.cache,
+            use_cache=True,
+        )
+        self._pos += 1
+        self._emit(out.logits[:, -1, :], greedy, top_k)
+
+    @contextlib.contextmanager
+    def _ffn_path(self, path: str):
+        """Routed FFNs run ``path`` ("sparse": their own backend; "dense": masked cuBLAS)
+        inside the block; their settings are restored afterwards."""
+        attrs = ["ffn_backend" if hasattr(m, "ffn_backend") else "backend" for m in self.layers]
+        own = [getattr(m, a) for m, a in zip(self.layers, attrs)]
+        if path == "dense":
+            for m, a in zip(self.layers, attrs):
+                setattr(m, a, "torch")
+        try:
+            yield
+        finally:
+            for m, a, o in zip(self.layers, attrs, own):
+                setattr(m, a, o)
+
+    def _step_fn(self, greedy: bool, top_k: int | None, path: str):
+        """A callable that runs one decode step (captured / compiled on first use).
+
+        One capture per (sampling kind, padding, FFN path, host-side routing state): a new
+        budget *value* reuses it; switching budget 1.0 (exact dense) <-> < 1.0, the routing
+        policy or the budget's shape captures anew."""
+        key = (greedy, top_k, self._padded, path, _routing_key(self.layers))
+        if key in self._steps:
+            return self._steps[key]
+        padded = self._padded
+
+        def eager_step():
+            with self._ffn_path(path):
+                self._forward_step(greedy, top_k, padded)
+
+        if self.mode == "eager":
+            fn = eager_step
+        elif self.mode == "compile":
+            for t in (self._token, self._pos, self._n, self._done, self._out, self._attn):
+                torch._dynamo.mark_static_address(t)
+            compiled = torch.compile(self._forward_step, mode="reduce-overhead")
+
+            def fn():
+                with self._ffn_path(path):
+                    compiled(greedy, top_k, padded)
+        else:
+            fn = self._capture(eager_step)
+        self._steps[key] = fn
+        return fn
+
+    def _state(self) -> list[torch.Tensor]:
+        """Every device tensor a step advances (decoder state, cache lengths, layer stats)."""
+        cache = [layer.cumulative_length for layer in self.cache.layers
+                 if isinstance(getattr(layer, "cumulative_length", None), torch.Tensor)]
+        stats = [t for m in self.layers for t in (m.last_active, m.active_sum, m.token_count)]
+        return [self._token, self._pos, self._n, self._done, self._out, *cache, *stats]
+
+    def _capture(self, eager_step):
+        """Capture ``eager_step`` as a CUDA graph; returns a function that replays it.
+
+        Warm-up steps run first (on a side stream, as CUDA graphs need): they write the KV
+        cache one slot past the current position, which the real steps overwrite before
+        anything reads it; every piece of state they advance is restored afterwards.
+        """
+        state = self._state()
+        saved = [t.clone() for t in state]
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                eager_step()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        if self._graph_pool is None:
+            self._graph_pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(graph, pool=self._graph_pool):
+            eager_step()
+        for t, s in zip(state, saved):
+            t.copy_(s)
+        return graph.replay
+
+    # -- public -----------------------------------------------------------------------
+
+    def prefill(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        eos_token_id=None,
+        pad_token_id: int | None = None,
+    ) -> None:
+        """Reset the cache, run the prompt (left-padded when ``attention_mask`` has zeros)
+        and choose the first new token. Nothing is returned; :meth:`decode` continues."""
+        b, t = self._check_prompt(input_ids, attention_mask)
+        greedy = self._sampling_args(temperature, top_k)
+        eos = _eos_ids(self.model, eos_token_id)
+        if len(eos) > _MAX_EOS:
+            raise ValueError(f"at most {_MAX_EOS} eos_token_id values are supported, got {len(eos)}")
+        self._eos.fill_(-1)
+        if eos:
+            self._eos[: len(eos)] = torch.tensor(eos, dtype=torch.long)
+        self._has_eos = bool(eos)
+        pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
+        self._pad.fill_(pad)
+        self.cache.reset()
+        self._done.zero_()
+        self._n.zero_()
+        self._attn.fill_(1)
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(self.device, torch.long)
+            self._attn[:, :t].copy_(attention_mask)
+            positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+            # a prompt's left padding changes the captured step (it then needs the 2-D mask)
+            self._padded = self._padded or bool((attention_mask == 0).any())
+        else:
+            positions = torch.arange(t, device=self.device).expand(b, t)
+        with torch.no_grad():
+            out = self.model(
+                input_ids=input_ids.to(self.device),
+                attention_mask=self._attn[:, :t] if attention_mask is not None else None,
+                position_ids=positions,
+                past_key_values=self.cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            self._pos.copy_(positions[:, -1] + 1)
+            self._emit(out.logits[:, -1, :], greedy, top_k)
+        self._greedy, self._top_k, self._prompt_len = greedy, top_k, t
+
+    def decode(self, max_new_tokens: int) -> int:
+        """Continue after :meth:`prefill` until ``max_new_tokens`` tokens exist (the prefill's
+        token counts) or every sequence has ended. Returns the number of tokens emitted."""
+        limit = min(max_new_tokens, self.max_length - self._prompt_len)
+        path = self.last_path = self._decode_path()
+        step = self._step_fn(self._greedy, self._top_k, path)
+        emitted = 1
+        with torch.no_grad():
+            while emitted < limit:
+                n = min(self.check_every, limit - emitted)
+                for _ in range(n):
+                    step()
+                emitted += n
+                if self._has_eos and bool(self._done.all()):  # one host sync per n steps
+                    break
+        return emitted
+
+    def step(self, *, eager: bool = False) -> None:
+        """One decode step after :meth:`prefill` (the captured/compiled one unless ``eager``)."""
+        path = self._decode_path()
+        with torch.no_grad():
+            if eager:
+                with self._ffn_path(path):
+                    self._forward_step(self._greedy, self._top_k, self._padded)
+            else:
+                self._step_fn(self._greedy, self._top_k, path)()
+
+    @contextlib.contextmanager
+    def preserved_state(self):
+        """Steps inside the block leave the generation where it was (for profiling)."""
+        state = self._state()
+        saved = [t.clone() for t in state]
+        try:
+            yield
+        finally:
+            for t, s in zip(state, saved):
+                t.copy_(s)
+
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        eos_token_id=None,
+        pad_token_id: int | None = None,
+        budget=None,
+    ) -> torch.Tensor:
+        """Prompt + new tokens, ``[B, T + n]`` like ``model.generate`` (ended rows padded
+        with ``pad_token_id``, default the first EOS id). ``budget``: see :func:`generate`."""
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        if budget is not None:
+            from prunepath.budget import set_budget
+
+            set_budget(self.model, budget)
+        self.prefill(input_ids, attention_mask, temperature=temperature, top_k=top_k,
+                     eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+        n = self.decode(max_new_tokens)
+        new = self._out[:, :n].to(input_ids.device)
+        return torch.cat([input_ids, new], dim=1)
+
+    # -- choice of FFN path -------------------------------------------------------------
+
+    def _decode_path(self) -> str:
+        if self.ffn_path != "auto":
+            return self.ffn_path
+        if self.mode != "graph" or all(
+            m.policy == "dense" or (m.policy == "budget" and m._dense_budget) for m in self.layers
+        ):
+            return "sparse"  # nothing to choose (or no cheap way to time it)
+        budgets = tuple(tuple(m.budget.flatten().tolist()) for m in self.layers)
+        key = (_routing_key(self.layers), budgets)
+        if key not in self._path_choice:
+            self._path_choice[key] = self._time_paths()
+        return self._path_choice[key]
+
+    def _time_paths(self, reps: int = 7) -> str:
+        """Time one step of each FFN path on the live state (restored after every step) and
+        return the faster; "sparse" must win by 2% to be chosen."""
+        state = self._state()
+        saved = [t.clone() for t in state]
+        ms = {}
+        for path in ("dense", "sparse"):
+            fn = self._step_fn(self._greedy, self._top_k, path)
+            times = []
+            for _ in range(reps + 1):
+                for t, s in zip(state, saved):
+                    t.copy_(s)
+                start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+            ms[path] = sorted(times[1:])[reps // 2]
+        for t, s in zip(state, saved):
+            t.copy_(s)
+        self.path_timings = ms
+        return "sparse" if ms["sparse"] < 0.98 * ms["dense"] else "dense"
+
+    # -- argument checks ----------------------------------------------------------------
+
+    def _check_prompt(self, input_ids, attention_mask):
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            raise ValueError("input_ids must be a [batch, prompt_len] tensor of token ids")
+        if input_ids.dtype not in (torch.long, torch.int32):
+            raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+        b, t = input_ids.shape
+        if b != self.batch_size:
+            raise ValueError(f"input_ids has batch {b} but this Decoder was built for {self.batch_size}")
+        if t < 1 or t >= self.max_length:
+            raise ValueError(f"prompt length {t} must be in [1, max_length={self.max_length})")
+        if attention_mask is not None and tuple(attention_mask.shape) != (b, t):
+            raise ValueError(f"attention_mask must have shape {(b, t)} like input_ids, "
+                             f"got {tuple(attention_mask.shape)}")
+        return b, t
+
+    def _sampling_args(self, temperature, top_k) -> bool:
+        if not isinstance(temperature, (int, float)) or temperature < 0:
+            raise ValueError(f"temperature must be a float >= 0 (0 = greedy), got {temperature!r}")
+        if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
+        if temperature > 0:
+            self._temperature.fill_(float(temperature))
+        return temperature == 0
+
+
+def generate(
+    model,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    eos_token_id=None,
+    pad_token_id: int | None = None,
+    budget=None,
+    mode: str = "auto",
+    ffn_path: str = "auto",
+    check_every: int = 16,
+) -> torch.Tensor:
+    """Generate up to ``max_new_tokens`` tokens after ``input_ids`` ([B, T]) with a static KV
+    cache and (on CUDA) a CUDA-graph decode step. Returns ``[B, T + n]`` token ids.
+
+    ``temperature=0`` is greedy; otherwise softmax sampling at that temperature, optionally
+    restricted to the ``top_k`` most likely tokens. ``budget`` (float, per-layer list or
+    preset name, as :func:`prunepath.set_budget` takes) is set on the model first; ``None``
+    keeps the current one. Left-padded batches pass ``attention_mask``. ``mode``,
+    ``ffn_path`` and ``check_every``: see :class:`Decoder`. Builds a new :class:`Decoder` per
+    call; keep one yourself to reuse the cache and the captured graphs.
+    """
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        raise ValueError("input_ids must be a [batch, prompt_len] tensor of token ids")
+    b, t = input_ids.shape
+    dec = Decoder(model, b, t + max_new_tokens, mode=mode, ffn_path=ffn_path,
+                  check_every=check_every)
+    return dec.generate(input_ids, max_new_tokens, attention_mask=attention_mask,
+                        temperature=temperature, top_k=top_k, eos_token_id=eos_token_id,
+                        pad_token_id=pad_token_id, budget=budget)
+
+
+__all__ = ["Decoder", "generate", "no_host_sync", "HostSyncError", "routed_layers", "MODES",
+           "FFN_PATHS"]

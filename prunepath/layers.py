@@ -1,0 +1,214 @@
+"""``RoutedFFN``: wraps one model FFN and runs it through the routed (expert-sparse) ops.
+
+The wrapper keeps a reference to the original FFN module (``self.base``; its parameters
+are used in place, never copied), a router (``self.router``) and the run-time routing
+state as device buffers:
+
+* ``budget``: fp32 scalar, or ``[B]`` (one budget per sequence). Changing its value does
+  not change any shape, so compiled graphs stay valid.
+* ``tau``: threshold for the "threshold" policy; ``static_keep``: ``[E]`` bool keep-mask
+  for the "static" policy.
+* statistics of the forwards (active-expert counts), accumulated on the device without
+  any host synchronization: ``last_active`` (fraction of neurons active in the last
+  forward), ``active_sum`` / ``token_count`` (running sums since the last reset).
+
+Routing policies (all on the same experts; set with :func:`prunepath.set_routing`):
+"budget" (cumulative softmax mass >= budget, the PrunePath rule), "topk" (fixed k per
+layer), "threshold" (sigmoid(logit) > tau, independent per expert), "static" (a fixed
+per-layer expert keep-mask: static structured pruning) and "dense".
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import ops
+from .families import Family, FFNWeights, ffn_weights, projections
+
+POLICIES = ("budget", "topk", "threshold", "static", "dense")
+
+
+def _contiguous(t: torch.Tensor) -> torch.Tensor:
+    # GPT-2's Conv1D weights are [in, out]: their nn.Linear-layout views are transposed
+    # (non-contiguous); the compiled kernels want contiguous weights, so those are copied
+    # per call (correct, slower; only the Conv1D family pays it).
+    return t if t.is_contiguous() else t.contiguous()
+
+
+class InlineFFN(nn.Module):
+    """Groups an FFN whose projections live directly on the decoder layer (OPT).
+
+    Holds the layer's own up/down projection and activation modules (no copies) so they
+    can be wrapped like an ``mlp`` submodule; ``forward`` is the original computation.
+    """
+
+    def __init__(self, owner: nn.Module, fam: Family):
+        super().__init__()
+        self.up_name, self.down_name, self.act_name = fam.up, fam.down, fam.act_attr
+        self.add_module(fam.up, getattr(owner, fam.up))
+        self.add_module(fam.down, getattr(owner, fam.down))
+        self.add_module(fam.act_attr, getattr(owner, fam.act_attr))
+
+    def forward(self, x):
+        up, down, act = (getattr(self, n) for n in (self.up_name, self.down_name, self.act_name))
+        return down(act(up(x)))
+
+
+class RoutedFFN(nn.Module):
+    """One FFN behind a router. See the module docstring.
+
+    Args:
+        base: the original FFN module (or an :class:`InlineFFN`), holding the projections
+            named in ``fam``.
+        fam: the model family (projection names, Conv1D layout).
+        activation: ops activation name ("silu", "gelu", "gelu_tanh", "relu").
+        num_experts: E; must divide the FFN width.
+        router: module mapping ``[T, d]`` FFN inputs to ``[T, E]`` logits (or an
+            ``OracleRouter``, which also needs the FFN itself).
+        layer_idx: the decoder layer index (for messages and reports).
+        prefill: "routed" or "dense" (forwards over more than one position per sequence run dense).
+        min_experts: each token keeps at least this many experts.
+        backend: ops backend.
+    """
+
+    def __init__(self, base: nn.Module, fam: Family, activation: str, num_experts: int,
+                 router: nn.Module, *, layer_idx: int = 0, prefill: str = "routed",
+                 min_experts: int = 1, backend: str = "auto"):
+        super().__init__()
+        self.base = base
+        self.router = router
+        self.fam = fam
+        self.activation = activation
+        self.num_experts = int(num_experts)
+        self.layer_idx = int(layer_idx)
+        self.prefill = prefill
+        self.min_experts = int(min_experts)
+        self.backend = backend
+        w = self.weights()
+        self.hidden_size, self.intermediate_size = w.hidden_size, w.intermediate_size
+        if self.intermediate_size % self.num_experts:
+            raise ValueError(
+                f"layer {layer_idx}: FFN width F={self.intermediate_size} is not divisible by "
+                f"num_experts={num_experts}"
+            )
+        self.policy = "budget"
+        self.topk = self.num_experts
+        self.record_stats = True
+        self._dense_budget = True  # host-side: every budget is exactly 1.0 (exact dense path)
+        self._seq_shape: tuple[int, int] | None = None  # (B, S) for flattened-input families
+        dev = w.w_up.device
+        self.register_buffer("budget", torch.ones((), device=dev), persistent=False)
+        self.register_buffer("tau", torch.zeros((), device=dev), persistent=False)
+        self.register_buffer("static_keep", torch.ones(self.num_experts, dtype=torch.bool,
+                                                       device=dev), persistent=False)
+        self.register_buffer("last_active", torch.ones((), device=dev), persistent=False)
+        self.register_buffer("active_sum", torch.zeros((), dtype=torch.float64, device=dev),
+                             persistent=False)
+        self.register_buffer("token_count", torch.zeros((), dtype=torch.float64, device=dev),
+                             persistent=False)
+
+    # --- weights ------------------------------------------------------------------------
+    def projections(self):
+        return projections(self.base, self.fam)
+
+    def weights(self) -> FFNWeights:
+        """The FFN's parameters as ``nn.Linear``-layout views (no copies)."""
+        return ffn_weights(*self.projections(), self.fam)
+
+    @property
+    def expert_size(self) -> int:
+        return self.intermediate_size // self.num_experts
+
+    # --- routing ------------------------------------------------------------------------
+    def router_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Router logits ``[T, E]`` for FFN inputs ``x`` ``[T, d]``."""
+        if getattr(self.router, "needs_ffn", False):
+            return self.router(x, self)
+        return self.router(x)
+
+    def token_budget(self, num_tokens: int, batch: int | None) -> torch.Tensor:
+        """The budget of each of ``num_tokens`` tokens (sequence-major), fp32 ``[T]``."""
+        b = self.budget
+        if b.dim() == 0:
+            return b.reshape(1).expand(num_tokens)
+        if batch is None or b.shape[0] != batch or num_tokens % batch:
+            raise ValueError(
+                f"per-sequence budget has {b.shape[0]} entries but the FFN of layer "
+                f"{self.layer_idx} got a batch of {batch} sequences ({num_tokens} tokens); "
+                f"call prunepath.set_budget with one budget per sequence of this batch"
+            )
+        return b.repeat_interleave(num_tokens // batch)
+
+    def expert_mask(self, x: torch.Tensor, batch: int | None = None) -> torch.Tensor:
+        """Bool ``[T, E]`` mask of active experts for FFN inputs ``x`` ``[T, d]`` under the policy."""
+        t = x.shape[0]
+        policy = self.policy
+        if policy == "dense" or (policy == "budget" and self._dense_budget):
+            return torch.ones(t, self.num_experts, dtype=torch.bool, device=x.device)
+        if policy == "static":
+            return self.static_keep.unsqueeze(0).expand(t, -1)
+        logits = self.router_logits(x)
+        if policy == "budget":
+            return ops.route(logits, self.token_budget(t, batch), min_experts=self.min_experts,
+                             backend=self.backend)
+        if policy == "topk":
+            k = self.topk
+            return ops.route(logits, 1.0, min_experts=k, max_experts=k, backend=self.backend)
+        if policy == "threshold":
+            return torch.sigmoid(logits.float()) > self.tau
+        raise ValueError(f"routing policy must be one of {POLICIES}, got {policy!r}")
+
+    # --- forward ------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        if x.dim() == 3:
+            batch, seq = shape[0], shape[1]
+        elif self._seq_shape is not None:
+            batch, seq = self._seq_shape
+        else:
+            batch, seq = None, None
+        dense = self.policy == "dense" or (self.policy == "budget" and self._dense_budget) or (
+            self.prefill == "dense" and seq is not None and seq > 1
+        )
+        if dense:
+            if self.record_stats:
+                self._record_dense(x.numel() // shape[-1])
+            return self.base(x)
+        x2 = x.reshape(-1, shape[-1])
+        mask = self.expert_mask(x2, batch)
+        w = self.weights()
+        w_gate, w_up, w_down = (None if t is None else _contiguous(t)
+                                for t in (w.w_gate, w.w_up, w.w_down))
+        y = ops.routed_ffn(x2, w_gate, w_up, w_down, mask, activation=self.activation,
+                           b_up=w.b_up, b_down=w.b_down, backend=self.backend)
+        if self.record_stats:
+            self._record(mask)
+        if self.fam.dropout is not None:
+            y = getattr(self.base, self.fam.dropout)(y)
+        return y.reshape(shape)
+
+    # --- statistics (device-side, no host sync) --------------------------------------------
+    @torch.no_grad()
+    def _record(self, mask: torch.Tensor) -> None:
+        active = mask.sum(dtype=torch.float32) / self.num_experts  # sum over tokens of active fraction
+        t = mask.shape[0]
+        self.last_active.copy_(active / max(t, 1))
+        self.active_sum.add_(active.double())
+        self.token_count.add_(t)
+
+    @torch.no_grad()
+    def _record_dense(self, t: int) -> None:
+        self.last_active.fill_(1.0)
+        self.active_sum.add_(t)
+        self.token_count.add_(t)
+
+    @torch.no_grad()
+    def reset_stats(self) -> None:
+        self.last_active.fill_(1.0)
+        self.active_sum.zero_()
+        self.token_count.zero_()
+
+    def extra_repr(self) -> str:
+        return (f"layer={self.layer_idx}, experts={self.num_experts}x{self.expert_size}, "
+                f"activation={self.activation}, policy={self.policy}, prefill={self.prefill}")

@@ -1,0 +1,121 @@
+"""Prepacked FFN weights for the GPU kernels: ``W_down^T`` stored ``[F, d]``.
+
+nn.Linear keeps ``W_down`` as ``[d, F]``: an expert's block is then ``d`` short row
+segments. Transposed once (at conversion time) to ``w_down_t = W_down^T [F, d]``, expert e's
+block of every weight is one contiguous slab of rows ``[e*F/E, (e+1)*F/E)`` of
+``w_gate``/``w_up``/``w_down_t``, which the block-sparse kernels stream with full-width
+loads.
+
+>>> packed = prunepath.ops.prepack_ffn(w_gate, w_up, w_down, activation="silu")
+>>> y = packed(x, mask)                       # == routed_ffn(x, w_gate, w_up, w_down, mask)
+>>> y = prunepath.ops.routed_ffn_packed(x, packed.w_gate, packed.w_up, packed.w_down_t, mask)
+
+Backends: "triton" and "cuda" read the packed layout natively; "torch" and "cpu" use the
+reference on the transposed view (correct, not fast: on CPUs keep the nn.Linear layout and
+call :func:`prunepath.ops.routed_ffn`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from . import backends, checks
+from .reference import activate, neuron_mask
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedFFN:
+    """An FFN's weights in the packed layout (all ``[F, d]`` except the biases)."""
+
+    w_gate: torch.Tensor | None
+    w_up: torch.Tensor
+    w_down_t: torch.Tensor
+    b_up: torch.Tensor | None = None
+    b_down: torch.Tensor | None = None
+    activation: str = "silu"
+
+    @property
+    def num_neurons(self) -> int:
+        return self.w_up.shape[0]
+
+    @property
+    def hidden_size(self) -> int:
+        return self.w_up.shape[1]
+
+    def __call__(self, x: torch.Tensor, mask: torch.Tensor, *, backend: str = "auto"):
+        return routed_ffn_packed(x, self.w_gate, self.w_up, self.w_down_t, mask,
+                                 activation=self.activation, b_up=self.b_up, b_down=self.b_down,
+                                 backend=backend)
+
+
+def prepack_ffn(w_gate, w_up, w_down, *, b_up=None, b_down=None, activation="silu") -> PackedFFN:
+    """Pack nn.Linear-layout FFN weights (``w_down`` ``[d, F]``) once; copies ``W_down^T``."""
+    f, d = w_up.shape
+    if w_down.dim() != 2 or tuple(w_down.shape) != (d, f):
+        raise ValueError(f"w_down must have shape [d={d}, F={f}], got {tuple(w_down.shape)}")
+    if w_gate is not None and tuple(w_gate.shape) != (f, d):
+        raise ValueError(f"w_gate must have shape [F={f}, d={d}], got {tuple(w_gate.shape)}")
+    return PackedFFN(
+        None if w_gate is None else w_gate.contiguous(), w_up.contiguous(),
+        w_down.t().contiguous(), b_up, b_down, activation,
+    )
+
+
+def routed_ffn_packed_reference(x, w_gate, w_up, w_down_t, mask, activation="silu", b_up=None,
+                                b_down=None):
+    """Plain PyTorch semantics: :func:`~prunepath.ops.reference.routed_ffn_reference` with
+    ``w_down = w_down_t.T``."""
+    up = F.linear(x, w_up, b_up)
+    h = activate(up, activation) if w_gate is None else activate(F.linear(x, w_gate), activation) * up
+    h = h * neuron_mask(mask, w_up.shape[0]).to(h.dtype)
+    out = h @ w_down_t
+    return out if b_down is None else out + b_down
+
+
+def routed_ffn_packed(
+    x: torch.Tensor,
+    w_gate: torch.Tensor | None,
+    w_up: torch.Tensor,
+    w_down_t: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    activation: str = "silu",
+    b_up: torch.Tensor | None = None,
+    b_down: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """:func:`prunepath.ops.routed_ffn` with ``w_down_t`` = W_down^T ``[F, d]`` (see module doc)."""
+    if w_down_t.dim() != 2 or w_down_t.shape != w_up.shape:
+        raise ValueError(
+            f"w_down_t must be W_down^T with shape [F, d] = {tuple(w_up.shape)} like w_up, "
+            f"got {tuple(w_down_t.shape)}"
+        )
+    checks.check_ffn_args(x, w_gate, w_up, w_down_t.t(), mask, activation, b_up, b_down)
+    key = (x.dtype, x.shape[1], w_up.shape[0], mask.shape[1], w_gate is not None, x.shape[0])
+    name = backends.resolve(backend, x.device, "routed_ffn_packed", key)
+    x, mask = x.contiguous(), mask.contiguous()
+    if name == "triton":
+        backends.load(name)
+        from prunepath import triton_kernels
+
+        return triton_kernels.routed_ffn_packed(x, w_gate, w_up.contiguous(),
+                                                w_down_t.contiguous(), mask, activation, b_up,
+                                                b_down)
+    if name == "cuda":
+        backends.load(name)
+        _register_cuda_fake()
+        return torch.ops.prunepath.routed_ffn_packed(x, w_gate, w_up, w_down_t.contiguous(), mask,
+                                                     activation, b_up, b_down)
+    backends.load(name)
+    return routed_ffn_packed_reference(x, w_gate, w_up, w_down_t, mask, activation, b_up, b_down)
+
+
+@functools.cache
+def _register_cuda_fake() -> None:
+    @torch.library.register_fake("prunepath::routed_ffn_packed")
+    def _(x, w_gate, w_up, w_down_t, mask, activation, b_up, b_down):
+        return torch.empty_like(x)

@@ -1,0 +1,295 @@
+"""Routers: small modules mapping an FFN's input to one logit per expert, and their training.
+
+* :class:`LinearRouter` (d -> E) and :class:`MLPRouter` (d -> r -> E, low rank), both with
+  fixed input standardisation (mean/std of the calibration inputs, saved with the router).
+* :class:`OracleRouter`: logits = log of each expert's true share of the FFN output (needs
+  the FFN itself; as slow as the dense FFN; for analysis).
+* :func:`expert_shares`: the training target ``s_e = ||y_e|| / sum_e' ||y_e'||`` with y_e the
+  contribution of expert e (its neurons' activations times their W_down columns).
+* :func:`train_routers`: captures every layer's real FFN inputs from the dense model on
+  calibration tokens (hooks, batched), then fits each router with soft-label cross-entropy
+  between ``softmax(router(x))`` and ``s``.
+* :func:`router_quality`: share of the oracle's importance mass the router keeps at the same
+  expert count, at budgets 0.5/0.7/0.9, and the mean active-expert count.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import ops
+from .ops.reference import activate
+
+REPORT_BUDGETS = (0.5, 0.7, 0.9)
+
+
+# --- router modules ----------------------------------------------------------------------
+class _Standardize(nn.Module):
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.register_buffer("in_mean", torch.zeros(hidden_size))
+        self.register_buffer("in_inv_std", torch.ones(hidden_size))
+
+    @torch.no_grad()
+    def fit_input_stats(self, x: torch.Tensor) -> None:
+        x = x.float()
+        self.in_mean.copy_(x.mean(0))
+        self.in_inv_std.copy_(x.std(0).clamp_min(1e-6).reciprocal())
+
+    def standardize(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.in_mean.to(x.dtype)) * self.in_inv_std.to(x.dtype)
+
+
+class LinearRouter(_Standardize):
+    """logits = W standardize(x) + b."""
+
+    kind = "linear"
+
+    def __init__(self, hidden_size: int, num_experts: int, rank: int | None = None):
+        super().__init__(hidden_size)
+        self.proj = nn.Linear(hidden_size, num_experts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.standardize(x.to(self.proj.weight.dtype))
+        return self.proj(x)
+
+
+class MLPRouter(_Standardize):
+    """logits = W2 gelu(W1 standardize(x) + b1) + b2, W1: d -> rank."""
+
+    kind = "mlp"
+
+    def __init__(self, hidden_size: int, num_experts: int, rank: int = 64):
+        super().__init__(hidden_size)
+        self.fc1 = nn.Linear(hidden_size, rank)
+        self.fc2 = nn.Linear(rank, num_experts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.standardize(x.to(self.fc1.weight.dtype))
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class OracleRouter(nn.Module):
+    """logits = log s_e(x), the true expert shares; computed from the wrapped FFN."""
+
+    kind = "oracle"
+    needs_ffn = True
+
+    def forward(self, x: torch.Tensor, ffn) -> torch.Tensor:
+        return torch.log(expert_shares(x, ffn.weights(), ffn.activation, ffn.num_experts)
+                         .clamp_min(1e-12))
+
+
+ROUTER_CLASSES = {"linear": LinearRouter, "mlp": MLPRouter, "oracle": OracleRouter}
+
+
+def make_router(kind: str, hidden_size: int, num_experts: int, rank: int = 64,
+                seed: int | None = None) -> nn.Module:
+    if kind not in ROUTER_CLASSES:
+        raise ValueError(f"router must be one of {tuple(ROUTER_CLASSES)}, got {kind!r}")
+    if kind == "oracle":
+        return OracleRouter()
+    gen_state = None
+    if seed is not None:
+        gen_state = torch.random.get_rng_state()
+        torch.manual_seed(seed)
+    try:
+        return ROUTER_CLASSES[kind](hidden_size, num_experts, rank)
+    finally:
+        if gen_state is not None:
+            torch.random.set_rng_state(gen_state)
+
+
+# --- the oracle shares ---------------------------------------------------------------------
+def neuron_activations(x: torch.Tensor, w, activation: str) -> torch.Tensor:
+    """h [T, F]: the FFN's intermediate activations for inputs x [T, d] (biases included)."""
+    up = F.linear(x, w.w_up, w.b_up)
+    if w.w_gate is None:
+        return activate(up, activation)
+    return activate(F.linear(x, w.w_gate), activation) * up
+
+
+def down_gram(w, num_experts: int) -> torch.Tensor:
+    """[E, n, n] Gram matrices W_down,e^T W_down,e of each expert's W_down columns (fp32)."""
+    d, f = w.w_down.shape
+    n = f // num_experts
+    wd = w.w_down.float().reshape(d, num_experts, n).permute(1, 0, 2)  # [E, d, n]
+    return wd.transpose(1, 2) @ wd
+
+
+def expert_norms(h: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+    """||y_e|| [T, E] from activations h [T, F] and the Gram matrices [E, n, n]."""
+    e, n, _ = gram.shape
+    he = h.float().reshape(h.shape[0], e, n)
+    sq = torch.einsum("ten,enm,tem->te", he, gram, he)
+    return sq.clamp_min(0).sqrt()
+
+
+def expert_shares(x: torch.Tensor, w, activation: str, num_experts: int,
+                  gram: torch.Tensor | None = None) -> torch.Tensor:
+    """s [T, E]: each expert's share ||y_e|| / sum ||y_e'|| of the FFN output for inputs x [T, d]."""
+    with torch.no_grad():
+        h = neuron_activations(x, w, activation)
+        if gram is None:
+            gram = down_gram(w, num_experts)
+        norms = expert_norms(h, gram)
+        return norms / norms.sum(-1, keepdim=True).clamp_min(1e-30)
+
+
+# --- router quality -------------------------------------------------------------------------
+@torch.no_grad()
+def router_quality(logits: torch.Tensor, shares: torch.Tensor, budgets=REPORT_BUDGETS,
+                   min_experts: int = 1) -> dict:
+    """Per budget: the share of oracle importance mass kept at the same expert count.
+
+    For each token, the router's mask at budget p keeps k experts; the oracle's best k
+    experts hold mass ``m*``; the router's experts hold ``m``. Reports mean ``m / m*``
+    (``mass_kept_vs_oracle``), mean ``m`` (``mass_kept``), mean ``k`` (``active_experts``).
+    """
+    out = {}
+    sorted_s = shares.sort(-1, descending=True).values.cumsum(-1)
+    for p in budgets:
+        mask = ops.route(logits.float(), float(p), min_experts=min_experts, backend="torch")
+        k = mask.sum(-1)
+        kept = (shares * mask).sum(-1)
+        best = sorted_s.gather(-1, (k - 1).clamp_min(0).unsqueeze(-1)).squeeze(-1)
+        best = torch.where(k > 0, best, torch.zeros_like(best))
+        ratio = torch.where(best > 0, kept / best.clamp_min(1e-30), torch.ones_like(best))
+        out[f"{p:g}"] = {
+            "mass_kept_vs_oracle": float(ratio.mean()),
+            "mass_kept": float(kept.mean()),
+            "active_experts": float(k.float().mean()),
+        }
+    return out
+
+
+def summarize_quality(per_layer: list[dict]) -> dict:
+    """Mean over layers of :func:`router_quality` outputs."""
+    if not per_layer:
+        return {}
+    out = {}
+    for p in per_layer[0]:
+        out[p] = {key: sum(q[p][key] for q in per_layer) / len(per_layer) for key in per_layer[0][p]}
+    return out
+
+
+# --- training -------------------------------------------------------------------------------
+def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return -(target * F.log_softmax(logits.float(), -1)).sum(-1).mean()
+
+
+def fit_router(router: nn.Module, x: torch.Tensor, s: torch.Tensor, *, epochs: int,
+               batch_tokens: int, lr: float, weight_decay: float = 0.0,
+               generator: torch.Generator | None = None) -> float:
+    """Fit one router on inputs x [N, d] and target shares s [N, E]; returns the final train loss."""
+    router.fit_input_stats(x)
+    router.train()
+    params = [p for p in router.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    n = x.shape[0]
+    steps_per_epoch = max(1, math.ceil(n / batch_tokens))
+    total = epochs * steps_per_epoch
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total, pct_start=0.1)
+    loss_val = float("nan")
+    dtype = next(router.parameters()).dtype
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=generator)
+        for i in range(steps_per_epoch):
+            idx = order[i * batch_tokens:(i + 1) * batch_tokens]
+            logits = router(x[idx].to(dtype))
+            loss = soft_cross_entropy(logits, s[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            loss_val = float(loss.detach())
+    router.eval()
+    for p in router.parameters():
+        p.requires_grad_(False)
+    return loss_val
+
+
+@torch.no_grad()
+def capture_ffn_io(model, routed, input_ids: torch.Tensor, *, batch_size: int = 8,
+                   progress: bool = True, desc: str = "capturing FFN inputs"):
+    """Run the model dense on ``input_ids`` [N, S]; return per layer (inputs [N*S, d], shares [N*S, E]).
+
+    ``routed`` are the model's RoutedFFN modules (run dense during capture). Inputs are
+    kept in fp32 on the CPU.
+    """
+    from tqdm.auto import tqdm
+
+    from .budget import routing_state
+
+    xs = [[] for _ in routed]
+    ss = [[] for _ in routed]
+    grams = [down_gram(r.weights(), r.num_experts) for r in routed]
+
+    def hook_for(i):
+        def hook(mod, args):
+            x = args[0]
+            x = x.reshape(-1, x.shape[-1])
+            xs[i].append(x.float().cpu())
+            w = mod.weights()
+            ss[i].append(expert_shares(x, w, mod.activation, mod.num_experts, grams[i]).cpu())
+        return hook
+
+    handles = [r.register_forward_pre_hook(hook_for(i)) for i, r in enumerate(routed)]
+    device = next(model.parameters()).device
+    try:
+        with routing_state(model, policy="dense"):
+            for start in tqdm(range(0, input_ids.shape[0], batch_size), desc=desc,
+                              disable=not progress):
+                model(input_ids[start:start + batch_size].to(device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return [torch.cat(x) for x in xs], [torch.cat(s) for s in ss]
+
+
+def train_routers(model, input_ids: torch.Tensor, cfg, *, progress: bool = True) -> dict:
+    """Train every layer's router on calibration tokens; return the router report.
+
+    The report holds, per layer, the final train loss and :func:`router_quality` on the
+    held-out tokens (``cfg.holdout_fraction``), for the trained router and its mean.
+    """
+    from tqdm.auto import tqdm
+
+    from .budget import routed_layers
+
+    routed = routed_layers(model)
+    xs, ss = capture_ffn_io(model, routed, input_ids, progress=progress,
+                            desc="capturing FFN inputs for router training")
+    gen = torch.Generator().manual_seed(cfg.seed)
+    per_layer = []
+    for i, r in enumerate(tqdm(routed, desc=f"training {cfg.router} routers", disable=not progress)):
+        x, s = xs[i], ss[i]
+        xs[i] = ss[i] = None
+        n = x.shape[0]
+        n_hold = int(n * cfg.holdout_fraction) if n >= 20 else 0
+        perm = torch.randperm(n, generator=gen)
+        hold, train = perm[:n_hold], perm[n_hold:]
+        router_device = next(r.router.parameters()).device
+        loss = fit_router(r.router.cpu().float(), x[train], s[train], epochs=cfg.train_epochs,
+                          batch_tokens=cfg.train_batch_tokens, lr=cfg.train_lr,
+                          weight_decay=cfg.train_weight_decay, generator=gen)
+        entry = {"layer": i, "train_loss": loss}
+        if n_hold:
+            with torch.no_grad():
+                logits = r.router(x[hold])
+                entry["holdout_loss"] = float(soft_cross_entropy(logits, s[hold]))
+                entry["entropy_target"] = float(
+                    -(s[hold] * s[hold].clamp_min(1e-30).log()).sum(-1).mean())
+                entry["quality"] = router_quality(logits, s[hold], min_experts=cfg.min_experts)
+        per_layer.append(entry)
+        r.router.to(router_device, dtype=r.weights().w_up.dtype)
+    report = {"per_layer": per_layer, "train_tokens": int(input_ids.numel()),
+              "holdout_tokens": n_hold if per_layer else 0, "router": cfg.router}
+    qual = [e["quality"] for e in per_layer if "quality" in e]
+    if qual:
+        report["mean"] = summarize_quality(qual)
+    return report

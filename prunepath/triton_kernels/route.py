@@ -1,0 +1,154 @@
+"""Triton kernels for cumulative-mass routing (semantics: :func:`prunepath.ops.reference.route_reference`).
+
+Rank formulation (no sort): with ``p`` the softmax of a token's logits, expert ``j`` is
+ranked above expert ``i`` when ``p_j > p_i`` or (``p_j == p_i`` and ``j < i``), which is
+exactly the order of a stable descending sort. Then
+
+    rank_i        = #experts ranked above i
+    mass_before_i = sum of p_j over the experts ranked above i
+    take_i        = mass_before_i < budget  or  budget >= 1
+    count         = clamp(sum_i take_i, min_experts, max_experts)
+    mask_i        = rank_i < count
+
+One program handles one token; the pairwise comparison is done in column chunks of
+``BLOCK_J`` experts so registers stay bounded for large E.
+
+Two entry points share the tail of that computation:
+
+* :func:`_route_kernel` — from logits ``[T, E]`` (the ``route`` op).
+* :func:`_router_project_kernel` + :func:`_route_kernel` with ``KS > 1`` partial inputs
+  (and an optional second low-rank matrix) — the fused router: ``x @ W^T`` is split over
+  ``d`` into ``KS`` partial sums by the first kernel, which the route kernel adds up.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .ffn import _activate
+
+
+@triton.jit
+def _route_tail(p, offs_i, valid_i, z_ptr_row, zmax, zsum, b, min_e, max_e, E,
+                BLOCK_E: tl.constexpr, BLOCK_J: tl.constexpr, FROM_VECTOR: tl.constexpr,
+                zvec):
+    """Given probabilities ``p`` [BLOCK_E] of one token, return the bool mask [BLOCK_E]."""
+    mass = tl.zeros([BLOCK_E], dtype=tl.float32)
+    rank = tl.zeros([BLOCK_E], dtype=tl.int32)
+    for j0 in tl.static_range(0, BLOCK_E, BLOCK_J):
+        offs_j = j0 + tl.arange(0, BLOCK_J)
+        valid_j = offs_j < E
+        if BLOCK_J == BLOCK_E:
+            zj = zvec  # one chunk: the token's own logits (no re-read)
+        elif FROM_VECTOR:
+            # logits already in registers: pick the chunk by a masked reduction
+            sel = offs_i[:, None] == offs_j[None, :]
+            zj = tl.sum(tl.where(sel, zvec[:, None], 0.0), axis=0)
+        else:
+            zj = tl.load(z_ptr_row + offs_j, mask=valid_j, other=0.0).to(tl.float32)
+        pj = tl.exp(zj - zmax) / zsum
+        pj = tl.where(valid_j, pj, 0.0)
+        above = (pj[None, :] > p[:, None]) | (
+            (pj[None, :] == p[:, None]) & (offs_j[None, :] < offs_i[:, None])
+        )
+        above = above & valid_j[None, :]
+        mass += tl.sum(tl.where(above, pj[None, :], 0.0), axis=1)
+        rank += tl.sum(above.to(tl.int32), axis=1)
+    b_eff = tl.where(b >= 1.0, float("inf"), b)  # budget >= 1 takes every expert
+    take = (mass < b_eff) & valid_i
+    count = tl.sum(take.to(tl.int32), axis=0)
+    count = tl.minimum(tl.maximum(count, min_e), max_e)
+    return (rank < count) & valid_i
+
+
+@triton.jit
+def _route_kernel(
+    z_ptr, budget_ptr, mask_ptr, w2_ptr, b1_ptr, b2_ptr,
+    T, E, R, min_e, max_e,
+    stride_zs, stride_zt, stride_mt, stride_w2e,
+    KS: tl.constexpr, LOW_RANK: tl.constexpr, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr,
+    HIDDEN_ACT: tl.constexpr,
+    BLOCK_E: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """One token per program.
+
+    Plain routing: ``z`` is the logits [T, E] (KS == 1). Fused router: ``z`` holds ``KS``
+    partial projections [KS, T, R] that are summed in a fixed order, then ``+ b1``; with
+    LOW_RANK the hidden ``act(z + b1)`` [R] goes through ``W2`` [E, R] (``+ b2``).
+    HIDDEN_ACT: -1 none, else an id of :data:`prunepath.triton_kernels.ffn.ACT_IDS`.
+    """
+    t = tl.program_id(0)
+    offs_i = tl.arange(0, BLOCK_E)
+    valid_i = offs_i < E
+    b = tl.load(budget_ptr + t)
+    if LOW_RANK:
+        offs_r = tl.arange(0, BLOCK_R)
+        r_ok = offs_r < R
+        zr = tl.zeros([BLOCK_R], dtype=tl.float32)
+        for s in tl.static_range(KS):
+            zr += tl.load(z_ptr + s * stride_zs + t * stride_zt + offs_r, mask=r_ok, other=0.0)
+        if HAS_B1:
+            zr += tl.load(b1_ptr + offs_r, mask=r_ok, other=0.0).to(tl.float32)
+        if HIDDEN_ACT >= 0:
+            zr = _activate(zr, HIDDEN_ACT)
+        zr = tl.where(r_ok, zr, 0.0)
+        w2 = tl.load(w2_ptr + offs_i[:, None] * stride_w2e + offs_r[None, :],
+                     mask=valid_i[:, None] & r_ok[None, :], other=0.0).to(tl.float32)
+        z = tl.sum(w2 * zr[None, :], axis=1)
+        if HAS_B2:
+            z += tl.load(b2_ptr + offs_i, mask=valid_i, other=0.0).to(tl.float32)
+    else:
+        z = tl.zeros([BLOCK_E], dtype=tl.float32)
+        for s in tl.static_range(KS):
+            z += tl.load(z_ptr + s * stride_zs + t * stride_zt + offs_i, mask=valid_i,
+                         other=0.0).to(tl.float32)
+        if HAS_B1:
+            z += tl.load(b1_ptr + offs_i, mask=valid_i, other=0.0).to(tl.float32)
+    z = tl.where(valid_i, z, float("-inf"))
+    zmax = tl.max(z, axis=0)
+    ez = tl.where(valid_i, tl.exp(z - zmax), 0.0)
+    zsum = tl.sum(ez, axis=0)
+    p = ez / zsum
+    # chunks re-read the logits from memory when they are there (plain routing), else pick
+    # them out of the register vector
+    FROM_VECTOR: tl.constexpr = LOW_RANK or KS > 1 or HAS_B1
+    keep = _route_tail(p, offs_i, valid_i, z_ptr + t * stride_zt, zmax, zsum, b, min_e, max_e,
+                       E, BLOCK_E, BLOCK_J, FROM_VECTOR, z)
+    tl.store(mask_ptr + t * stride_mt + offs_i, keep, mask=valid_i)
+
+
+@triton.jit
+def _router_project_kernel(
+    x_ptr, w_ptr, out_ptr,
+    T, D, R,
+    stride_xt, stride_wr, stride_os, stride_ot,
+    BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    K_PER_SPLIT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """Partial router projection: out[s, t, r] = sum over this split's d-range of x[t] * W[r]."""
+    pid_r = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    pid_t = tl.program_id(2)
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    t_ok = offs_t < T
+    r_ok = offs_r < R
+    acc = tl.zeros([BLOCK_T, BLOCK_R], dtype=tl.float32)
+    k_start = pid_s * K_PER_SPLIT
+    for kk in range(0, K_PER_SPLIT, BLOCK_K):
+        offs_k = k_start + kk + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < D
+        xk = tl.load(x_ptr + offs_t[:, None] * stride_xt + offs_k[None, :],
+                     mask=t_ok[:, None] & k_ok[None, :], other=0.0)
+        wk = tl.load(w_ptr + offs_r[:, None] * stride_wr + offs_k[None, :],
+                     mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+        if UPCAST:  # the CPU interpreter's bf16/fp16 dot is wrong
+            acc = tl.dot(xk.to(tl.float32), tl.trans(wk.to(tl.float32)), acc,
+                         input_precision="ieee")
+        elif IEEE:
+            acc = tl.dot(xk, tl.trans(wk), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(xk, tl.trans(wk), acc)
+    tl.store(out_ptr + pid_s * stride_os + offs_t[:, None] * stride_ot + offs_r[None, :], acc,
+             mask=t_ok[:, None] & r_ok[None, :])

@@ -1,0 +1,192 @@
+"""Triton-specific tests: every kernel code path (forced block configs), the packed layout,
+the fused router, and the custom-op registration (fake kernels, torch.compile).
+
+On the CPU these run under TRITON_INTERPRET=1 (tests/conftest.py), so sizes are tiny.
+On a GPU the same tests run on CUDA tensors.
+"""
+
+import pytest
+import torch
+
+from prunepath import ops
+from prunepath.ops.packed import routed_ffn_packed_reference
+from prunepath.ops.reference import route_reference, routed_ffn_reference
+from prunepath.ops.router_route import router_logits_reference
+
+from .helpers import assert_close_rel
+
+triton_kernels = pytest.importorskip("prunepath.triton_kernels")
+from prunepath.triton_kernels import launch  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+if DEV == "cpu" and "triton" not in ops.available_backends("cpu"):
+    pytest.skip("Triton needs a GPU or TRITON_INTERPRET=1", allow_module_level=True)
+
+
+def _ffn(t, d, f, dtype, gated, bias, gen):
+    r = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
+    x = r(t, d)
+    wg = r(f, d) / d**0.5 if gated else None
+    wu = r(f, d) / d**0.5
+    wd = r(d, f) / f**0.5
+    bu = r(f) * 0.1 if bias else None
+    bd = r(d) * 0.1 if bias else None
+    mv = lambda w: None if w is None else w.to(DEV, dtype)  # noqa: E731
+    return mv(x), mv(wg), mv(wu), mv(wd), mv(bu), mv(bd)
+
+
+def _ref(x, wg, wu, wd, mask, act, bu, bd):
+    up = lambda w: None if w is None else w.double()  # noqa: E731
+    return routed_ffn_reference(up(x), up(wg), up(wu), up(wd), mask, act, up(bu), up(bd))
+
+
+CONFIGS = {
+    # (block_t, up_n, up_k, ks, down_n, down_d, s): each phase's single- and multi-split paths
+    "plain": launch.FFNConfig(16, 16, 32, 1, 16, 32, 1),
+    "split_d": launch.FFNConfig(16, 16, 16, 4, 16, 32, 1),
+    "split_f": launch.FFNConfig(16, 16, 32, 1, 16, 16, 4),
+    "split_both": launch.FFNConfig(16, 32, 16, 2, 32, 16, 2),
+}
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("gated,bias,act", [(True, False, "silu"), (False, True, "gelu_tanh"),
+                                            (True, True, "relu")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("t", [1, 20])  # 20 tokens: two token blocks of 16
+def test_ffn_code_paths(config, gated, bias, act, dtype, t):
+    gen = torch.Generator().manual_seed(hash((config, gated, t)) % 2**31)
+    d, f, e = 72, 60, 12  # 5 neurons per expert: chunks straddle experts
+    x, wg, wu, wd, bu, bd = _ffn(t, d, f, dtype, gated, bias, gen)
+    mask = (torch.rand(t, e, generator=gen) < 0.4).to(DEV)
+    ref = _ref(x, wg, wu, wd, mask, act, bu, bd)
+    for w_down_t in (wd.t(), wd.t().contiguous()):  # nn.Linear layout and the packed one
+        out = torch.full((t, d), float("nan"), dtype=dtype, device=DEV)
+        launch.routed_ffn(x, wg, wu, w_down_t, mask, act, bu, bd, config=CONFIGS[config],
+                          out=out, poison=True)
+        assert_close_rel(out, ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("gated", [True, False])
+def test_routed_ffn_packed_public_op(dtype, gated):
+    gen = torch.Generator().manual_seed(11)
+    x, wg, wu, wd, bu, bd = _ffn(5, 40, 48, dtype, gated, not gated, gen)
+    mask = (torch.rand(5, 8, generator=gen) < 0.5).to(DEV)
+    act = "silu" if gated else "gelu"
+    packed = ops.prepack_ffn(wg, wu, wd, b_up=bu, b_down=bd, activation=act)
+    assert packed.w_down_t.shape == (48, 40) and packed.w_down_t.is_contiguous()
+    ref = _ref(x, wg, wu, wd, mask, act, bu, bd)
+    assert_close_rel(packed(x, mask, backend="triton"), ref, dtype)
+    assert_close_rel(packed(x, mask, backend="torch"), ref, dtype)
+    up = lambda w: None if w is None else w.double()  # noqa: E731
+    ref2 = routed_ffn_packed_reference(up(x), up(wg), up(wu), up(packed.w_down_t), mask, act,
+                                       up(bu), up(bd))
+    assert_close_rel(ref2, ref, torch.float32)
+
+
+def test_packed_bad_shape():
+    x, wg, wu, wd, _, _ = _ffn(2, 8, 12, torch.float32, True, False, torch.Generator())
+    mask = torch.ones(2, 4, dtype=torch.bool, device=DEV)
+    with pytest.raises(ValueError, match="w_down_t"):
+        ops.routed_ffn_packed(x, wg, wu, wd, mask)
+    with pytest.raises(ValueError, match="w_down"):
+        ops.prepack_ffn(wg, wu, wd.t())
+
+
+@pytest.mark.parametrize("e", [5, 64, 100])  # 100: two comparison chunks (BLOCK_J = 64)
+@pytest.mark.parametrize("budget", [0.3, "per_token"])
+def test_route_large_and_odd_expert_counts(e, budget):
+    gen = torch.Generator().manual_seed(e)
+    t = 6
+    logits = (torch.randn(t, e, generator=gen) * 2).to(DEV)
+    b = torch.rand(t, generator=gen).to(DEV) if budget == "per_token" else budget
+    bt = b if isinstance(b, torch.Tensor) else torch.full((t,), b, device=DEV)
+    for lo, hi in ((1, e), (2, 3)):
+        out = ops.route(logits, b, min_experts=lo, max_experts=hi, backend="triton")
+        assert torch.equal(out, route_reference(logits, bt, lo, hi))
+
+
+def test_route_ties_in_many_chunks():
+    logits = torch.zeros(3, 130, device=DEV)
+    logits[1, 70:] = 1.0
+    out = ops.route(logits, torch.tensor([0.1, 0.5, 1.0], device=DEV), backend="triton")
+    ref = route_reference(logits, torch.tensor([0.1, 0.5, 1.0], device=DEV), 1, 130)
+    assert torch.equal(out, ref)
+
+
+ROUTERS = {
+    "linear": dict(r=None, act="none"),
+    "linear_bias": dict(r=None, act="none", b1=True),
+    "lowrank_gelu": dict(r=24, act="gelu", b1=True, b2=True),
+    "lowrank_none": dict(r=16, act="none"),
+}
+
+
+@pytest.mark.parametrize("router", list(ROUTERS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("t,e", [(1, 16), (9, 70)])
+def test_router_route_matches_reference(router, dtype, t, e):
+    cfg = ROUTERS[router]
+    gen = torch.Generator().manual_seed(hash((router, t, e)) % 2**31)
+    d = 80
+    r = cfg["r"] or e
+    x = torch.randn(t, d, generator=gen).to(DEV, dtype)
+    w1 = (torch.randn(r, d, generator=gen) / d**0.5 * 3).to(DEV, dtype)
+    b1 = torch.randn(r, generator=gen).to(DEV) if cfg.get("b1") else None
+    w2 = (torch.randn(e, r, generator=gen) / r**0.5 * 3).to(DEV) if cfg["r"] else None
+    b2 = torch.randn(e, generator=gen).to(DEV) if cfg.get("b2") else None
+    budget = torch.rand(t, generator=gen).to(DEV)
+    kw = dict(b_router=b1, w_router_out=w2, b_router_out=b2, hidden_activation=cfg["act"])
+    out = ops.router_route(x, w1, budget, backend="triton", **kw)
+    logits = router_logits_reference(x, w1, b1, w2, b2, cfg["act"])
+    ref = route_reference(logits, budget, 1, e)
+    # the projection's summation order differs from torch's: allow a flip only where the
+    # budget sits within rounding of the cumulative mass
+    mism = out != ref
+    if mism.any():
+        p = torch.softmax(logits.double(), -1)
+        sp, _ = p.sort(-1, descending=True)
+        gap = (sp.cumsum(-1) - sp - budget.double()[:, None]).abs().min(-1).values
+        assert (gap[mism.any(-1)] < 1e-4).all(), f"{int(mism.sum())} mask bits differ"
+    assert torch.equal(ops.router_route(x, w1, budget, backend="torch", **kw), ref)
+
+
+def test_router_route_bad_input():
+    x = torch.randn(2, 8, device=DEV)
+    with pytest.raises(ValueError, match="w_router"):
+        ops.router_route(x, torch.randn(4, 7, device=DEV), 0.5)
+    with pytest.raises(ValueError, match="w_router_out"):
+        ops.router_route(x, torch.randn(4, 8, device=DEV), 0.5,
+                         w_router_out=torch.randn(6, 5, device=DEV))
+    with pytest.raises(ValueError, match="hidden_activation"):
+        ops.router_route(x, torch.randn(4, 8, device=DEV), 0.5, hidden_activation="tanh")
+
+
+def test_custom_ops_opcheck():
+    gen = torch.Generator().manual_seed(5)
+    x, wg, wu, wd, bu, bd = _ffn(3, 24, 32, torch.float32, True, True, gen)
+    mask = (torch.rand(3, 4, generator=gen) < 0.5).to(DEV)
+    budget = torch.rand(3, generator=gen).to(DEV)
+    logits = torch.randn(3, 4, generator=gen).to(DEV)
+    torch.library.opcheck(torch.ops.prunepath_triton.route.default, (logits, budget, 1, 4))
+    torch.library.opcheck(torch.ops.prunepath_triton.routed_ffn.default,
+                          (x, wg, wu, wd.t(), mask, "silu", bu, bd))
+    torch.library.opcheck(torch.ops.prunepath_triton.router_route.default,
+                          (x, wu[:4], None, None, None, "none", budget, 1, 4))
+
+
+def test_torch_compile_traces_the_ops():
+    gen = torch.Generator().manual_seed(6)
+    x, wg, wu, wd, _, _ = _ffn(4, 24, 32, torch.float32, True, False, gen)
+    logits = torch.randn(4, 8, generator=gen).to(DEV)
+
+    def step(x, logits, budget):
+        mask = ops.route(logits, budget, backend="triton")
+        return ops.routed_ffn(x, wg, wu, wd, mask, backend="triton"), mask
+
+    eager_out, eager_mask = step(x, logits, 0.6)
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    out, mask = compiled(x, logits, 0.6)
+    assert torch.equal(mask, eager_mask)
+    torch.testing.assert_close(out, eager_out, rtol=0, atol=0)
