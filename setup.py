@@ -26,10 +26,17 @@ if os.environ.get("PRUNEPATH_NO_EXTENSION", "0") != "1":
         and os.environ.get("PRUNEPATH_NO_CUDA", "0") != "1"
     )
     if with_cuda:
+        # no --use_fast_math: the kernels are memory-bound, and fp32 results must match the
+        # float64 reference to ~1e-5 (accurate expf/erff/tanhf in the activations)
         nvcc = [
             "-O3",
             "-std=c++17",
-            "--use_fast_math",
+            "-lineinfo",
+            "--threads=4",
+        ]
+        # Hopper (wgmma-capable sm_90a) plus a portable target; PRUNEPATH_NVCC_GENCODE
+        # (space-separated -gencode flags) overrides, e.g. to build one target quickly.
+        nvcc += os.environ.get("PRUNEPATH_NVCC_GENCODE", "").split() or [
             "-gencode=arch=compute_90a,code=sm_90a",
             "-gencode=arch=compute_80,code=sm_80",
             "-gencode=arch=compute_80,code=compute_80",

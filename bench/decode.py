@@ -488,41 +488,19 @@ def print_table(rows: list[dict], title: str) -> None:
 # --------------------------------------------------------------------------- SmolLM2 (CPU)
 
 
-def smollm2_routed(checkpoint: Path, *, presets=("s30", "s50", "s70", "s90"), num_experts=48):
-    """The converted SmolLM2 (trained routers, calibrated presets), converting and saving it
-    under ``checkpoint`` on first use."""
+def smollm2_routed(checkpoint: Path):
+    """The converted SmolLM2 (E=48, trained routers, calibrated presets s30..s90) and its
+    tokenizer; converted with ``prunepath convert --out checkpoint`` on first use."""
     import prunepath
-
-    if (checkpoint / "prunepath_config.json").exists():
-        model = prunepath.from_pretrained(checkpoint)
-        tok = _tokenizer(checkpoint)
-        return model.eval(), tok
-    log(f"[converting SmolLM2 into {checkpoint}: E={num_experts}, trained routers, presets]")
     from transformers import AutoTokenizer
 
-    from prunepath.data import calibration_texts
+    if not (checkpoint / "prunepath_config.json").exists():
+        log(f"[no checkpoint at {checkpoint}: running `prunepath convert --out {checkpoint}`]")
+        from prunepath.cli import main as cli_main
 
-    model = prunepath.models.load("smollm2-135m-instruct")
-    tok = AutoTokenizer.from_pretrained(prunepath.models.cached_path("smollm2-135m-instruct"))
-    texts = calibration_texts()
-    prunepath.convert(model, prunepath.PrunePathConfig(num_experts=num_experts), calibration=texts,
-                      tokenizer=tok)
-    for name in presets:
-        prunepath.calibrate(model, texts, tokenizer=tok, target_sparsity=int(name[1:]) / 100,
-                            name=name)
-    prunepath.save(model, checkpoint, tokenizer=tok)
-    return model.eval(), tok
-
-
-def _tokenizer(checkpoint: Path):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(checkpoint)
-    except Exception:
-        import prunepath
-
-        return AutoTokenizer.from_pretrained(prunepath.models.cached_path("smollm2-135m-instruct"))
+        cli_main(["convert", "--out", str(checkpoint)])
+    model = prunepath.from_pretrained(checkpoint).eval()
+    return model, AutoTokenizer.from_pretrained(checkpoint)
 
 
 def _text_prompt(tok, length: int, offset: int = 0) -> torch.Tensor:

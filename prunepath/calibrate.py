@@ -8,15 +8,21 @@
 Measured FFN sparsity = fraction of intermediate neurons inactive, averaged over tokens and
 (width-weighted) layers, measured by running the routed model on the calibration tokens.
 
-* Global budget: a bracketing search (bisection with secant steps) on the budget until
-  the measured sparsity is within ``tol`` of the target.
-* Per-layer budgets: one forward+backward of the dense model gives, per layer and token,
-  the gradient of the calibration loss at the FFN output and each expert's contribution
-  y_e; the second-order (Fisher) estimate of the loss increase from dropping the experts
-  a budget p drops is ``0.5 * sum_t (g_t . sum_{e dropped} y_te)^2``. Per-layer budgets
-  minimise the summed estimate subject to the sparsity target (a Lagrange multiplier,
-  each layer picking its best budget on a grid), and the multiplier is then adjusted on
-  the *measured* sparsity of the routed model until it is within ``tol``.
+Both modes first capture, on the dense model, each layer's router logits for the
+calibration tokens, which predict every layer's sparsity at any budget *offline* (for a
+grid of budgets at once); the offline target is then corrected on the sparsity *measured*
+by running the routed model (a bracketing secant/bisection search on the offline target;
+upstream routing shifts later layers' inputs, so offline and measured differ slightly),
+until within ``tol``. Typically 2-4 forwards over the calibration tokens.
+
+* Global budget: one budget whose offline sparsity curve hits the (corrected) target.
+* Per-layer budgets: one forward+backward of the dense model also gives, per layer and
+  token, the gradient of the calibration loss at the FFN output and each expert's
+  contribution y_e; the second-order (Fisher) estimate of the loss increase from dropping
+  the experts a budget p drops is ``0.5 * sum_t (g_t . sum_{e dropped} y_te)^2``. Per-layer
+  budgets minimise the summed estimate subject to the sparsity target (a Lagrange
+  multiplier, each layer picking its best budget on a grid; interpolated between the two
+  bracketing solutions), so sparsity is spent where the calibration loss rises least.
 """
 
 from __future__ import annotations
@@ -107,19 +113,6 @@ def _search(f, target: float, lo: float, hi: float, s_lo: float, s_hi: float, to
     return best
 
 
-def calibrate_global(model, input_ids, target: float, *, tol: float = 0.005,
-                     max_iters: int = 14, batch_size: int = 4) -> tuple[float, float]:
-    """One budget for every layer with measured sparsity within ``tol`` of ``target``."""
-
-    def f(p):
-        set_budget(model, float(p))
-        return measure(model, input_ids, batch_size=batch_size)["sparsity"]
-
-    if target <= 0:
-        return 1.0, 0.0
-    return _search(f, target, 0.0, 1.0, f(0.0), 0.0, tol, max_iters)
-
-
 # --- per-layer allocation ------------------------------------------------------------------
 def _fisher_capture(model, input_ids, batch_size: int):
     """Per layer: router logits [T, E] and gradient-weighted expert contributions c [T, E].
@@ -180,7 +173,7 @@ def _layer_curves(logits: torch.Tensor, contrib: torch.Tensor, grid: torch.Tenso
     """For each budget in ``grid``: (layer sparsity, Fisher loss-increase estimate)."""
     e = logits.shape[1]
     probs = torch.softmax(logits.float(), -1)
-    sp, order = probs.sort(-1, descending=True, stable=True)
+    sp, order = probs.sort(dim=-1, descending=True, stable=True)
     mass_before = sp.cumsum(-1) - sp
     c_sorted = contrib.gather(-1, order)
     c_cum = torch.cat([torch.zeros_like(c_sorted[:, :1]), c_sorted.cumsum(-1)], -1)  # [T, E+1]
@@ -198,7 +191,13 @@ def _layer_curves(logits: torch.Tensor, contrib: torch.Tensor, grid: torch.Tenso
 
 
 def _allocate(curves, widths, target: float):
-    """Per-layer grid index minimising total cost with width-weighted mean sparsity ~ target."""
+    """Per-layer grid indices minimising total cost at width-weighted mean sparsity ~ target.
+
+    Lagrangian: each layer picks the grid point minimising ``cost - lam * sparsity``; ``lam``
+    is bisected. Such solutions only reach the lower convex hull's vertices, so the two
+    bracketing solutions are returned: ``(idx_hi, idx_lo, s_hi, s_lo)`` with offline
+    sparsities ``s_lo <= target <= s_hi`` (callers interpolate between them).
+    """
     sp = torch.stack([c[0] for c in curves])  # [L, G]
     cost = torch.stack([c[1] for c in curves])  # [L, G]
     w = torch.tensor(widths, dtype=torch.float64)
@@ -212,58 +211,172 @@ def _allocate(curves, widths, target: float):
     lo, hi = 0.0, 1.0
     while pick(hi)[1] < target and hi < 1e30:
         hi *= 4
-    for _ in range(100):
+    for _ in range(200):
         mid = 0.5 * (lo + hi)
         if pick(mid)[1] < target:
             lo = mid
         else:
             hi = mid
-    return pick(hi)[0], pick(lo)[0]
+    (idx_hi, s_hi), (idx_lo, s_lo) = pick(hi), pick(lo)
+    return idx_hi, idx_lo, s_hi, s_lo
 
 
-def calibrate_per_layer(model, input_ids, target: float, *, tol: float = 0.005,
-                        max_iters: int = 8, batch_size: int = 4,
-                        grid: torch.Tensor = BUDGET_GRID) -> tuple[list[float], float]:
-    """Per-layer budgets minimising the Fisher loss estimate at measured sparsity ~ target."""
+@torch.no_grad()
+def _capture_logits(model, input_ids, batch_size: int):
+    """Per layer, router logits [T, E] on the inputs the dense model gives each FFN."""
     layers = routed_layers(model)
-    if target <= 0:
-        return [1.0] * len(layers), 0.0
-    logits, contrib = _fisher_capture(model, input_ids, batch_size)
-    curves = [_layer_curves(lg, c, grid, layer.min_experts)
-              for lg, c, layer in zip(logits, contrib, layers)]
-    widths = [layer.intermediate_size for layer in layers]
+    logits = [[] for _ in layers]
 
-    def budgets_for(offline_target):
-        hi_idx, _ = _allocate(curves, widths, min(max(offline_target, 0.0), 0.9999))
-        return [float(grid[i]) for i in hi_idx]
+    def hook_for(i):
+        def hook(mod, args):
+            x = args[0]
+            logits[i].append(mod.router_logits(x.reshape(-1, x.shape[-1])).float())
+        return hook
 
-    def f(offline_target):
-        set_budget(model, budgets_for(offline_target))
-        return measure(model, input_ids, batch_size=batch_size)["sparsity"]
+    handles = [layer.register_forward_pre_hook(hook_for(i)) for i, layer in enumerate(layers)]
+    saved = get_routing_state(model)
+    set_routing(model, "dense")
+    body = getattr(model, "base_model", model)
+    device = next(model.parameters()).device
+    try:
+        for start in range(0, input_ids.shape[0], batch_size):
+            body(input_ids[start:start + batch_size].to(device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+        restore_routing_state(model, saved)
+    return [torch.cat(v) for v in logits]
 
-    # measured sparsity increases with the offline target: bracket it, then search
-    # (on the negated function, to reuse the non-increasing search)
-    first = f(target)
-    if abs(first - target) <= tol:
-        return budgets_for(target), first
-    a, s_a = target, first
-    step = abs(target - first) + 0.01
-    for _ in range(8):
-        b = min(max(a + (step if first < target else -step), 0.0), 0.9999)
-        s_b = f(b)
-        if (s_b - target) * (first - target) <= 0 or b in (0.0, 0.9999):
-            break
-        a, s_a, step = b, s_b, 2 * step
-    (lo, s_lo), (hi, s_hi) = sorted([(a, s_a), (b, s_b)])
-    x, s = _search(lambda t: -f(t), -target, lo, hi, -s_lo, -s_hi, tol, max_iters)
-    return budgets_for(x), -s
+
+class Calibration:
+    """Calibration state for one model and one set of calibration tokens.
+
+    Captures (once, lazily) the router logits on the dense model's FFN inputs and, for
+    per-layer budgets, the Fisher loss estimates; maps an *offline* sparsity target to
+    budgets (global or per layer), then corrects on the sparsity *measured* by running the
+    routed model, until within ``tol``. Reused by :func:`calibrate_presets` for every target.
+    """
+
+    def __init__(self, model, input_ids, *, batch_size: int = 4, grid: torch.Tensor = BUDGET_GRID):
+        self.model, self.ids, self.batch_size, self.grid = model, input_ids, batch_size, grid
+        self.layers = routed_layers(model)
+        self.widths = [layer.intermediate_size for layer in self.layers]
+        self._global_curve = None
+        self._curves = None
+        self._tau_curve = None
+        self.forwards = 0
+
+    def _offline_curves(self, with_cost: bool):
+        if with_cost:
+            logits, contrib = _fisher_capture(self.model, self.ids, self.batch_size)
+        else:
+            logits = _capture_logits(self.model, self.ids, self.batch_size)
+            contrib = [torch.zeros_like(lg) for lg in logits]
+        return [_layer_curves(lg, c, self.grid, layer.min_experts)
+                for lg, c, layer in zip(logits, contrib, self.layers)]
+
+    def global_budget(self, offline_target: float) -> float:
+        """The budget whose offline (dense-input) sparsity is ``offline_target``."""
+        if self._global_curve is None:
+            curves = self._curves or self._offline_curves(with_cost=False)
+            w = torch.tensor(self.widths, dtype=torch.float64)
+            self._global_curve = (torch.stack([c[0] for c in curves]) * (w / w.sum()).unsqueeze(1)).sum(0)
+        s = self._global_curve  # non-increasing along the grid
+        g = self.grid.double()
+        t = float(offline_target)
+        if t >= float(s[0]):
+            return 0.0
+        if t <= float(s[-1]):
+            return 1.0
+        j = int((s >= t).sum()) - 1  # last grid point with s >= t
+        s0, s1 = float(s[j]), float(s[j + 1])
+        a = 0.0 if s0 == s1 else (s0 - t) / (s0 - s1)
+        return float(g[j] + a * (g[j + 1] - g[j]))
+
+    def per_layer_budgets(self, offline_target: float) -> list[float]:
+        """Budgets minimising the summed Fisher estimate at offline sparsity ``offline_target``."""
+        if self._curves is None:
+            self._curves = self._offline_curves(with_cost=True)
+        t = min(max(offline_target, 0.0), 0.9999)
+        idx_hi, idx_lo, s_hi, s_lo = _allocate(self._curves, self.widths, t)
+        # interpolate between the two bracketing allocations to reach the target continuously
+        a = 1.0 if s_hi <= s_lo else min(max((t - s_lo) / (s_hi - s_lo), 0.0), 1.0)
+        return [float((1 - a) * self.grid[i] + a * self.grid[j]) for i, j in zip(idx_lo, idx_hi)]
+
+    def threshold_tau(self, offline_target: float) -> float:
+        """The sigmoid threshold whose offline sparsity (policy "threshold") is ``offline_target``."""
+        if self._tau_curve is None:
+            logits = _capture_logits(self.model, self.ids, self.batch_size)
+            w = torch.tensor(self.widths, dtype=torch.float64)
+            w = w / w.sum()
+            probs = [torch.sigmoid(lg).flatten().double().sort().values for lg in logits]
+            self._tau_curve = (w, probs)
+        w, probs = self._tau_curve
+        lo, hi = 0.0, 1.0  # sparsity(tau) = weighted share of sigmoid scores <= tau, increasing
+
+        def sparsity(tau):
+            return sum(float(wl) * float(torch.searchsorted(p, tau, right=True)) / p.numel()
+                       for wl, p in zip(w, probs))
+
+        for _ in range(50):
+            mid = 0.5 * (lo + hi)
+            if sparsity(mid) < offline_target:
+                lo = mid
+            else:
+                hi = mid
+        return hi
+
+    def measured(self, setting, mode: str = "global") -> float:
+        if mode == "threshold":
+            set_routing(self.model, "threshold", tau=float(setting))
+        else:
+            set_budget(self.model, setting)
+        self.forwards += 1
+        return measure(self.model, self.ids, batch_size=self.batch_size)["sparsity"]
+
+    def solve(self, target: float, per_layer: bool = False, *, tol: float = 0.005,
+              max_iters: int = 10, mode: str | None = None):
+        """(setting, measured sparsity) with measured sparsity within ``tol`` of ``target``.
+
+        ``mode``: "global" (one budget), "per_layer" (a budget per layer) or "threshold"
+        (a sigmoid threshold tau for the "threshold" policy); default from ``per_layer``.
+        """
+        mode = mode or ("per_layer" if per_layer else "global")
+        if target <= 0:
+            dense = {"global": 1.0, "per_layer": [1.0] * len(self.layers), "threshold": 0.0}
+            return dense[mode], 0.0
+        budgets_for = {"global": self.global_budget, "per_layer": self.per_layer_budgets,
+                       "threshold": self.threshold_tau}[mode]
+
+        def f(t):
+            return self.measured(budgets_for(t), mode)
+
+        # measured sparsity increases with the offline target: bracket, then search
+        # (on the negated function, to reuse the non-increasing search)
+        first = f(target)
+        if abs(first - target) <= tol:
+            return budgets_for(target), first
+        a, s_a = target, first
+        step = abs(target - first) + 0.005
+        b, s_b = a, s_a
+        for _ in range(8):
+            b = min(max(a + (step if first < target else -step), 0.0), 0.9999)
+            s_b = f(b)
+            if abs(s_b - target) <= tol:
+                return budgets_for(b), s_b
+            if (s_b - target) * (first - target) <= 0 or b in (0.0, 0.9999):
+                break
+            a, s_a, step = b, s_b, 2 * step
+        (lo, s_lo), (hi, s_hi) = sorted([(a, s_a), (b, s_b)])
+        x, s = _search(lambda t: -f(t), -target, lo, hi, -s_lo, -s_hi, tol, max_iters)
+        return budgets_for(x), -s
 
 
 # --- public --------------------------------------------------------------------------------
 def calibrate(model: nn.Module, texts=None, tokenizer=None, *, target_sparsity: float,
               per_layer: bool = False, name: str | None = None, num_tokens: int = 2048,
               seq_len: int = 256, tol: float = 0.005, apply: bool = True,
-              batch_size: int = 4):
+              batch_size: int = 4, calibration: Calibration | None = None):
     """Find budget(s) whose measured FFN sparsity on the calibration text hits the target.
 
     Args:
@@ -276,19 +389,20 @@ def calibrate(model: nn.Module, texts=None, tokenizer=None, *, target_sparsity: 
         num_tokens, seq_len: calibration tokens used for the measurement.
         tol: accepted |measured - target| (the search stops once within it).
         apply: leave the model set to the found budget(s) (else restore the previous state).
+        calibration: a :class:`Calibration` to reuse (its tokens replace ``texts``).
 
     Returns the budget: a float, or a list with one float per layer.
     """
     target = _check_target(target_sparsity, model)
-    ids = _calibration_ids(model, texts, tokenizer, num_tokens, seq_len)
+    if calibration is None:
+        ids = _calibration_ids(model, texts, tokenizer, num_tokens, seq_len)
+        calibration = Calibration(model, ids, batch_size=batch_size)
+    ids = calibration.ids
     saved = get_routing_state(model)
     was_training = model.training
     model.eval()
     try:
-        if per_layer:
-            p, got = calibrate_per_layer(model, ids, target, tol=tol, batch_size=batch_size)
-        else:
-            p, got = calibrate_global(model, ids, target, tol=tol, batch_size=batch_size)
+        p, got = calibration.solve(target, per_layer, tol=tol)
     finally:
         model.train(was_training)
         restore_routing_state(model, saved)
@@ -318,10 +432,11 @@ def calibrate_presets(model: nn.Module, texts=None, tokenizer=None, *,
     out = {}
     ids = _calibration_ids(model, texts, tokenizer, kwargs.pop("num_tokens", 2048),
                            kwargs.pop("seq_len", 256))
+    cal = Calibration(model, ids, batch_size=kwargs.pop("batch_size", 4))
     for t in tqdm(list(targets), desc="calibrating presets", disable=not kwargs.pop("progress", True)):
         name = f"s{round(100 * t)}"
-        out[name] = calibrate(model, ids, target_sparsity=t, per_layer=per_layer, name=name,
-                              apply=False, **kwargs)
+        out[name] = calibrate(model, target_sparsity=t, per_layer=per_layer, name=name,
+                              apply=False, calibration=cal, **kwargs)
     return out
 
 
@@ -333,16 +448,12 @@ def calibrate_threshold(model: nn.Module, texts=None, tokenizer=None, *, target_
     target = _check_target(target_sparsity, model)
     ids = _calibration_ids(model, texts, tokenizer, num_tokens, seq_len)
     saved = get_routing_state(model)
-
-    def f(tau):  # sparsity increases with tau; search on 1 - tau
-        set_routing(model, "threshold", tau=float(1 - tau))
-        return measure(model, ids, batch_size=batch_size)["sparsity"]
-
     try:
-        x, _ = _search(f, target, 0.0, 1.0, f(0.0), f(1.0), tol, 30)
+        tau, got = Calibration(model, ids, batch_size=batch_size).solve(target, mode="threshold",
+                                                                       tol=tol)
     finally:
         restore_routing_state(model, saved)
-    return float(1 - x)
+    return float(tau)
 
 
 @torch.no_grad()

@@ -364,6 +364,8 @@ class Decoder:
         path = self.last_path = self._decode_path()
         step = self._step_fn(self._greedy, self._top_k, path)
         emitted = 1
+        if self._has_eos and bool(self._done.all()):  # the prefill's token ended every row
+            return emitted
         with torch.no_grad():
             while emitted < limit:
                 n = min(self.check_every, limit - emitted)

@@ -91,7 +91,7 @@ def balanced_kmeans(x: torch.Tensor, num_clusters: int, *, iters: int = 25,
     cent_idx = [first]
     best_sim = x @ x[first]
     for _ in range(1, num_clusters):
-        dist = (1 - best_sim).clamp_min(0) + 1e-12
+        dist = (1 - best_sim).clamp_min(0) ** 2 + 1e-12  # k-means++: D^2 sampling
         nxt = int(torch.multinomial(dist.float(), 1, generator=gen))
         cent_idx.append(nxt)
         best_sim = torch.maximum(best_sim, x @ x[nxt])
@@ -119,7 +119,7 @@ def balanced_kernel_kmeans(gram: torch.Tensor, num_clusters: int, *, iters: int 
     centres = [first]
     best = k[first].clone()
     for _ in range(1, num_clusters):
-        dist = (1 - best).clamp_min(0) + 1e-12
+        dist = (1 - best).clamp_min(0) ** 2 + 1e-12  # k-means++: D^2 sampling
         nxt = int(torch.multinomial(dist.float(), 1, generator=gen))
         centres.append(nxt)
         best = torch.maximum(best, k[nxt])

@@ -293,3 +293,54 @@ def train_routers(model, input_ids: torch.Tensor, cfg, *, progress: bool = True)
     if qual:
         report["mean"] = summarize_quality(qual)
     return report
+
+
+def router_report(model, calibration=None, tokenizer=None, *, budgets=REPORT_BUDGETS,
+                  num_tokens: int = 4096, seq_len: int = 256, progress: bool = False) -> dict:
+    """Router quality per layer: the stored report, or a fresh one on ``calibration``.
+
+    Without ``calibration`` returns the report made when the routers were trained
+    (``model.prunepath_config.router_report``: per-layer train/held-out loss and
+    :func:`router_quality` on held-out tokens). With calibration text (or ids ``[N, S]``),
+    measures on it: per layer, at each budget, the share of the oracle's importance mass
+    the router keeps at the same expert count, the mass kept and the mean active experts.
+    """
+    from .budget import routed_layers
+
+    if calibration is None:
+        cfg = getattr(model, "prunepath_config", None)
+        routed_layers(model)  # raises if not converted
+        return {} if cfg is None else cfg.router_report
+    from .data import token_batches
+
+    ids = token_batches(calibration, tokenizer, num_tokens=num_tokens, seq_len=seq_len)
+    routed = routed_layers(model)
+    xs, ss = capture_ffn_io(model, routed, ids, progress=progress, desc="router report")
+    per_layer = []
+    with torch.no_grad():
+        for i, r in enumerate(routed):
+            logits = r.router_logits(xs[i].to(r.weights().w_up.dtype)).float()
+            per_layer.append({"layer": i, "quality": router_quality(logits, ss[i], budgets,
+                                                                    r.min_experts)})
+    return {"per_layer": per_layer, "mean": summarize_quality([e["quality"] for e in per_layer]),
+            "tokens": int(ids.numel())}
+
+
+def format_router_report(report: dict) -> str:
+    """A plain-text table of a router report (one row per layer, then the mean)."""
+    rows = [e for e in report.get("per_layer", []) if "quality" in e]
+    if not rows:
+        return "(no router quality figures: routers untrained or oracle)"
+    budgets = list(rows[0]["quality"])
+    head = "layer | " + " | ".join(f"kept/oracle@{p}  experts@{p}" for p in budgets)
+    lines = [head, "-" * len(head)]
+
+    def fmt(q):
+        return " | ".join(f"{q[p]['mass_kept_vs_oracle']:>14.3f}  {q[p]['active_experts']:>9.2f}"
+                          for p in budgets)
+
+    for e in rows:
+        lines.append(f"{e['layer']:>5} | " + fmt(e["quality"]))
+    if "mean" in report:
+        lines.append(f"{'mean':>5} | " + fmt(report["mean"]))
+    return "\n".join(lines)

@@ -54,9 +54,10 @@ CONFIGS = {
                                             (True, True, "relu")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("t", [1, 20])  # 20 tokens: two token blocks of 16
-def test_ffn_code_paths(config, gated, bias, act, dtype, t):
-    gen = torch.Generator().manual_seed(hash((config, gated, t)) % 2**31)
-    d, f, e = 72, 60, 12  # 5 neurons per expert: chunks straddle experts
+@pytest.mark.parametrize("d,f,e", [(72, 60, 12), (40, 120, 3)])
+def test_ffn_code_paths(config, gated, bias, act, dtype, t, d, f, e):
+    # 5 neurons per expert: many experts per chunk; 40 per expert: at most two per chunk
+    gen = torch.Generator().manual_seed(hash((config, gated, t, f)) % 2**31)
     x, wg, wu, wd, bu, bd = _ffn(t, d, f, dtype, gated, bias, gen)
     mask = (torch.rand(t, e, generator=gen) < 0.4).to(DEV)
     ref = _ref(x, wg, wu, wd, mask, act, bu, bd)

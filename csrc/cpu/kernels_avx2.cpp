@@ -124,8 +124,8 @@ template <typename W>
 PP_TARGET void segs_dot(const SegsDot& a) {
   const auto* w = static_cast<const typename W::T*>(a.w);
   int64_t r = 0;
-  if (a.nt == 1) {
-    for (; r + 4 <= a.nrows; r += 4) row_block<W, 4>(a, w, r);
+  if (a.nt == 1) {  // a matrix-vector product: 8 rows = 8 memory streams in flight
+    for (; r + 8 <= a.nrows; r += 8) row_block<W, 8>(a, w, r);
   } else {
     for (; r + 2 <= a.nrows; r += 2) row_block<W, 2>(a, w, r);
   }

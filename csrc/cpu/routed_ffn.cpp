@@ -195,11 +195,12 @@ at::Tensor routed_ffn_decode(const Ffn& f) {
     xs.resize(nt);
     for (int64_t i = 0; i < nt; ++i) xs[i] = x_ptr + toks[i] * d;
     ubuf.resize(nt * B);
-    segs_dot(SegsDot{wt, wu + r0 * d * esz, d, B, &zero, &d, &zero, 1, xs.data(), nt, ubuf.data(), B});
+    SegsDot up{wt, wu + r0 * d * esz, d, B, &zero, &d, &zero, 1, xs.data(), nt, ubuf.data(), B};
+    segs_dot(up);
     if (gated) {
       gbuf.resize(nt * B);
-      segs_dot(SegsDot{wt, wg + r0 * d * esz, d, B, &zero, &d, &zero, 1, xs.data(), nt,
-                       gbuf.data(), B});
+      SegsDot gate{wt, wg + r0 * d * esz, d, B, &zero, &d, &zero, 1, xs.data(), nt, gbuf.data(), B};
+      segs_dot(gate);
     }
     for (int64_t i = 0; i < nt; ++i) {
       float* h_row = h + toks[i] * ldh + col0;
@@ -228,8 +229,9 @@ at::Tensor routed_ffn_decode(const Ffn& f) {
       for (int64_t k = k0; k < k1; ++k) expert_hidden(k, h.data(), ldh, (k - k0) * B, ubuf, gbuf, xs);
       const Segments seg = runs_of(plan.active, k0, k1, B);
       for (int64_t t = 0; t < T; ++t) hs[t] = h.data() + t * ldh;
-      segs_dot(SegsDot{wt, wd, F, d, seg.col.data(), seg.len.data(), seg.off.data(), seg.size(),
-                       hs.data(), T, y_part.data() + c * T * d, d});
+      SegsDot down{wt, wd, F, d, seg.col.data(), seg.len.data(), seg.off.data(), seg.size(),
+                   hs.data(), T, y_part.data() + c * T * d, d};
+      segs_dot(down);
     }
   });
 
@@ -326,7 +328,8 @@ at::Tensor routed_ffn_cpu(const at::Tensor& x, const std::optional<at::Tensor>& 
 
   const Ffn f{x, w_gate, w_up, w_down, mask, act, b_up, b_down, T, d, F, E, F / E};
   if (T == 0) return at::empty({0, d}, x.options());
-  if (dt == at::kDouble || T >= kGatherMinTokens) return routed_ffn_gather(f);
+  const int64_t gather_min = std::getenv("GATHER_MIN_T") ? std::atoi(std::getenv("GATHER_MIN_T")) : kGatherMinTokens;
+  if (dt == at::kDouble || T >= gather_min) return routed_ffn_gather(f);
   return routed_ffn_decode(f);
 }
 

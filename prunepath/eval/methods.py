@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-METHODS = ("dense", "static", "topk", "threshold", "pp_global", "pp_layer")
+from .names import METHODS  # noqa: E402
 
 METHOD_LABELS = {
     "dense": "dense",

@@ -47,7 +47,12 @@ def _rouge_scorer():
 
 
 def rouge(prediction: str, reference: str) -> dict[str, float]:
-    """ROUGE-1/2/L F1 of one prediction against one reference (rouge-score, Porter stemming)."""
+    """ROUGE-1/2/L F1 of one prediction against one reference (rouge-score, Porter stemming).
+
+    Identical strings score 1 (also when rouge-score finds no tokens in them, e.g. two empty answers).
+    """
+    if prediction == reference:
+        return {"rouge1": 1.0, "rouge2": 1.0, "rougeL": 1.0}
     s = _rouge_scorer().score(reference, prediction)
     return {"rouge1": s["rouge1"].fmeasure, "rouge2": s["rouge2"].fmeasure, "rougeL": s["rougeL"].fmeasure}
 

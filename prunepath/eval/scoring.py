@@ -41,22 +41,23 @@ def next_token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Te
 def sliding_windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, int, int]]:
     """``(begin, end, n_target)`` windows covering tokens 1..n-1 exactly once.
 
-    Window ``[begin, end)`` is fed to the model; its last ``n_target`` tokens are scored, each with
-    at least ``window - stride`` tokens of context (except in the first window). Every token but
-    the first is scored exactly once.
+    Window ``[begin, end)`` (at most ``window`` tokens) is fed to the model and its last
+    ``n_target`` tokens are scored; ``end`` advances by ``stride``. Every scored token has
+    at least ``window - stride`` tokens of context (except in the first window), and every
+    token but the first is scored exactly once.
     """
     if window < 2:
         raise ValueError(f"window must be >= 2, got {window}")
-    if not 1 <= stride <= window:
-        raise ValueError(f"stride must be in [1, window={window}], got {stride}")
+    if not 1 <= stride < window:
+        raise ValueError(f"stride must be in [1, window={window}) (each window needs context), got {stride}")
     out = []
     prev_end = 1  # token 0 has no prediction
-    begin = 0
+    end = min(window, n_tokens)
     while prev_end < n_tokens:
-        end = min(begin + window, n_tokens)
+        begin = max(0, end - window)
         out.append((begin, end, end - prev_end))
         prev_end = end
-        begin += stride
+        end = min(end + stride, n_tokens)
     return out
 
 

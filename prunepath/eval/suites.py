@@ -15,9 +15,7 @@ from . import data as D
 from .metrics import accuracy, mean_and_stderr, mean_rouge, perplexity, rouge
 from .scoring import encode, score_continuations, score_token_pairs, sliding_window_nll
 
-SUITES = ("wikitext2", "lambada", "nlu", "xsum", "story_cloze", "alpaca_eval", "mt_bench")
-# suites whose score needs the dense model's answers (fidelity)
-GENERATION_SUITES = ("xsum", "alpaca_eval", "mt_bench")
+from .names import GENERATION_SUITES, SUITES  # noqa: E402  (GENERATION_SUITES: answers scored vs dense)
 
 # headline metric per suite (for tables and plots): (key, higher_is_better, label)
 HEADLINE = {
@@ -177,7 +175,7 @@ def generation_suite(
     batch_size=8,
     max_new_tokens: int | None = None,
     max_prompt_tokens: int = 768,
-    dense_answers: list[dict] | None = None,
+    dense_answers: list[dict] | str | None = None,
     progress=True,
 ) -> dict:
     """Greedy chat-template answers for ``suite`` ("xsum", "alpaca_eval", "mt_bench").
@@ -206,6 +204,10 @@ def generation_suite(
     out["mean_answer_tokens"] = sum(a["n_tokens"] for a in answers) / max(len(answers), 1)
     if suite == "xsum":
         out.update(mean_rouge([g.text for g in gens], [it.reference for it in items]))
+    if isinstance(dense_answers, str):
+        if dense_answers != "self":
+            raise ValueError(f"dense_answers must be a list of answers or 'self', got {dense_answers!r}")
+        dense_answers = answers  # the dense model's own: ROUGE-L 1, NLL of its own greedy answers
     if dense_answers is not None:
         out.update(fidelity(model, tokenizer, prompts, answers, dense_answers, batch_size=batch_size,
                             progress=progress))

@@ -79,9 +79,13 @@ def _disk_key(op: str, device: torch.device, bkey) -> str:
 def cache_path() -> str:
     folder = os.environ.get("PRUNEPATH_CACHE_DIR")
     if not folder:
-        import platformdirs
+        try:
+            import platformdirs
 
-        folder = platformdirs.user_cache_dir("prunepath")
+            folder = platformdirs.user_cache_dir("prunepath")
+        except ImportError:  # a dependency, but keep working without it
+            base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+            folder = os.path.join(base, "prunepath")
     return os.path.join(folder, "autotune.json")
 
 

@@ -56,11 +56,26 @@ def _dot(a, b, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _token_neuron_mask(mask_ptr, offs_t, offs_n, t_ok, n_ok, NE, stride_mt):
-    """[BLOCK_T, BLOCK_N] bool: token t chose the expert of neuron n."""
-    m = tl.load(mask_ptr + offs_t[:, None] * stride_mt + (offs_n // NE)[None, :],
-                mask=t_ok[:, None] & n_ok[None, :], other=0)
-    return m != 0
+def _token_neuron_mask(mask_ptr, offs_t, chunk_start, t_ok, n_ok, NE, F, stride_mt,
+                       BLOCK_N: tl.constexpr, TWO_EXPERTS: tl.constexpr):
+    """[BLOCK_T, BLOCK_N] bool: token t chose the expert of neuron ``chunk_start + j``.
+
+    TWO_EXPERTS (host-checked ``NE >= BLOCK_N``): the chunk spans at most two experts, so
+    two mask columns are loaded instead of one byte per (token, neuron)."""
+    offs_n = chunk_start + tl.arange(0, BLOCK_N)
+    if TWO_EXPERTS:
+        e0 = chunk_start // NE
+        m0 = tl.load(mask_ptr + offs_t * stride_mt + e0, mask=t_ok, other=0) != 0
+        m1 = tl.load(mask_ptr + offs_t * stride_mt + e0 + 1,
+                     mask=t_ok & ((e0 + 1) * NE < tl.minimum(chunk_start + BLOCK_N, F)),
+                     other=0) != 0
+        second = offs_n >= (e0 + 1) * NE
+        tok = tl.where(second[None, :], m1[:, None], m0[:, None]) & n_ok[None, :]
+    else:
+        m = tl.load(mask_ptr + offs_t[:, None] * stride_mt + (offs_n // NE)[None, :],
+                    mask=t_ok[:, None] & n_ok[None, :], other=0)
+        tok = m != 0
+    return tok
 
 
 @triton.jit
@@ -70,6 +85,7 @@ def _ffn_up_kernel(
     stride_xt, stride_wn, stride_mt, stride_os, stride_og, stride_ot,
     GATED: tl.constexpr, HAS_BU: tl.constexpr, ACT: tl.constexpr, KS: tl.constexpr,
     K_PER_SPLIT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    TWO_EXPERTS: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -79,7 +95,8 @@ def _ffn_up_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     t_ok = offs_t < T
     n_ok = offs_n < F
-    tok = _token_neuron_mask(mask_ptr, offs_t, offs_n, t_ok, n_ok, NE, stride_mt)
+    tok = _token_neuron_mask(mask_ptr, offs_t, pid_n * BLOCK_N, t_ok, n_ok, NE, F, stride_mt,
+                             BLOCK_N, TWO_EXPERTS)
     live = tl.max(tok.to(tl.int32), axis=0) > 0  # [BLOCK_N]: some token needs this neuron
 
     acc_u = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
@@ -110,10 +127,12 @@ def _ffn_up_kernel(
         h = tl.where(tok, h, 0.0)
         tl.store(out_ptr + out_off, h.to(out_ptr.dtype.element_ty), mask=out_mask)
     else:
+        # every in-range element is written (zeros for dead neurons), so phase 2 can load
+        # whole chunks with full-width loads
         base = out_ptr + pid_k * stride_os + out_off
-        tl.store(base, acc_u, mask=out_mask & live[None, :])
+        tl.store(base, acc_u, mask=out_mask)
         if GATED:
-            tl.store(base + stride_og, acc_g, mask=out_mask & live[None, :])
+            tl.store(base + stride_og, acc_g, mask=out_mask)
 
 
 @triton.jit
@@ -123,6 +142,7 @@ def _ffn_down_kernel(
     stride_hs, stride_hg, stride_ht, stride_wn, stride_wd, stride_mt, stride_os, stride_ot,
     GATED: tl.constexpr, HAS_BU: tl.constexpr, HAS_BD: tl.constexpr, ACT: tl.constexpr,
     KS: tl.constexpr, S: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    TWO_EXPERTS: tl.constexpr, N_CONTIGUOUS: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_d = tl.program_id(0)
@@ -137,9 +157,15 @@ def _ffn_down_kernel(
     for c in range(pid_s, n_chunks, S):
         offs_n = c * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < F
-        tok = _token_neuron_mask(mask_ptr, offs_t, offs_n, t_ok, n_ok, NE, stride_mt)
+        tok = _token_neuron_mask(mask_ptr, offs_t, c * BLOCK_N, t_ok, n_ok, NE, F, stride_mt,
+                                 BLOCK_N, TWO_EXPERTS)
         live = tl.max(tok.to(tl.int32), axis=0) > 0
-        h_mask = t_ok[:, None] & (n_ok & live)[None, :]
+        # one predicate for the whole chunk (a splat: constant along the contiguous axis)
+        chunk_live = n_ok & ((tl.zeros([BLOCK_N], dtype=tl.int32)
+                              + tl.max(live.to(tl.int32), axis=0)) > 0)
+        # h is written for every neuron (zeros where dead): a chunk-wide predicate keeps the
+        # loads full-width
+        h_mask = t_ok[:, None] & chunk_live[None, :]
         h_off = offs_t[:, None] * stride_ht + offs_n[None, :]
         if KS == 1:
             h = tl.load(h_ptr + h_off, mask=h_mask, other=0.0)
@@ -158,8 +184,16 @@ def _ffn_down_kernel(
             else:
                 hf = _activate(u, ACT)
             h = tl.where(tok, hf, 0.0).to(wd_ptr.dtype.element_ty)
+        if N_CONTIGUOUS:
+            # nn.Linear W_down [d, F]: neurons are the contiguous axis, so a per-neuron
+            # predicate would split the loads into 2-byte ones; load the whole chunk when any
+            # of it is live (its dead neurons meet h = 0)
+            w_mask = chunk_live[:, None] & d_ok[None, :]
+        else:
+            # packed W_down^T [F, d]: rows of dead neurons are skipped, loads stay wide
+            w_mask = (live & n_ok)[:, None] & d_ok[None, :]
         w = tl.load(wd_ptr + offs_n[:, None] * stride_wn + offs_d[None, :] * stride_wd,
-                    mask=(live & n_ok)[:, None] & d_ok[None, :], other=0.0)
+                    mask=w_mask, other=0.0)
         acc = _dot(h, w, acc, IEEE, UPCAST)
 
     o_mask = t_ok[:, None] & d_ok[None, :]

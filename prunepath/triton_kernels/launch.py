@@ -184,7 +184,7 @@ def routed_ffn(x, w_gate, w_up, w_down_t, mask, activation, b_up, b_down, config
         t, d, f, f // e,
         x.stride(0), w_up.stride(0), mask_u8.stride(0), hs, hg, ht,
         GATED=gated, HAS_BU=b_up is not None, ACT=act, KS=ks, K_PER_SPLIT=k_per, IEEE=ieee,
-        UPCAST=interp,
+        UPCAST=interp, TWO_EXPERTS=f // e >= cfg.up_block_n,
         BLOCK_T=cfg.block_t, BLOCK_N=cfg.up_block_n, BLOCK_K=cfg.up_block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -204,7 +204,8 @@ def routed_ffn(x, w_gate, w_up, w_down_t, mask, activation, b_up, b_down, config
         t, d, f, f // e,
         hs, hg, ht, w_down_t.stride(0), w_down_t.stride(1), mask_u8.stride(0), os_, ot,
         GATED=gated, HAS_BU=b_up is not None, HAS_BD=b_down is not None, ACT=act,
-        KS=ks, S=s, IEEE=ieee, UPCAST=interp,
+        KS=ks, S=s, IEEE=ieee, UPCAST=interp, TWO_EXPERTS=f // e >= cfg.down_block_n,
+        N_CONTIGUOUS=w_down_t.stride(0) == 1 and w_down_t.stride(1) != 1,
         BLOCK_T=cfg.block_t, BLOCK_N=cfg.down_block_n, BLOCK_D=cfg.down_block_d,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

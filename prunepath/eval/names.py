@@ -1,0 +1,5 @@
+"""Names of the evaluation suites and sparsity methods (no imports: the CLI reads them for --help)."""
+
+SUITES = ("wikitext2", "lambada", "nlu", "xsum", "story_cloze", "alpaca_eval", "mt_bench")
+GENERATION_SUITES = ("xsum", "alpaca_eval", "mt_bench")
+METHODS = ("dense", "static", "topk", "threshold", "pp_global", "pp_layer")

