@@ -258,6 +258,10 @@ def main(argv=None):
                                                    "ops_gpu.json"))
     ap.add_argument("--backends", default=None, help="comma list (default: available GPU ones)")
     ap.add_argument("--no-graphs", action="store_true")
+    ap.add_argument("--shapes", default=None, help="e.g. 4096x11008,8192x28672")
+    ap.add_argument("--experts", default=None, help="e.g. 64,128")
+    ap.add_argument("--tokens", default=None, help="e.g. 1,4,16,64")
+    ap.add_argument("--sparsities", default=None, help="e.g. 0,0.5,0.7,0.9")
     args = ap.parse_args(argv)
     assert torch.cuda.is_available(), "needs a CUDA GPU"
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -267,6 +271,14 @@ def main(argv=None):
     experts, tokens, sparsities = [64, 128], [1, 4, 16, 64], [0.0, 0.5, 0.7, 0.9]
     if args.quick:
         shapes, experts, tokens, sparsities = [(4096, 11008)], [64], [1, 16], [0.0, 0.5, 0.9]
+    if args.shapes:
+        shapes = [tuple(int(v) for v in sh.split("x")) for sh in args.shapes.split(",")]
+    if args.experts:
+        experts = [int(v) for v in args.experts.split(",")]
+    if args.tokens:
+        tokens = [int(v) for v in args.tokens.split(",")]
+    if args.sparsities:
+        sparsities = [float(v) for v in args.sparsities.split(",")]
     props = torch.cuda.get_device_properties(0)
     l2 = getattr(props, "L2_cache_size", 50 << 20)
     gen = torch.Generator(device="cuda").manual_seed(0)

@@ -240,6 +240,25 @@ def set_prefill(model: nn.Module, mode: str) -> None:
         cfg.prefill = mode
 
 
+def set_backend(model: nn.Module, backend: str) -> None:
+    """The ops backend every routed FFN uses ("auto", "torch", "cpu", "triton", "cuda")."""
+    from .config import BACKENDS
+
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    for layer in routed_layers(model):
+        layer.backend = backend
+    cfg = _config(model)
+    if cfg is not None:
+        cfg.backend = backend
+
+
+def set_stats_recording(model: nn.Module, enabled: bool) -> None:
+    """Turn the per-forward statistics counters on or off (e.g. off inside CUDA graphs)."""
+    for layer in routed_layers(model):
+        layer.record_stats = bool(enabled)
+
+
 def reset_stats(model: nn.Module) -> None:
     """Zero the running token/active-expert counters of every routed FFN."""
     for layer in routed_layers(model):

@@ -25,15 +25,18 @@ How one generation runs:
    same captured graph: nothing is recaptured or recompiled.
 
 ``ffn_path`` chooses how routed FFNs run during decode: ``"sparse"`` (block-sparse kernels
-read only the active experts), ``"dense"`` (cuBLAS over every expert, inactive neurons
-zeroed: same result, dense cost) or ``"auto"``: with ``mode="graph"`` both are captured and
-timed once per (budget) on the live cache, and the faster one is replayed, so decoding is
-never slower than dense when the union of a batch's experts is nearly everything.
+read only the active experts), ``"dense"`` (the dense matmuls over every expert with the
+inactive neurons zeroed -- ops backend "torch": same result, dense cost) or ``"auto"``
+(default): one step of each is timed once per budget on the live cache (after capturing
+both, with CUDA graphs) and the faster one runs, so decoding is never slower than dense
+when the union of a batch's experts is nearly everything. ``mode="compile"`` skips the
+timing and runs "sparse".
 """
 
 from __future__ import annotations
 
 import contextlib
+import time
 
 import torch
 
@@ -80,6 +83,20 @@ def _routing_key(layers) -> tuple:
          getattr(m, "backend", None), getattr(m, "ffn_backend", None))
         for m in layers
     )
+
+
+def _time_ms(fn, device: torch.device) -> float:
+    """Milliseconds ``fn()`` takes (device events on CUDA, a host clock otherwise)."""
+    if device.type == "cuda":
+        start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
 
 
 class HostSyncError(RuntimeError):
@@ -309,6 +326,7 @@ class Decoder:
 
     # -- public -----------------------------------------------------------------------
 
+    @torch.no_grad()
     def prefill(
         self,
         input_ids: torch.Tensor,
@@ -340,23 +358,24 @@ class Decoder:
             attention_mask = attention_mask.to(self.device, torch.long)
             self._attn[:, :t].copy_(attention_mask)
             positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-            # a prompt's left padding changes the captured step (it then needs the 2-D mask)
-            self._padded = self._padded or bool((attention_mask == 0).any())
+            # left padding changes the captured step (it then needs the 2-D mask)
+            self._padded = bool((attention_mask == 0).any())
         else:
+            self._padded = False
             positions = torch.arange(t, device=self.device).expand(b, t)
-        with torch.no_grad():
-            out = self.model(
-                input_ids=input_ids.to(self.device),
-                attention_mask=self._attn[:, :t] if attention_mask is not None else None,
-                position_ids=positions,
-                past_key_values=self.cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
-            self._pos.copy_(positions[:, -1] + 1)
-            self._emit(out.logits[:, -1, :], greedy, top_k)
+        out = self.model(
+            input_ids=input_ids.to(self.device),
+            attention_mask=self._attn[:, :t] if attention_mask is not None else None,
+            position_ids=positions,
+            past_key_values=self.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        self._pos.copy_(positions[:, -1] + 1)
+        self._emit(out.logits[:, -1, :], greedy, top_k)
         self._greedy, self._top_k, self._prompt_len = greedy, top_k, t
 
+    @torch.no_grad()
     def decode(self, max_new_tokens: int) -> int:
         """Continue after :meth:`prefill` until ``max_new_tokens`` tokens exist (the prefill's
         token counts) or every sequence has ended. Returns the number of tokens emitted."""
@@ -366,25 +385,24 @@ class Decoder:
         emitted = 1
         if self._has_eos and bool(self._done.all()):  # the prefill's token ended every row
             return emitted
-        with torch.no_grad():
-            while emitted < limit:
-                n = min(self.check_every, limit - emitted)
-                for _ in range(n):
-                    step()
-                emitted += n
-                if self._has_eos and bool(self._done.all()):  # one host sync per n steps
-                    break
+        while emitted < limit:
+            n = min(self.check_every, limit - emitted)
+            for _ in range(n):
+                step()
+            emitted += n
+            if self._has_eos and bool(self._done.all()):  # one host sync per n steps
+                break
         return emitted
 
+    @torch.no_grad()
     def step(self, *, eager: bool = False) -> None:
         """One decode step after :meth:`prefill` (the captured/compiled one unless ``eager``)."""
         path = self._decode_path()
-        with torch.no_grad():
-            if eager:
-                with self._ffn_path(path):
-                    self._forward_step(self._greedy, self._top_k, self._padded)
-            else:
-                self._step_fn(self._greedy, self._top_k, path)()
+        if eager:
+            with self._ffn_path(path):
+                self._forward_step(self._greedy, self._top_k, self._padded)
+        else:
+            self._step_fn(self._greedy, self._top_k, path)()
 
     @contextlib.contextmanager
     def preserved_state(self):
@@ -428,10 +446,10 @@ class Decoder:
     def _decode_path(self) -> str:
         if self.ffn_path != "auto":
             return self.ffn_path
-        if self.mode != "graph" or all(
+        if self.mode == "compile" or all(
             m.policy == "dense" or (m.policy == "budget" and m._dense_budget) for m in self.layers
         ):
-            return "sparse"  # nothing to choose (or no cheap way to time it)
+            return "sparse"  # nothing to choose (or, compiled, no cheap way to time both)
         budgets = tuple(tuple(m.budget.flatten().tolist()) for m in self.layers)
         key = (_routing_key(self.layers), budgets)
         if key not in self._path_choice:
@@ -450,12 +468,7 @@ class Decoder:
             for _ in range(reps + 1):
                 for t, s in zip(state, saved):
                     t.copy_(s)
-                start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
+                times.append(_time_ms(fn, self.device))
             ms[path] = sorted(times[1:])[reps // 2]
         for t, s in zip(state, saved):
             t.copy_(s)

@@ -251,44 +251,130 @@ def capture_ffn_io(model, routed, input_ids: torch.Tensor, *, batch_size: int = 
     return [torch.cat(x) for x in xs], [torch.cat(s) for s in ss]
 
 
-def train_routers(model, input_ids: torch.Tensor, cfg, *, progress: bool = True) -> dict:
-    """Train every layer's router on calibration tokens; return the router report.
+def _stacked_params(routers: list[nn.Module]) -> list[torch.Tensor]:
+    """Trainable copies of L same-shaped routers' parameters, stacked for bmm ([L, in, out])."""
+    kind = routers[0].kind
+    if kind == "mlp":
+        parts = [[r.fc1.weight.T, r.fc1.bias, r.fc2.weight.T, r.fc2.bias] for r in routers]
+    elif kind == "linear":
+        parts = [[r.proj.weight.T, r.proj.bias] for r in routers]
+    else:
+        raise ValueError(f"cannot train a {kind!r} router")
+    return [torch.stack([p[i].detach().float() for p in parts]).contiguous().requires_grad_(True)
+            for i in range(len(parts[0]))]
 
-    The report holds, per layer, the final train loss and :func:`router_quality` on the
-    held-out tokens (``cfg.holdout_fraction``), for the trained router and its mean.
+
+def _stacked_forward(params: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """Logits [L, B, E] of L stacked routers on standardized inputs x [L, B, d]."""
+    if len(params) == 4:
+        w1, b1, w2, b2 = params
+        return torch.baddbmm(b2.unsqueeze(1), F.gelu(torch.baddbmm(b1.unsqueeze(1), x, w1)), w2)
+    w, b = params
+    return torch.baddbmm(b.unsqueeze(1), x, w)
+
+
+@torch.no_grad()
+def _unstack_params(params: list[torch.Tensor], routers: list[nn.Module]) -> None:
+    for i, r in enumerate(routers):
+        if r.kind == "mlp":
+            r.fc1.weight.copy_(params[0][i].T)
+            r.fc1.bias.copy_(params[1][i])
+            r.fc2.weight.copy_(params[2][i].T)
+            r.fc2.bias.copy_(params[3][i])
+        else:
+            r.proj.weight.copy_(params[0][i].T)
+            r.proj.bias.copy_(params[1][i])
+
+
+def fit_routers(routers: list[nn.Module], xs: list[torch.Tensor], ss: list[torch.Tensor], *,
+                epochs: int, batch_tokens: int, lr: float, weight_decay: float = 0.0,
+                generator: torch.Generator | None = None, progress: bool = False) -> list[float]:
+    """Fit L same-kind routers at once (batched matmuls), layer l on (xs[l] [N, d], ss[l] [N, E]).
+
+    Equivalent to :func:`fit_router` per layer (same loss, optimiser and schedule; the
+    summed loss keeps every layer's gradient its own), much faster on small routers.
+    Inputs are standardized once (the routers' fixed input statistics). Returns the final
+    per-layer training loss.
     """
     from tqdm.auto import tqdm
 
+    n = xs[0].shape[0]
+    if any(x.shape[0] != n for x in xs):
+        raise ValueError("fit_routers needs the same number of tokens for every layer")
+    for r, x in zip(routers, xs):
+        r.fit_input_stats(x)
+    x_std = torch.stack([r.standardize(x.float()) for r, x in zip(routers, xs)])  # [L, N, d]
+    s_all = torch.stack([s.float() for s in ss])  # [L, N, E]
+    params = _stacked_params(routers)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    steps_per_epoch = max(1, math.ceil(n / batch_tokens))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch,
+                                                pct_start=0.1)
+    last = torch.full((len(routers),), float("nan"))
+    bar = tqdm(total=epochs * steps_per_epoch, desc=f"training {len(routers)} routers",
+               disable=not progress)
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=generator)
+        for i in range(steps_per_epoch):
+            idx = order[i * batch_tokens:(i + 1) * batch_tokens]
+            logits = _stacked_forward(params, x_std[:, idx])
+            target = s_all[:, idx]
+            per_layer = -(target * F.log_softmax(logits, -1)).sum(-1).mean(-1)  # [L]
+            opt.zero_grad(set_to_none=True)
+            per_layer.sum().backward()
+            opt.step()
+            sched.step()
+            last = per_layer.detach()
+            bar.update(1)
+    bar.close()
+    _unstack_params(params, routers)
+    for r in routers:
+        r.eval()
+        for p in r.parameters():
+            p.requires_grad_(False)
+    return [float(v) for v in last]
+
+
+def train_routers(model, input_ids: torch.Tensor, cfg, *, progress: bool = True) -> dict:
+    """Train every layer's router on calibration tokens; return the router report.
+
+    Captures every layer's FFN inputs and target shares from the dense model, keeps
+    ``cfg.holdout_fraction`` of the tokens out, trains all routers together
+    (:func:`fit_routers`) and reports, per layer, the final train loss, the held-out loss
+    and target entropy, and :func:`router_quality` on the held-out tokens (plus the mean).
+    """
     from .budget import routed_layers
 
     routed = routed_layers(model)
     xs, ss = capture_ffn_io(model, routed, input_ids, progress=progress,
                             desc="capturing FFN inputs for router training")
     gen = torch.Generator().manual_seed(cfg.seed)
+    n = xs[0].shape[0]
+    n_hold = int(n * cfg.holdout_fraction) if n >= 20 else 0
+    perm = torch.randperm(n, generator=gen)
+    hold, train = perm[:n_hold], perm[n_hold:]
+    routers = [r.router for r in routed]
+    devices = [next(r.parameters()).device for r in routers]
+    for r in routers:
+        r.cpu().float()
+    losses = fit_routers(routers, [x[train] for x in xs], [s[train] for s in ss],
+                         epochs=cfg.train_epochs, batch_tokens=cfg.train_batch_tokens,
+                         lr=cfg.train_lr, weight_decay=cfg.train_weight_decay, generator=gen,
+                         progress=progress)
     per_layer = []
-    for i, r in enumerate(tqdm(routed, desc=f"training {cfg.router} routers", disable=not progress)):
-        x, s = xs[i], ss[i]
-        xs[i] = ss[i] = None
-        n = x.shape[0]
-        n_hold = int(n * cfg.holdout_fraction) if n >= 20 else 0
-        perm = torch.randperm(n, generator=gen)
-        hold, train = perm[:n_hold], perm[n_hold:]
-        router_device = next(r.router.parameters()).device
-        loss = fit_router(r.router.cpu().float(), x[train], s[train], epochs=cfg.train_epochs,
-                          batch_tokens=cfg.train_batch_tokens, lr=cfg.train_lr,
-                          weight_decay=cfg.train_weight_decay, generator=gen)
-        entry = {"layer": i, "train_loss": loss}
+    for i, r in enumerate(routers):
+        entry = {"layer": i, "train_loss": losses[i]}
         if n_hold:
             with torch.no_grad():
-                logits = r.router(x[hold])
-                entry["holdout_loss"] = float(soft_cross_entropy(logits, s[hold]))
-                entry["entropy_target"] = float(
-                    -(s[hold] * s[hold].clamp_min(1e-30).log()).sum(-1).mean())
-                entry["quality"] = router_quality(logits, s[hold], min_experts=cfg.min_experts)
+                x, s = xs[i][hold], ss[i][hold]
+                logits = r(x)
+                entry["holdout_loss"] = float(soft_cross_entropy(logits, s))
+                entry["entropy_target"] = float(-(s * s.clamp_min(1e-30).log()).sum(-1).mean())
+                entry["quality"] = router_quality(logits, s, min_experts=cfg.min_experts)
         per_layer.append(entry)
-        r.router.to(router_device, dtype=r.weights().w_up.dtype)
+        r.to(devices[i], dtype=routed[i].weights().w_up.dtype)
     report = {"per_layer": per_layer, "train_tokens": int(input_ids.numel()),
-              "holdout_tokens": n_hold if per_layer else 0, "router": cfg.router}
+              "holdout_tokens": n_hold, "router": cfg.router}
     qual = [e["quality"] for e in per_layer if "quality" in e]
     if qual:
         report["mean"] = summarize_quality(qual)

@@ -54,3 +54,37 @@ def test_bucketed_keys():
     k2 = autotune._bucket_key("routed_ffn", (torch.bfloat16, 64, 128, 8, True, 4))
     k3 = autotune._bucket_key("routed_ffn", (torch.bfloat16, 64, 128, 8, True, 5))
     assert k1 == k2 != k3
+
+
+def test_measuring_flow_on_cpu(monkeypatch, tmp_path):
+    """The measured path (normally CUDA only) run on CPU backends: measures once per bucket,
+    stores the winner on disk, answers later calls from memory, then from disk."""
+    cands = [b for b in ("cpu", "torch") if b in ops.available_backends("cpu")]
+    if len(cands) < 2:
+        import pytest
+
+        pytest.skip("needs the cpu extension and torch")
+    monkeypatch.setenv("PRUNEPATH_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(autotune, "_MEASURED_DEVICES", ("cuda", "cpu"))
+    autotune.clear()
+    calls = []
+    real = autotune.measure
+    monkeypatch.setattr(autotune, "measure",
+                        lambda *a, **k: calls.append(a[0]) or real(*a, repeats=3))
+    x = torch.randn(3, 16)
+    w = torch.randn(32, 16)
+    wd = torch.randn(16, 32)
+    mask = torch.rand(3, 4) < 0.5
+    out = ops.routed_ffn(x, w, w, wd, mask)
+    torch.testing.assert_close(out, ops.routed_ffn(x, w, w, wd, mask, backend="torch"))
+    ops.routed_ffn(torch.randn(4, 16), w, w, wd, torch.rand(4, 4) < 0.5)  # same bucket
+    assert calls == ["routed_ffn"]
+    stored = json.loads((tmp_path / "autotune.json").read_text())
+    (entry,) = stored.values()
+    assert entry["choice"] in cands and set(entry["ms"]) == set(cands)
+    autotune.clear()
+    assert ops.routed_ffn(x, w, w, wd, mask).shape == (3, 16)
+    assert calls == ["routed_ffn"]  # answered from the disk cache
+    ops.route(torch.randn(3, 4), 0.5)
+    assert calls == ["routed_ffn", "route"]
+    autotune.clear()

@@ -131,3 +131,20 @@ def test_router_report_function(model):
     assert rep["per_layer"] and "mean" in rep
     fresh = prunepath.router_report(model, CALIB)
     assert set(fresh["mean"]) == {"0.5", "0.7", "0.9"}
+
+
+@pytest.mark.parametrize("kind", ["mlp", "linear"])
+def test_batched_router_training_equals_one_at_a_time(kind):
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(200, 12, generator=g) for _ in range(3)]
+    ss = [torch.softmax(2 * torch.randn(200, 6, generator=g), -1) for _ in range(3)]
+    batched = [routers.make_router(kind, 12, 6, 5, seed=i) for i in range(3)]
+    single = [routers.make_router(kind, 12, 6, 5, seed=i) for i in range(3)]
+    losses = routers.fit_routers(batched, xs, ss, epochs=2, batch_tokens=64, lr=1e-2,
+                                 generator=torch.Generator().manual_seed(1))
+    for i in range(3):
+        loss = routers.fit_router(single[i], xs[i], ss[i], epochs=2, batch_tokens=64, lr=1e-2,
+                                  generator=torch.Generator().manual_seed(1))
+        assert loss == pytest.approx(losses[i], rel=1e-5)
+        with torch.no_grad():
+            torch.testing.assert_close(batched[i](xs[i]), single[i](xs[i]), atol=1e-5, rtol=1e-5)

@@ -20,7 +20,6 @@ if "cpu" not in ops.available_backends("cpu"):
 
 route_op = torch.ops.prunepath.route.default
 ffn_op = torch.ops.prunepath.routed_ffn.default
-GATHER_MIN_TOKENS = 32  # csrc/cpu/routed_ffn.cpp: kGatherMinTokens
 
 
 def ffn_args(t, d, f, e, dtype, gated=True, bias=False, density=0.5, seed=0):
@@ -53,7 +52,7 @@ def test_opcheck_route(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("gated,act", [(True, "silu"), (False, "gelu")])
-@pytest.mark.parametrize("t", [1, 3, GATHER_MIN_TOKENS + 1])
+@pytest.mark.parametrize("t", [1, 3, 33])
 def test_opcheck_routed_ffn(dtype, gated, act, t):
     x, wg, wu, wd, mask, bu, bd = ffn_args(t, 12, 16, 4, dtype, gated, bias=not gated)
     torch.library.opcheck(ffn_op, (x, wg, wu, wd, mask, act, bu, bd))
@@ -149,7 +148,7 @@ def test_decode_kernels_match_reference(monkeypatch, isa, dtype, t, gated):
                          torch.float32 if dtype == torch.float32 else dtype)
 
 
-@pytest.mark.parametrize("t", [GATHER_MIN_TOKENS - 1, GATHER_MIN_TOKENS, 70])
+@pytest.mark.parametrize("t", [9, 10, 31, 32, 70])  # gather from 10 (fp32) / 32 tokens
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 def test_both_sides_of_the_gather_switch(t, dtype):
     x, wg, wu, wd, mask, bu, bd = ffn_args(t, 33, 48, 12, dtype, True, bias=True, seed=t)
@@ -159,6 +158,21 @@ def test_both_sides_of_the_gather_switch(t, dtype):
     tol = torch.float32 if dtype in (torch.float32, torch.float64) else dtype
     assert out.dtype == dtype
     assert_close_rel(out, reference(x, wg, wu, wd, mask, "relu", bu, bd), tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_and_gather_paths_agree(monkeypatch, dtype):
+    """The same call through both paths (PRUNEPATH_CPU_GATHER_MIN_TOKENS forces one)."""
+    x, wg, wu, wd, mask, bu, bd = ffn_args(12, 40, 64, 8, dtype, True, bias=True, seed=3)
+    outs = []
+    for threshold in ("1000", "1"):
+        monkeypatch.setenv("PRUNEPATH_CPU_GATHER_MIN_TOKENS", threshold)
+        outs.append(ffn_op(x, wg, wu, wd, mask, "gelu", bu, bd).float())
+    ref = reference(x, wg, wu, wd, mask, "gelu", bu, bd)
+    assert_close_rel(outs[0], ref, dtype)
+    assert_close_rel(outs[1], ref, dtype)
+    # both accumulate in fp32: they differ by at most the final rounding to dtype
+    assert_close_rel(outs[0], outs[1].double(), dtype)
 
 
 @pytest.mark.parametrize("t", [1, 4, 40])

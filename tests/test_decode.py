@@ -55,7 +55,7 @@ def test_greedy_matches_hf_generate_dense(family, padded):
 
 
 @pytest.mark.parametrize("budget", [1.0, 0.6, 0.3])
-@pytest.mark.parametrize("ffn_path", ["sparse", "dense"])
+@pytest.mark.parametrize("ffn_path", ["sparse", "dense", "auto"])
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_greedy_matches_hf_generate_routed(budget, ffn_path, family):
     model = routed(family, seed=3)
@@ -71,7 +71,7 @@ def test_greedy_matches_hf_generate_routed(budget, ffn_path, family):
 def test_budget_argument_and_new_budget_reuses_the_step():
     model = routed(seed=5)
     ids, _ = prompts(2, 5, seed=6)
-    dec = Decoder(model, 2, 5 + NEW)
+    dec = Decoder(model, 2, 5 + NEW, ffn_path="sparse")
     outs = {}
     for b in (0.5, 0.25, 0.5):
         prunepath.set_budget(model, b)
@@ -85,11 +85,25 @@ def test_budget_argument_and_new_budget_reuses_the_step():
 def test_budget_one_and_below_one_are_different_steps():
     model = routed(seed=7)
     ids, _ = prompts(1, 4, seed=8)
-    dec = Decoder(model, 1, 4 + NEW)
+    dec = Decoder(model, 1, 4 + NEW, ffn_path="sparse")
     for b in (1.0, 0.4):
         prunepath.set_budget(model, b)
         assert torch.equal(dec.generate(ids, NEW, eos_token_id=[]), hf_greedy(model, ids))
     assert len(dec._steps) == 2  # exact dense (host flag) vs routed
+
+
+def test_auto_path_times_both_and_picks_one():
+    model = routed(seed=34)
+    prunepath.set_budget(model, 0.5)
+    ids, _ = prompts(2, 5, seed=35)
+    dec = Decoder(model, 2, 5 + NEW)  # ffn_path="auto"
+    assert torch.equal(dec.generate(ids, NEW, eos_token_id=[]), hf_greedy(model, ids))
+    assert set(dec.path_timings) == {"sparse", "dense"}
+    fastest = min(dec.path_timings, key=dec.path_timings.get)
+    assert dec.last_path in ("sparse", "dense")
+    if dec.last_path == "sparse":
+        assert fastest == "sparse"
+    assert all(m.backend == "auto" for m in prunepath.budget.routed_layers(model))  # restored
 
 
 def test_per_sequence_budget_tensor():

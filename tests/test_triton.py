@@ -49,23 +49,29 @@ CONFIGS = {
 }
 
 
+FFN_KINDS = [(True, False, "silu"), (False, True, "gelu_tanh"), (True, True, "relu"),
+             (False, False, "gelu")]
+
+
 @pytest.mark.parametrize("config", list(CONFIGS))
-@pytest.mark.parametrize("gated,bias,act", [(True, False, "silu"), (False, True, "gelu_tanh"),
-                                            (True, True, "relu")])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("t", [1, 20])  # 20 tokens: two token blocks of 16
 @pytest.mark.parametrize("d,f,e", [(72, 60, 12), (40, 120, 3)])
-def test_ffn_code_paths(config, gated, bias, act, dtype, t, d, f, e):
-    # 5 neurons per expert: many experts per chunk; 40 per expert: at most two per chunk
-    gen = torch.Generator().manual_seed(hash((config, gated, t, f)) % 2**31)
-    x, wg, wu, wd, bu, bd = _ffn(t, d, f, dtype, gated, bias, gen)
-    mask = (torch.rand(t, e, generator=gen) < 0.4).to(DEV)
-    ref = _ref(x, wg, wu, wd, mask, act, bu, bd)
-    for w_down_t in (wd.t(), wd.t().contiguous()):  # nn.Linear layout and the packed one
-        out = torch.full((t, d), float("nan"), dtype=dtype, device=DEV)
-        launch.routed_ffn(x, wg, wu, w_down_t, mask, act, bu, bd, config=CONFIGS[config],
-                          out=out, poison=True)
-        assert_close_rel(out, ref, dtype)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ffn_code_paths(config, d, f, e, dtype):
+    """Each block config (single/multi split of each phase) on two expert sizes: 5 neurons
+    per expert (many experts per chunk) and 40 (at most two per chunk); T = 1 and 20 (two
+    token blocks); both W_down layouts; gated and not, with and without biases."""
+    i = list(CONFIGS).index(config) + (f == 120) * 2 + (dtype == torch.bfloat16)
+    gated, bias, act = FFN_KINDS[i % len(FFN_KINDS)]
+    gen = torch.Generator().manual_seed(hash((config, f, str(dtype))) % 2**31)
+    for t in (1, 20):
+        x, wg, wu, wd, bu, bd = _ffn(t, d, f, dtype, gated, bias, gen)
+        mask = (torch.rand(t, e, generator=gen) < 0.4).to(DEV)
+        ref = _ref(x, wg, wu, wd, mask, act, bu, bd)
+        for w_down_t in (wd.t(), wd.t().contiguous()):  # nn.Linear layout and the packed one
+            out = torch.full((t, d), float("nan"), dtype=dtype, device=DEV)
+            launch.routed_ffn(x, wg, wu, w_down_t, mask, act, bu, bd, config=CONFIGS[config],
+                              out=out, poison=True)
+            assert_close_rel(out, ref, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -6,18 +6,20 @@
 // columns of w_down ([d, F], a strided slab of d rows x B columns).
 //
 // Two paths, same result:
-//  * decode (few tokens, T < kGatherMinTokens): the union of the tokens' active experts is
-//    computed once; then
-//      1. up/gate: for each active row r of expert e and each token t that chose e,
-//         h[t, r] = act(Wg[r].x_t) * (Wu[r].x_t + b_up[r])  (0 for tokens that did not);
-//         OpenMP over the active rows, each weight row read once for all its tokens;
-//      2. down: y[t, i] = sum over runs of consecutive active experts of Wd[i, run] . h[t, run]
-//         (+ b_down[i]); OpenMP over the output rows i.
+//  * decode (few tokens, T < gather_min_tokens()): the active experts (union over the
+//    tokens) are split into one contiguous chunk per OpenMP thread; each chunk
+//      1. up/gate: for each of its experts e and each token t that chose e,
+//         h[t, e-block] = act(Wg_e x_t) * (Wu_e x_t + b_up_e)   (0 for tokens that did not),
+//         reading each weight row once for all its tokens (tiles of up to 4 tokens), and
+//      2. down: y_chunk[t, i] = sum over runs of consecutive experts of the chunk of
+//         Wd[i, run] . h[t, run], for every output row i (8 rows streamed at a time);
+//    then the chunks' partial outputs are summed (+ b_down). One parallel region per call.
 //    Weights stay in their dtype (fp32/bf16/fp16) and are widened to fp32 in registers
 //    (kernels_avx2.cpp, or kernels_generic.cpp without AVX2); accumulation is fp32.
-//  * gather (prefill, T >= kGatherMinTokens, or fp64): for each run of consecutive experts
-//    chosen by the same tokens, gather those tokens and use at::mm on the weight slices
-//    (in fp32 for bf16/fp16 weights, fp64 for fp64), then index_add into y.
+//  * gather (prefill, T >= gather_min_tokens(), or fp64): at::mm on the weight slices (in fp32
+//    for bf16/fp16 weights, fp64 for fp64), per group of consecutive experts chosen by the
+//    same tokens (gathering those tokens, index_add into y), or, where that would mean many
+//    small products, per run of consecutive active experts with the inactive neurons zeroed.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -28,6 +30,7 @@
 #include <cstring>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "kernels.h"
@@ -36,9 +39,16 @@ namespace prunepath {
 namespace cpu {
 namespace {
 
-// From this many tokens on, gathered at::mm per expert run beats the row-wise decode kernels
-// (measured on a 2-core AVX2 EPYC with d=2048, F=8192, E=64; see BENCHMARKS.md).
-constexpr int64_t kGatherMinTokens = 32;
+// From this many tokens on, the gather path (at::mm per run of experts) beats the decode
+// kernels: their down projection computes every token against the union of the tokens'
+// experts, and at::mm is the better matrix-matrix kernel. For bf16/fp16 the gather path
+// must first widen the weight slices to fp32, so the decode kernels win for longer.
+// Measured at d=2048, F=8192, E=64 on 2 threads (sparsity 0.5 and 0.9), see BENCHMARKS.md.
+// PRUNEPATH_CPU_GATHER_MIN_TOKENS=N overrides both (tests use it to compare the paths).
+int64_t gather_min_tokens(at::ScalarType dtype) {
+  if (const char* env = std::getenv("PRUNEPATH_CPU_GATHER_MIN_TOKENS")) return std::atoll(env);
+  return dtype == at::kFloat ? 10 : 32;
+}
 
 enum class Act { Silu, Gelu, GeluTanh, Relu };
 
@@ -251,48 +261,93 @@ at::Tensor routed_ffn_decode(const Ffn& f) {
 
 // ------------------------------------------------------------------------------ gather path
 
+// One at:: op costs about as much as this many multiply-adds (a few microseconds): the gather
+// path weighs it against the multiply-adds that skipping inactive experts saves.
+constexpr double kOpOverheadMacs = 2e5;
+
+// h = act(x Wg[cols]^T) * (x Wu[cols]^T + b_up[cols]) and its contribution h Wd[:, cols]^T,
+// for the neuron columns [c0, c0 + nc) and the tokens `xe` (compute dtype).
+at::Tensor block_ffn(const Ffn& f, const at::Tensor& xe, int64_t c0, int64_t nc,
+                     at::ScalarType cdt, const at::Tensor& neuron_mask) {
+  at::Tensor u = at::mm(xe, f.w_up.narrow(0, c0, nc).to(cdt).t());
+  if (f.b_up.has_value()) u.add_(f.b_up->narrow(0, c0, nc).to(cdt));
+  at::Tensor h = f.w_gate.has_value()
+      ? activate(f.act, at::mm(xe, f.w_gate->narrow(0, c0, nc).to(cdt).t())).mul_(u)
+      : activate(f.act, u);
+  if (neuron_mask.defined()) h.mul_(neuron_mask);
+  return at::mm(h, f.w_down.narrow(1, c0, nc).to(cdt).t());
+}
+
+// For each run of consecutive experts that some token chose, either
+//  * per group: split the run into groups of consecutive experts chosen by the same tokens,
+//    gather those tokens and multiply by the group's weight slices (only chosen work), or
+//  * masked: multiply every token by the whole run and zero the inactive neurons
+//    (fewer, larger matrix products),
+// whichever costs fewer multiply-adds, counting kOpOverheadMacs per at:: op.
 at::Tensor routed_ffn_gather(const Ffn& f) {
-  const int64_t T = f.T, E = f.E, B = f.B;
+  const int64_t T = f.T, E = f.E, B = f.B, d = f.d;
   const at::ScalarType cdt = f.x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor xc = f.x.to(cdt);
-  at::Tensor y = at::zeros({T, f.d}, f.x.options().dtype(cdt));
+  at::Tensor y = at::zeros({T, d}, f.x.options().dtype(cdt));
   const bool* m = f.mask.const_data_ptr<bool>();
-  const bool gated = f.w_gate.has_value();
+  const double macs_per_token_expert = (f.w_gate.has_value() ? 3.0 : 2.0) * d * B;
+  const double ops_per_block = f.w_gate.has_value() ? 8.0 : 6.0;
 
+  auto chosen_by_any = [&](int64_t e) {
+    for (int64_t t = 0; t < T; ++t)
+      if (m[t * E + e]) return true;
+    return false;
+  };
   auto same_tokens = [&](int64_t e1, int64_t e2) {
     for (int64_t t = 0; t < T; ++t)
       if (m[t * E + e1] != m[t * E + e2]) return false;
     return true;
   };
-  std::vector<int64_t> toks;
-  for (int64_t e = 0; e < E;) {
-    toks.clear();
+  auto tokens_of = [&](int64_t e) {
+    std::vector<int64_t> toks;
     for (int64_t t = 0; t < T; ++t)
       if (m[t * E + e]) toks.push_back(t);
-    int64_t e_end = e + 1;  // extend over following experts chosen by the same tokens
-    while (e_end < E && same_tokens(e, e_end)) ++e_end;
-    if (!toks.empty()) {
-      const int64_t n = static_cast<int64_t>(toks.size());
-      const int64_t c0 = e * B, nc = (e_end - e) * B;
-      at::Tensor idx;
-      at::Tensor xe = xc;
-      if (n < T) {
-        idx = at::from_blob(toks.data(), {n}, at::kLong).clone();
-        xe = xc.index_select(0, idx);
-      }
-      at::Tensor u = at::mm(xe, f.w_up.narrow(0, c0, nc).to(cdt).t());
-      if (f.b_up.has_value()) u.add_(f.b_up->narrow(0, c0, nc).to(cdt));
-      const at::Tensor hh = gated
-          ? activate(f.act, at::mm(xe, f.w_gate->narrow(0, c0, nc).to(cdt).t())).mul_(u)
-          : activate(f.act, u);
-      const at::Tensor part = at::mm(hh, f.w_down.narrow(1, c0, nc).to(cdt).t());
-      if (n < T) {
-        y.index_add_(0, idx, part);
-      } else {
-        y.add_(part);
+    return toks;
+  };
+
+  for (int64_t r0 = 0; r0 < E;) {
+    if (!chosen_by_any(r0)) {
+      ++r0;
+      continue;
+    }
+    int64_t r1 = r0 + 1;
+    while (r1 < E && chosen_by_any(r1)) ++r1;
+    // groups of the run [r0, r1) with identical token sets
+    std::vector<std::pair<int64_t, int64_t>> groups;
+    double cost_groups = 0.0;
+    for (int64_t g0 = r0; g0 < r1;) {
+      int64_t g1 = g0 + 1;
+      while (g1 < r1 && same_tokens(g0, g1)) ++g1;
+      const auto n = static_cast<double>(tokens_of(g0).size());
+      cost_groups += n * (g1 - g0) * macs_per_token_expert + (ops_per_block + 2) * kOpOverheadMacs;
+      groups.emplace_back(g0, g1);
+      g0 = g1;
+    }
+    const double cost_masked = static_cast<double>(T) * (r1 - r0) * macs_per_token_expert +
+                               (ops_per_block + 2) * kOpOverheadMacs;
+    if (groups.size() > 1 && cost_masked <= cost_groups) {
+      const at::Tensor neuron_mask =
+          f.mask.narrow(1, r0, r1 - r0).repeat_interleave(B, 1).to(cdt);
+      y.add_(block_ffn(f, xc, r0 * B, (r1 - r0) * B, cdt, neuron_mask));
+    } else {
+      for (const auto& [g0, g1] : groups) {
+        std::vector<int64_t> toks = tokens_of(g0);
+        const auto n = static_cast<int64_t>(toks.size());
+        if (n == T) {
+          y.add_(block_ffn(f, xc, g0 * B, (g1 - g0) * B, cdt, at::Tensor()));
+        } else {
+          const at::Tensor idx = at::from_blob(toks.data(), {n}, at::kLong).clone();
+          y.index_add_(0, idx, block_ffn(f, xc.index_select(0, idx), g0 * B, (g1 - g0) * B, cdt,
+                                         at::Tensor()));
+        }
       }
     }
-    e = e_end;
+    r0 = r1;
   }
   if (f.b_down.has_value()) y.add_(f.b_down->to(cdt));
   return y.to(f.x.scalar_type());
@@ -328,8 +383,7 @@ at::Tensor routed_ffn_cpu(const at::Tensor& x, const std::optional<at::Tensor>& 
 
   const Ffn f{x, w_gate, w_up, w_down, mask, act, b_up, b_down, T, d, F, E, F / E};
   if (T == 0) return at::empty({0, d}, x.options());
-  const int64_t gather_min = std::getenv("GATHER_MIN_T") ? std::atoi(std::getenv("GATHER_MIN_T")) : kGatherMinTokens;
-  if (dt == at::kDouble || T >= gather_min) return routed_ffn_gather(f);
+  if (dt == at::kDouble || T >= gather_min_tokens(dt)) return routed_ffn_gather(f);
   return routed_ffn_decode(f);
 }
 

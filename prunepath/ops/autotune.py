@@ -22,6 +22,7 @@ import json
 import os
 import statistics
 import tempfile
+import time
 
 import torch
 
@@ -35,6 +36,7 @@ _PREFERENCE = {
     "cuda": ("triton", "cuda", "torch"),
 }
 _FORMAT = 1  # bump when kernels change enough to invalidate stored choices
+_MEASURED_DEVICES = ("cuda",)  # device types whose choice is measured (tests add "cpu")
 
 
 def _tracing() -> bool:
@@ -133,7 +135,7 @@ def choose(op: str, device: torch.device, key=None) -> str:
     cands = _candidates(device)
     if not cands:
         return "torch"
-    if device.type != "cuda" or len(cands) == 1:
+    if device.type not in _MEASURED_DEVICES or len(cands) == 1:
         _CHOICES[cache_key] = cands[0]
         return cands[0]
     dkey = _disk_key(op, device, bkey)
@@ -201,26 +203,31 @@ def measure(op: str, device: torch.device, key, candidates, repeats: int = 15) -
     except (torch.OutOfMemoryError, RuntimeError, ValueError):
         return {}
     times = {}
-    stream = torch.cuda.current_stream(device)
     for name in candidates:
         try:
             fn = _runner(op, name, args)
             for _ in range(3):
                 fn()
-            ms = []
-            for _ in range(repeats):
-                start = torch.cuda.Event(enable_timing=True)
-                end = torch.cuda.Event(enable_timing=True)
-                start.record(stream)
-                fn()
-                end.record(stream)
-                end.synchronize()
-                ms.append(start.elapsed_time(end))
-            times[name] = statistics.median(ms)
+            times[name] = statistics.median(_time_ms(fn, device) for _ in range(repeats))
         except Exception:  # a backend that fails on this shape is simply not chosen
             continue
     del args
     return times
+
+
+def _time_ms(fn, device: torch.device) -> float:
+    if device.type == "cuda":
+        stream = torch.cuda.current_stream(device)
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record(stream)
+        fn()
+        end.record(stream)
+        end.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
 
 
 def clear() -> None:

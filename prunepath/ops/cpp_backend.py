@@ -38,6 +38,12 @@ def _register_fakes() -> None:
     def _(x, w_gate, w_up, w_down, mask, activation, b_up, b_down):
         return torch.empty_like(x)
 
+    if hasattr(torch.ops.prunepath, "routed_ffn_packed"):  # defined by csrc/cuda (CUDA builds)
+
+        @torch.library.register_fake("prunepath::routed_ffn_packed")
+        def _(x, w_gate, w_up, w_down_t, mask, activation, b_up, b_down):
+            return torch.empty_like(x)
+
 
 def ensure_available(name: str) -> None:
     err = _load()

@@ -18,7 +18,6 @@ call :func:`prunepath.ops.routed_ffn`).
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import torch
 import torch.nn.functional as F
@@ -106,16 +105,9 @@ def routed_ffn_packed(
                                                 w_down_t.contiguous(), mask, activation, b_up,
                                                 b_down)
     if name == "cuda":
-        backends.load(name)
-        _register_cuda_fake()
+        backends.load(name)  # loads prunepath._C (and its fake kernels)
         return torch.ops.prunepath.routed_ffn_packed(x, w_gate, w_up, w_down_t.contiguous(), mask,
                                                      activation, b_up, b_down)
     backends.load(name)
     return routed_ffn_packed_reference(x, w_gate, w_up, w_down_t, mask, activation, b_up, b_down)
 
-
-@functools.cache
-def _register_cuda_fake() -> None:
-    @torch.library.register_fake("prunepath::routed_ffn_packed")
-    def _(x, w_gate, w_up, w_down_t, mask, activation, b_up, b_down):
-        return torch.empty_like(x)

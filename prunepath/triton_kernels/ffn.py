@@ -66,9 +66,8 @@ def _token_neuron_mask(mask_ptr, offs_t, chunk_start, t_ok, n_ok, NE, F, stride_
     if TWO_EXPERTS:
         e0 = chunk_start // NE
         m0 = tl.load(mask_ptr + offs_t * stride_mt + e0, mask=t_ok, other=0) != 0
-        m1 = tl.load(mask_ptr + offs_t * stride_mt + e0 + 1,
-                     mask=t_ok & ((e0 + 1) * NE < tl.minimum(chunk_start + BLOCK_N, F)),
-                     other=0) != 0
+        e1 = tl.minimum(e0 + 1, F // NE - 1)  # stays in range; only used where n < F
+        m1 = tl.load(mask_ptr + offs_t * stride_mt + e1, mask=t_ok, other=0) != 0
         second = offs_n >= (e0 + 1) * NE
         tok = tl.where(second[None, :], m1[:, None], m0[:, None]) & n_ok[None, :]
     else:

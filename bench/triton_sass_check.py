@@ -1,0 +1,122 @@
+"""Compile the Triton kernels for Hopper (sm_90) WITHOUT a GPU and inspect the machine code.
+
+For the kernels ``prunepath.triton_kernels.launch`` would launch on the benchmark shapes
+(bench/ops_gpu.py), this prints registers, local memory (spills), shared memory and the
+load/matrix instructions in the SASS: weight tiles should use 16-byte loads
+(``LDGSTS.E.BYPASS.128`` = cp.async 16 B, or ``LDG.E.128``), never 2-byte ``LDG.E.U16``;
+16-token tiles use ``HMMA``, 64-token tiles ``HGMMA`` (wgmma). Uses Triton's bundled
+``ptxas``/``cuobjdump``; relies on Triton's compiler API (tested with Triton 3.9).
+
+    python bench/triton_sass_check.py
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, make_backend
+
+from prunepath.triton_kernels import launch
+
+TARGET = GPUTarget("cuda", 90, 32)
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
+                         "cuobjdump")
+COUNT = ("LDGSTS.E.BYPASS.128", "LDG.E.128", "LDG.E.64", "LDG.E.U16", "HMMA", "HGMMA")
+ffn = importlib.import_module("prunepath.triton_kernels.ffn")
+
+
+def compile_for_sm90(fn, sig, constexprs, div16=(), num_warps=4, num_stages=3):
+    """Compile ``fn`` with argument types ``sig``; ints equal to 1 and ``constexprs`` become
+    constants, ``div16`` args get the divisibility-by-16 hint (as the runtime would)."""
+    names = fn.arg_names
+    signature = {n: "constexpr" if n in constexprs else sig[n] for n in names}
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in div16}
+    src = ASTSource(fn=fn, signature=signature, constexprs=dict(constexprs), attrs=attrs)
+    opts = make_backend(TARGET).parse_options({"num_warps": num_warps, "num_stages": num_stages})
+    return triton.compile(src, target=TARGET, options=opts.__dict__)
+
+
+def inspect(ck) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as fh:
+        fh.write(ck.asm["cubin"])
+        fh.flush()
+        sass = subprocess.run([CUOBJDUMP, "-sass", fh.name], capture_output=True, text=True).stdout
+        res = subprocess.run([CUOBJDUMP, "-res-usage", fh.name], capture_output=True,
+                             text=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", res)
+    out = dict(zip(("reg", "stack", "shared", "local"), map(int, m.groups()))) if m else {}
+    out["smem_dyn"] = ck.metadata.shared
+    out.update({k: len(re.findall(re.escape(k) + r"\b", sass)) for k in COUNT})
+    return out
+
+
+def ffn_kernels(t, d, f, e, dtype="bf16", packed=True):
+    """(name, compiled up kernel, compiled down kernel) for the launcher's default config."""
+    cfg = launch.default_config(t, d, f, 132, False)
+    k_per = triton.cdiv(triton.cdiv(d, cfg.ks), cfg.up_block_k) * cfg.up_block_k
+    ks = triton.cdiv(d, k_per)
+    h_ty = "fp32" if ks > 1 else dtype
+    up = compile_for_sm90(
+        ffn._ffn_up_kernel,
+        dict(x_ptr=f"*{dtype}", wg_ptr=f"*{dtype}", wu_ptr=f"*{dtype}", bu_ptr=f"*{dtype}",
+             mask_ptr="*u8", out_ptr=f"*{h_ty}", T="i32", D="i32", F="i32", NE="i32",
+             stride_xt="i32", stride_wn="i32", stride_mt="i32", stride_os="i32",
+             stride_og="i32", stride_ot="i32"),
+        dict(GATED=True, HAS_BU=False, ACT=0, KS=ks, K_PER_SPLIT=k_per, IEEE=dtype == "fp32",
+             UPCAST=False, TWO_EXPERTS=f // e >= cfg.up_block_n, BLOCK_T=cfg.block_t,
+             BLOCK_N=cfg.up_block_n, BLOCK_K=cfg.up_block_k),
+        div16=("x_ptr", "wg_ptr", "wu_ptr", "out_ptr", "mask_ptr", "D", "F", "stride_xt",
+               "stride_wn", "stride_os", "stride_og", "stride_ot"),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    s = max(1, min(cfg.s, triton.cdiv(f, cfg.down_block_n)))
+    consts = dict(GATED=True, HAS_BU=False, HAS_BD=False, ACT=0, KS=ks, S=s,
+                  IEEE=dtype == "fp32", UPCAST=False, TWO_EXPERTS=f // e >= cfg.down_block_n,
+                  N_CONTIGUOUS=not packed, BLOCK_T=cfg.block_t, BLOCK_N=cfg.down_block_n,
+                  BLOCK_D=cfg.down_block_d)
+    consts["stride_wd" if packed else "stride_wn"] = 1  # the runtime specializes 1s
+    down = compile_for_sm90(
+        ffn._ffn_down_kernel,
+        dict(h_ptr=f"*{h_ty}", wd_ptr=f"*{dtype}", bu_ptr=f"*{dtype}", bd_ptr=f"*{dtype}",
+             mask_ptr="*u8", out_ptr="*fp32" if s > 1 else f"*{dtype}", T="i32", D="i32",
+             F="i32", NE="i32", stride_hs="i32", stride_hg="i32", stride_ht="i32",
+             stride_wn="i32", stride_wd="i32", stride_mt="i32", stride_os="i32",
+             stride_ot="i32"),
+        consts,
+        div16=("h_ptr", "wd_ptr", "out_ptr", "mask_ptr", "D", "F", "stride_hs", "stride_hg",
+               "stride_ht", "stride_os", "stride_ot", "stride_wd" if not packed else "stride_wn"),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return cfg, ks, s, up, down
+
+
+def main():
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    print(f"{'case':44} {'kernel':5} {'reg':>4} {'local':>5} {'smem':>6} "
+          + " ".join(f"{k:>19}" for k in COUNT))
+    bad = 0
+    for (d, f) in ((4096, 11008), (4096, 14336), (8192, 28672)):
+        for e in (64, 128):
+            for t in (1, 4, 16, 64):
+                for packed in (True, False):
+                    cfg, ks, s, up, down = ffn_kernels(t, d, f, e, packed=packed)
+                    name = f"{d}x{f} E={e} T={t} {'packed' if packed else 'linear'} ks={ks} s={s}"
+                    for kname, ck in (("up", up), ("down", down)):
+                        r = inspect(ck)
+                        wide = r["LDGSTS.E.BYPASS.128"] + r["LDG.E.128"]
+                        flag = "" if (r["local"] == 0 and r["LDG.E.U16"] == 0 and wide) else "  <-- check"
+                        bad += bool(flag)
+                        print(f"{name:44} {kname:5} {r['reg']:>4} {r['local']:>5} "
+                              f"{r['smem_dyn']:>6} " + " ".join(f"{r[k]:>19}" for k in COUNT)
+                              + flag)
+                    if (d, f, e) != (4096, 11008, 64):
+                        break  # both layouts once; one layout for the other shapes
+    print(f"\n{bad} kernels flagged")
+
+
+if __name__ == "__main__":
+    main()
