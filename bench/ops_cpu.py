@@ -8,10 +8,12 @@ neurons), each repeat draws a fresh mask with exactly round((1 - s) * E) active 
 token, then times, in alternating order,
   * dense:  F.silu(x @ Wg.T) * (x @ Wu.T) @ Wd.T      (plain torch matmuls, all experts)
   * cpu:    prunepath.ops.routed_ffn(..., backend="cpu")  (reads only the active experts)
-Weights are random normal (never zero) and each call uses a different one of --copies weight
-sets (the dense and cpu calls of a repeat never share one), so no call finds its weights in
-cache: one fp32 set is 201 MB (bf16: 101 MB), already far over the L3. Times are medians over
---repeats (p10/p90 beside them); torch's thread count is left at its default unless --threads.
+Weights are random normal (never zero) and each call uses the next of --copies weight sets
+(the dense and cpu calls of a repeat never share one), so no call finds its weights in cache:
+one fp32 set is 201 MB (bf16: 101 MB), already far over a 32 MB L3; by default enough sets
+are made that at least twice the L3 (lscpu) is read between two uses of one set. Times are medians over
+--repeats (p10/p90 beside them; the minimum too, which is what an unloaded machine gives when
+other jobs share this one); torch's thread count is left at its default unless --threads.
 Prints a table and writes JSON (machine, date, load average, every timing).
 """
 
@@ -47,6 +49,20 @@ def lscpu() -> dict:
         key, _, value = line.partition(":")
         fields[key.strip()] = value.strip()
     return fields
+
+
+def l3_bytes(text: str | None) -> int:
+    """'32 MiB (1 instance)' -> bytes (0 if unknown)."""
+    try:
+        num, unit = text.split()[:2]
+        return int(float(num) * {"KiB": 2**10, "MiB": 2**20, "GiB": 2**30}[unit])
+    except (AttributeError, ValueError, KeyError):
+        return 0
+
+
+def default_copies(set_bytes: int, l3: int) -> int:
+    """Enough weight sets that between two uses of one, at least 2x the L3 is read."""
+    return max(3, -(-2 * l3 // set_bytes) + 1)
 
 
 def machine_info(threads: int) -> dict:
@@ -146,7 +162,8 @@ def print_table(info, rows):
           f"({info['torch_threads']} threads), {info['date']}, "
           f"load average {info['loadavg_before'][0]:.2f} -> {info['loadavg_after'][0]:.2f}")
     head = (f"{'dtype':8} {'sparsity':>8} {'experts':7} {'dense ms (p10-p90)':>22} "
-            f"{'cpu ms (p10-p90)':>22} {'speedup':>8} {'dense GB/s':>10} {'cpu GB/s':>9}")
+            f"{'cpu ms (p10-p90)':>22} {'speedup':>8} {'dense GB/s':>10} {'cpu GB/s':>9} "
+            f"{'min: dense':>10} {'cpu':>6} {'speedup':>7}")
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -155,7 +172,8 @@ def print_table(info, rows):
         print(f"{r['dtype']:8} {r['sparsity']:8.2f} {r['active_experts']:3d}/{r['experts']:<3d}"
               f"{dn['median_ms']:9.2f} ({dn['p10_ms']:5.2f}-{dn['p90_ms']:6.2f}) "
               f"{cp['median_ms']:9.2f} ({cp['p10_ms']:5.2f}-{cp['p90_ms']:6.2f}) "
-              f"{r['speedup']:7.2f}x {r['dense_GBps']:10.1f} {gbps}")
+              f"{r['speedup']:7.2f}x {r['dense_GBps']:10.1f} {gbps} "
+              f"{dn['min_ms']:10.2f} {cp['min_ms']:6.2f} {dn['min_ms'] / cp['min_ms']:6.2f}x")
 
 
 def check_targets(rows):
@@ -191,11 +209,13 @@ def parse_args(argv=None):
     p.add_argument("--d", type=int, default=2048)
     p.add_argument("--f", type=int, default=8192)
     p.add_argument("--experts", type=int, default=64)
-    p.add_argument("--copies", type=int, default=3, help="weight sets rotated through (>= 2)")
+    p.add_argument("--copies", type=int, default=None,
+                   help="weight sets rotated through (>= 2; default: enough that 2x the L3 is "
+                        "read between two uses of one set, at least 3)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: leave)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    if args.copies < 2:
+    if args.copies is not None and args.copies < 2:
         p.error("--copies must be >= 2 so that no call finds its weights in cache")
     if args.repeats < 5:
         p.error("--repeats must be >= 5")
@@ -215,7 +235,10 @@ def main(argv=None):
     rows = []
     for name in args.dtypes.split(","):
         dtype = DTYPES[name]
-        weights = make_weights(args.d, args.f, dtype, args.copies, gen)
+        set_bytes = 3 * args.d * args.f * (torch.finfo(dtype).bits // 8)
+        copies = args.copies or default_copies(set_bytes, l3_bytes(info["l3"]))
+        info.setdefault("copies", {})[name] = copies
+        weights = make_weights(args.d, args.f, dtype, copies, gen)
         for s in (float(v) for v in args.sparsities.split(",")):
             rows.append(bench_case(dtype, s, args, weights, gen))
             r = rows[-1]

@@ -27,12 +27,14 @@ echo "build rc=$? after $(el)"
 grep -E "error" "$OUT/build.log" | head -20
 python3 -c "import prunepath.ops as o; print('GPU backends:', o.available_backends('cuda'))"
 if [ "$MODE" = check ]; then
-  timeout 330 python3 -m pytest -q -n 8 -p no:cacheprovider --maxfail=40 \
-    tests/test_gpu_ops.py tests/test_triton.py tests/test_autotune.py > "$OUT/pytest.log" 2>&1
+  timeout ${TEST_TIMEOUT:-330} python3 -m pytest -v -n 8 -p no:cacheprovider --tb=short \
+    --maxfail=40 tests/test_gpu_ops.py tests/test_triton.py tests/test_autotune.py \
+    > "$OUT/pytest.log" 2>&1
   echo "pytest rc=$? after $(el)"
-  grep -E "passed|failed|FAILED" "$OUT/pytest.log" | tail -25
-  timeout $(( 575 - ($(date +%s) - T0) )) python3 bench/ops_gpu.py --quick --sweep \
-    --json "$OUT/ops_gpu_quick.json" > "$OUT/bench.log" 2>&1
+  grep -cE " PASSED " "$OUT/pytest.log"
+  grep -E " FAILED |^E  |passed|failed" "$OUT/pytest.log" | head -40
+  timeout $(( ${BENCH_END:-575} - ($(date +%s) - T0) )) python3 bench/ops_gpu.py --quick \
+    ${SWEEP:+--sweep} --json "$OUT/ops_gpu_quick.json" > "$OUT/bench.log" 2>&1
 else
   timeout $(( 580 - ($(date +%s) - T0) )) python3 bench/ops_gpu.py --dtypes bf16 \
     --json "$OUT/ops_gpu.json" > "$OUT/bench.log" 2>&1

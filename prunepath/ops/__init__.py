@@ -2,6 +2,11 @@
 
 >>> mask = prunepath.ops.route(router_logits, budget=0.7)          # [T, E] bool
 >>> y = prunepath.ops.routed_ffn(x, w_gate, w_up, w_down, mask)   # [T, d]
+
+Also: :func:`router_route` (router projection + routing in one call, fused on GPU with
+backend="triton"), :func:`prepack_ffn` / :func:`routed_ffn_packed` (W_down^T stored
+[F, d] once, so every expert's block is contiguous; see :mod:`prunepath.ops.packed`).
+``backend="auto"`` measures the GPU backends once per shape (:mod:`prunepath.ops.autotune`).
 """
 
 from __future__ import annotations

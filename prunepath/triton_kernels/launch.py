@@ -132,9 +132,12 @@ def default_config(t: int, d: int, f: int, sms: int, interpreted: bool) -> FFNCo
     if t <= 16:
         while ks < 8 and n_up * ks < 4 * sms and d // (2 * ks) >= up_k:
             ks *= 2
+    # split F in the down phase for parallelism, while the fp32 partial sums (S*T*d*4 bytes,
+    # written and re-read) stay under ~5% of the weight bytes (6*d*F for bf16)
     n_down = triton.cdiv(d, dn_d) * t_blocks
     s = 1
-    while s < 32 and n_down * s < 4 * sms and f // (2 * s) >= dn_n:
+    while (s < 32 and n_down * s < 4 * sms and f // (2 * s) >= dn_n
+           and 2 * s * t <= 0.075 * f):
         s *= 2
     return FFNConfig(block_t, up_n, up_k, ks, dn_n, dn_d, s)
 
