@@ -11,9 +11,10 @@ token, then times, in alternating order,
 Weights are random normal (never zero) and each call uses the next of --copies weight sets
 (the dense and cpu calls of a repeat never share one), so no call finds its weights in cache:
 one fp32 set is 201 MB (bf16: 101 MB), already far over a 32 MB L3; by default enough sets
-are made that at least twice the L3 (lscpu) is read between two uses of one set. Times are medians over
---repeats (p10/p90 beside them; the minimum too, which is what an unloaded machine gives when
-other jobs share this one); torch's thread count is left at its default unless --threads.
+are made that at least twice the L3 (lscpu) is read between two uses of one set. Times are
+medians over --repeats, with p10/p90 and the minimum beside them (the minimum is the closest
+to an unloaded machine when other jobs share this one). torch's thread count is left at its
+default unless --threads.
 Prints a table and writes JSON (machine, date, load average, every timing).
 """
 
@@ -73,7 +74,8 @@ def machine_info(threads: int) -> dict:
         "cores": os.cpu_count(),
         "sockets": cpu.get("Socket(s)"),
         "l3": cpu.get("L3 cache"),
-        "isa": [f for f in ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "amx_bf16") if f in flags],
+        "isa": [f for f in ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "amx_bf16")
+                if f in flags],
         "torch": torch.__version__,
         "torch_threads": threads,
         "python": platform.python_version(),
@@ -212,7 +214,8 @@ def parse_args(argv=None):
     p.add_argument("--copies", type=int, default=None,
                    help="weight sets rotated through (>= 2; default: enough that 2x the L3 is "
                         "read between two uses of one set, at least 3)")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: leave)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads (default: leave torch's default)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.copies is not None and args.copies < 2:

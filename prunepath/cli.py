@@ -83,10 +83,11 @@ def add_quickstart_parser(sub) -> None:
     p.add_argument("--targets", type=_floats, default=[0.3, 0.5, 0.7],
                    help="preset sparsities, comma-separated (default: 0.3,0.5,0.7)")
     p.add_argument("--per-layer", action="store_true", help="per-layer calibrated budgets (slower)")
-    p.add_argument("--ppl-windows", type=_positive_int, default=8,
+    p.add_argument("--ppl-windows", type=_positive_int, default=6,
                    help="WikiText-2 windows of 512 tokens (stride 256) per preset (default: %(default)s)")
     p.add_argument("--prompt", default=None, help="the question answered once per preset")
-    p.add_argument("--data-dir", default=None, help="evaluation data folder (default: $PRUNEPATH_DATA or ../shared/data)")
+    p.add_argument("--data-dir", default=None,
+                   help="evaluation data folder (default: $PRUNEPATH_DATA or ../shared/data)")
     p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run_quickstart)
@@ -161,7 +162,7 @@ def run_convert(args) -> int:
 
 
 def add_eval_parser(sub) -> None:
-    from prunepath.eval.names import METHODS, SUITES
+    from prunepath.eval.names import ALL_METHODS, METHODS, SUITES
 
     p = sub.add_parser(
         "eval",
@@ -173,15 +174,18 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--model", default="smollm2-135m-instruct", help="known model name (default: %(default)s)")
     p.add_argument("--checkpoint", default=None,
-                   help="PrunePath checkpoint to evaluate; if it does not exist, the model is converted and saved there")
-    p.add_argument("--methods", type=_names(METHODS), default=list(METHODS), help=f"subset of {','.join(METHODS)}")
+                   help="PrunePath checkpoint to evaluate; if it does not exist, the model is converted "
+                   "and saved there")
+    p.add_argument("--methods", type=_names(ALL_METHODS), default=list(METHODS),
+                   help=f"subset of {','.join(ALL_METHODS)} (default: all but the analysis-only pp_oracle)")
     p.add_argument("--targets", type=_floats, default=[0.3, 0.5, 0.7, 0.9],
                    help="target measured sparsities (default: 0.3,0.5,0.7,0.9; dense is the 0 point)")
     p.add_argument("--suites", type=_names(SUITES), default=list(SUITES), help=f"subset of {','.join(SUITES)}")
     p.add_argument("--limit", type=_positive_int, default=None,
                    help="items per suite for quick runs (wikitext2: sliding windows; nlu: documents per task)")
     p.add_argument("--limits", type=_limits, default={}, help="per-suite limits, e.g. nlu=50,xsum=8,wikitext2=none")
-    p.add_argument("--data-dir", default=None, help="evaluation data folder (default: $PRUNEPATH_DATA or ../shared/data)")
+    p.add_argument("--data-dir", default=None,
+                   help="evaluation data folder (default: $PRUNEPATH_DATA or ../shared/data)")
     p.add_argument("--batch-size", type=_positive_int, default=8)
     p.add_argument("--gen-batch-size", type=_positive_int, default=8)
     p.add_argument("--window", type=_positive_int, default=1024, help="WikiText-2 window tokens (default: %(default)s)")
@@ -189,6 +193,8 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--experts", type=_positive_int, default=48, help="experts per FFN when converting")
     p.add_argument("--train-tokens", type=_positive_int, default=32768, help="router training tokens when converting")
     p.add_argument("--calib-tokens", type=_positive_int, default=4096, help="calibration tokens for matching sparsity")
+    p.add_argument("--tol", type=float, default=0.005,
+                   help="accepted |measured - target| sparsity on calibration text (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=_positive_int, default=None)
     p.add_argument("--report-only", action="store_true", help="rewrite results.md/plots.png from results.json")
@@ -216,7 +222,8 @@ def run_eval(args) -> int:
         out_dir=args.out, model=args.model, checkpoint=args.checkpoint, methods=args.methods, targets=args.targets,
         suites=args.suites, limit=args.limit, limits=args.limits, data_dir=args.data_dir, seed=args.seed,
         batch_size=args.batch_size, gen_batch_size=args.gen_batch_size, window=args.window, stride=args.stride,
-        num_experts=args.experts, train_tokens=args.train_tokens, calib_tokens=args.calib_tokens, threads=args.threads,
+        num_experts=args.experts, train_tokens=args.train_tokens, calib_tokens=args.calib_tokens, tol=args.tol,
+        threads=args.threads,
     )
     run_sweep(cfg, progress=not args.no_progress)
     print((Path(args.out) / "results.md").read_text())

@@ -6,3 +6,8 @@ import torch
 # them). Must be set before any @triton.jit function is defined.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Under pytest-xdist each worker is its own process: one intra-op thread per worker avoids
+# oversubscribing the cores (CI has 2 cores and runs `pytest -n 2`).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)

@@ -76,7 +76,8 @@ def test_measuring_flow_on_cpu(monkeypatch, tmp_path):
     wd = torch.randn(16, 32)
     mask = torch.rand(3, 4) < 0.5
     out = ops.routed_ffn(x, w, w, wd, mask)
-    torch.testing.assert_close(out, ops.routed_ffn(x, w, w, wd, mask, backend="torch"))
+    torch.testing.assert_close(out, ops.routed_ffn(x, w, w, wd, mask, backend="torch"),
+                               rtol=1e-4, atol=1e-4)
     ops.routed_ffn(torch.randn(4, 16), w, w, wd, torch.rand(4, 4) < 0.5)  # same bucket
     assert calls == ["routed_ffn"]
     stored = json.loads((tmp_path / "autotune.json").read_text())

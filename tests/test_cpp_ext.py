@@ -206,7 +206,8 @@ def test_thread_count_does_not_change_result():
 
 def test_empty_inputs():
     x, wg, wu, wd, _, _, bd = ffn_args(0, 8, 12, 4, torch.float32, bias=True)
-    assert ffn_op(x, wg, wu, wd, torch.zeros(0, 4, dtype=torch.bool), "silu", None, bd).shape == (0, 8)
+    empty_mask = torch.zeros(0, 4, dtype=torch.bool)
+    assert ffn_op(x, wg, wu, wd, empty_mask, "silu", None, bd).shape == (0, 8)
     assert route_op(torch.randn(0, 4), torch.rand(0), 1, 4).shape == (0, 4)
 
 
@@ -224,7 +225,8 @@ def test_route_bit_exact_at_scale(e, dtype):
     logits[: t // 3] = (logits[: t // 3] * 2).round() / 2  # many ties
     logits = logits.to(dtype)
     budget = torch.rand(t, generator=gen)
-    budget[::7] = torch.tensor([0.0, 1.0, 0.5, 0.25, 1 - 1e-7, 1e-7, 0.9])[torch.arange(0, t, 7) % 7]
+    edges = torch.tensor([0.0, 1.0, 0.5, 0.25, 1 - 1e-7, 1e-7, 0.9])
+    budget[::7] = edges[torch.arange(0, t, 7) % 7]
     for lo, hi in [(1, e), (0, e), (min(2, e), max(min(2, e), e // 2))]:
         out = route_op(logits, budget, lo, hi)
         assert torch.equal(out, route_reference(logits, budget, lo, hi))
@@ -256,3 +258,11 @@ def test_route_budget_at_exact_cumulative_mass():
         out = route_op(logits, torch.tensor([b]), 1, 4)
         assert int(out.sum()) == expected, b
         assert torch.equal(out, route_reference(logits, torch.tensor([b]), 1, 4))
+
+
+def test_public_api_accepts_non_contiguous_weights():
+    """The raw op rejects them (above); ops.routed_ffn(backend="cpu") copies them instead."""
+    x, wg, wu, wd, mask, bu, bd = ffn_args(3, 16, 24, 4, torch.float32, bias=True)
+    out = ops.routed_ffn(x, wg, wu.T.contiguous().T, wd.T.contiguous().T, mask, b_up=bu,
+                         b_down=bd, backend="cpu")
+    assert_close_rel(out, reference(x, wg, wu, wd, mask, "silu", bu, bd), torch.float32)

@@ -58,7 +58,7 @@ def test_unmatched_flags_points_off_target():
     assert [x.method for x in bad] == ["threshold", "pp_global"]
 
 
-@pytest.mark.parametrize("method", ["static", "topk", "threshold", "pp_global", "pp_layer"])
+@pytest.mark.parametrize("method", ["static", "topk", "threshold", "pp_global", "pp_layer", "pp_oracle"])
 def test_every_method_calibrates_to_the_target(converted, calib_ids, method):
     model, _ = converted
     s = methods.calibrate_setting(model, method, 0.5, calib_ids, tol=0.01)
@@ -74,6 +74,20 @@ def test_every_method_calibrates_to_the_target(converted, calib_ids, method):
     methods.apply_setting(model, methods.Setting(**{k: v for k, v in s.to_dict().items() if k != "name"}))
     assert methods.measure_sparsity(model, calib_ids) == pytest.approx(s.calib_sparsity, abs=1e-9)
     json.dumps(s.to_dict())  # JSON-able
+    prunepath.set_routing(model, "dense")
+
+
+def test_oracle_router_is_swapped_in_and_back(converted, calib_ids):
+    from prunepath.budget import routed_layers
+    from prunepath.routers import OracleRouter
+
+    model, _ = converted
+    trained = [layer.router for layer in routed_layers(model)]
+    methods.apply_setting(model, methods.Setting("pp_oracle", 0.5, 0.6))
+    assert all(isinstance(layer.router, OracleRouter) for layer in routed_layers(model))
+    methods.apply_setting(model, methods.Setting("pp_global", 0.5, 0.6))
+    assert [layer.router for layer in routed_layers(model)] == trained
+    assert not any(isinstance(m, OracleRouter) for m in model.modules())
     prunepath.set_routing(model, "dense")
 
 

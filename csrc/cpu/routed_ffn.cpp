@@ -50,6 +50,10 @@ int64_t gather_min_tokens(at::ScalarType dtype) {
   return dtype == at::kFloat ? 10 : 32;
 }
 
+// The decode path uses one thread per this many bytes of active weights (and at most
+// torch.get_num_threads()): about 100 us of reading on one core.
+constexpr int64_t kMinBytesPerThread = int64_t{1} << 20;
+
 enum class Act { Silu, Gelu, GeluTanh, Relu };
 
 Act parse_activation(c10::string_view name) {
@@ -225,8 +229,13 @@ at::Tensor routed_ffn_decode(const Ffn& f) {
   // The active experts are split into one contiguous chunk per thread. Each chunk computes
   // its experts' h and their share of the down projection, y_c = Wd[:, chunk] h_chunk, over
   // all d rows; the partial outputs are summed at the end. One parallel region per call, and
-  // h never leaves the core that computed it.
-  const int64_t n_chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n_active));
+  // h never leaves the core that computed it. Each thread gets at least kMinBytesPerThread
+  // of weights: waking a thread costs microseconds on an idle machine, and a whole
+  // scheduler time slice on a busy one.
+  const int64_t expert_bytes = (gated ? 3 : 2) * B * d * esz;
+  const int64_t n_chunks = std::max<int64_t>(
+      1, std::min({static_cast<int64_t>(at::get_num_threads()), n_active,
+                   n_active * expert_bytes / kMinBytesPerThread}));
   std::vector<float> y_part(static_cast<size_t>(n_chunks * T * d), 0.0f);
   at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
     std::vector<float> h, ubuf, gbuf;

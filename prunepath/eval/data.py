@@ -219,9 +219,10 @@ def calibration_texts(
 
 
 def bundled_calibration_file() -> Path | None:
-    """The calibration sample shipped inside the package (``prunepath/data/*.txt``), if any."""
-    root = Path(__file__).resolve().parents[1] / "data"
-    if not root.is_dir():
+    """The WikiText-2 validation sample shipped inside the package (``prunepath/data``), if present."""
+    try:
+        from prunepath.data import calibration_text_path
+    except ImportError:  # pragma: no cover - partial install
         return None
-    cands = sorted(p for p in root.glob("*.txt") if "wiki" in p.name.lower()) or sorted(root.glob("*.txt"))
-    return cands[0] if cands else None
+    p = Path(calibration_text_path())
+    return p if p.is_file() else None

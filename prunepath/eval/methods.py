@@ -10,6 +10,7 @@ topk           MoEfication: the trained router's top-k experts, fixed k         
 threshold      independent thresholding (LTE-style): experts with sigmoid(logit)>tau   tau
 pp_global      PrunePath: one cumulative softmax-mass budget for every layer           p
 pp_layer       PrunePath: per-layer budgets calibrated on the calibration loss         p per layer
+pp_oracle      (analysis) PrunePath rule on the oracle router (true expert shares)     p
 =============  =====================================================================  ==============
 
 Matching: each method's knob is calibrated on the same calibration tokens so that the
@@ -25,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .names import METHODS  # noqa: E402
+from .names import ALL_METHODS, METHODS  # noqa: E402,F401
 
 METHOD_LABELS = {
     "dense": "dense",
@@ -34,6 +35,7 @@ METHOD_LABELS = {
     "threshold": "threshold (sigmoid>tau)",
     "pp_global": "PrunePath global p",
     "pp_layer": "PrunePath per-layer p",
+    "pp_oracle": "PrunePath, oracle router",
 }
 
 
@@ -58,8 +60,23 @@ class Setting:
 
 
 def check_method(method: str) -> None:
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+    if method not in ALL_METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {ALL_METHODS}")
+
+
+def use_oracle_router(model, on: bool) -> None:
+    """Swap every layer's trained router for the oracle (true shares), or put the trained one back."""
+    from prunepath.budget import routed_layers
+    from prunepath.routers import OracleRouter
+
+    for layer in routed_layers(model):
+        saved = layer.__dict__.get("_eval_trained_router")
+        if on and saved is None:
+            layer.__dict__["_eval_trained_router"] = layer.router
+            layer.router = OracleRouter()
+        elif not on and saved is not None:
+            layer.router = saved
+            del layer.__dict__["_eval_trained_router"]
 
 
 def check_target(target) -> float:
@@ -84,6 +101,7 @@ def apply_setting(model, s: Setting) -> None:
     from prunepath.budget import set_budget, set_routing
 
     check_method(s.method)
+    use_oracle_router(model, s.method == "pp_oracle")
     if s.method == "dense":
         set_routing(model, "dense")
     elif s.method == "static":
@@ -92,7 +110,7 @@ def apply_setting(model, s: Setting) -> None:
         set_routing(model, "topk", k=int(s.knob))
     elif s.method == "threshold":
         set_routing(model, "threshold", tau=float(s.knob))
-    else:  # pp_global, pp_layer
+    else:  # pp_global, pp_layer, pp_oracle
         set_budget(model, s.knob)
 
 
@@ -114,9 +132,10 @@ def calibrate_setting(
 
     check_method(method)
     target = check_target(target)
+    use_oracle_router(model, method == "pp_oracle")
     if method == "dense" or target == 0.0:
         s = Setting("dense" if method == "dense" else method, target, None)
-        if method in ("pp_global", "pp_layer"):
+        if method in ("pp_global", "pp_layer", "pp_oracle"):
             s.knob = 1.0
         elif method == "topk":
             s.knob = routed_layers(model)[0].num_experts

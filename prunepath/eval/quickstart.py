@@ -38,10 +38,11 @@ class QuickstartConfig:
     train_epochs: int = 8
     targets: list = field(default_factory=lambda: [0.3, 0.5, 0.7])
     per_layer: bool = False
-    calib_tokens: int = 2048
+    calib_tokens: int = 1024
+    calib_tol: float = 0.01
     ppl_window: int = 512
     ppl_stride: int = 256
-    ppl_windows: int = 8
+    ppl_windows: int = 6
     prompt: str = DEFAULT_PROMPT
     max_new_tokens: int = 48
     data_dir: str | None = None
@@ -100,7 +101,8 @@ def step_calibrate(model, tokenizer, cfg: QuickstartConfig, *, progress=True) ->
 
     texts = calibration_texts()
     ids = token_batches(texts[len(texts) // 2 :], tokenizer, num_tokens=cfg.calib_tokens, seq_len=256)
-    return calibrate_presets(model, ids, targets=tuple(cfg.targets), per_layer=cfg.per_layer, progress=False)
+    return calibrate_presets(model, ids, targets=tuple(cfg.targets), per_layer=cfg.per_layer, tol=cfg.calib_tol,
+                             progress=False)
 
 
 def presets_table_order(presets: dict) -> list[tuple[str, object]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from .methods import METHOD_LABELS, METHODS
+from .methods import ALL_METHODS, METHOD_LABELS
 from .suites import HEADLINE, SUITES
 
 PRUNEPATH_METHODS = ("pp_global", "pp_layer")
@@ -32,7 +32,7 @@ def _pct(v):
 
 def sorted_points(results: dict) -> list[tuple[str, dict]]:
     pts = list(results.get("points", {}).items())
-    order = {m: i for i, m in enumerate(METHODS)}
+    order = {m: i for i, m in enumerate(ALL_METHODS)}
     return sorted(pts, key=lambda kv: (kv[1]["setting"]["target"], order.get(kv[1]["setting"]["method"], 99)))
 
 
@@ -179,8 +179,8 @@ def check_targets(results: dict) -> dict:
 def targets_markdown(chk: dict) -> str:
     lines = []
     if chk["quality"]:
-        lines += ["| method | target | measured sparsity (WT2 / NLU) | WT2 ppl vs dense | NLU drop (points) | meets target |",
-                  "|---|---|---|---|---|---|"]
+        lines += ["| method | target | measured sparsity (WT2 / NLU) | WT2 ppl vs dense | NLU drop (points) "
+                  "| meets target |", "|---|---|---|---|---|---|"]
         for r in chk["quality"]:
             ok = [r.get("ppl_ok"), r.get("nlu_ok")]
             ok = [o for o in ok if o is not None]
@@ -201,7 +201,8 @@ def targets_markdown(chk: dict) -> str:
                 f"({_pct(r.get('baseline_sparsity'))}%) | {verdict} |"
             )
         wins = sum(r["win"] for r in chk["vs_baselines"])
-        lines.append(f"\nPrunePath ahead of every baseline in {wins} of {len(chk['vs_baselines'])} (target, suite) cells.")
+        n = len(chk["vs_baselines"])
+        lines.append(f"\nPrunePath ahead of every baseline in {wins} of {n} (target, suite) cells.")
     return "\n".join(lines)
 
 
@@ -226,11 +227,11 @@ def plot(results: dict, path: str | Path) -> Path | None:
     fig, axes = plt.subplots(nrow, ncol, figsize=(3.6 * ncol, 2.9 * nrow), squeeze=False)
     dense = _point(results, "dense", 0.0)
     styles = {"static": ("tab:gray", "s"), "topk": ("tab:orange", "^"), "threshold": ("tab:purple", "v"),
-              "pp_global": ("tab:blue", "o"), "pp_layer": ("tab:green", "D")}
+              "pp_global": ("tab:blue", "o"), "pp_layer": ("tab:green", "D"), "pp_oracle": ("tab:red", "x")}
     for ax, (suite, key, hib, label) in zip(axes.flat, panels):
         dval = value(dense, suite, key) if dense else None
         dsp = value(dense, suite, "measured_sparsity") if dense else None
-        for m in METHODS:
+        for m in ALL_METHODS:
             if m == "dense":
                 continue
             xs, ys = [], []

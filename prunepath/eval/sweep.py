@@ -233,6 +233,7 @@ def evaluate_setting(model, tokenizer, cfg: SweepConfig, suites, dense_answers: 
         t0 = time.perf_counter()
         r = run_suite(suite, model, tokenizer, **kw)
         r["seconds"] = time.perf_counter() - t0
+        r["limit"] = kw.get("limit")
         r["measured_sparsity"] = measured_sparsity(model)
         out[suite] = r
     return out

@@ -62,5 +62,12 @@ def route(logits, budget, min_experts, max_experts):
     return torch.ops.prunepath.route(logits, budget, min_experts, max_experts)
 
 
+def _contiguous(t):
+    return None if t is None else t.contiguous()
+
+
 def routed_ffn(x, w_gate, w_up, w_down, mask, activation, b_up, b_down):
+    # The kernels index weights as row-major slabs (and check it); a non-contiguous weight is
+    # copied here rather than rejected (correct, but a copy per call: keep weights contiguous).
+    w_gate, w_up, w_down, b_up, b_down = map(_contiguous, (w_gate, w_up, w_down, b_up, b_down))
     return torch.ops.prunepath.routed_ffn(x, w_gate, w_up, w_down, mask, activation, b_up, b_down)

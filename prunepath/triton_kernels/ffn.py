@@ -101,7 +101,9 @@ def _ffn_up_kernel(
     acc_u = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
     acc_g = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
     k_start = pid_k * K_PER_SPLIT
-    for kk in range(0, K_PER_SPLIT, BLOCK_K):
+    # a program whose neurons are all dead runs no iteration (it only writes zeros below)
+    k_end = tl.where(tl.max(live.to(tl.int32), axis=0) > 0, K_PER_SPLIT, 0)
+    for kk in range(0, k_end, BLOCK_K):
         offs_k = k_start + kk + tl.arange(0, BLOCK_K)
         k_ok = offs_k < D
         xk = tl.load(x_ptr + offs_t[:, None] * stride_xt + offs_k[None, :],
