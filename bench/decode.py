@@ -657,7 +657,7 @@ def parse_args(argv=None):
     p.add_argument("--bank-steps", type=int, default=64, help="distinct mask steps (cycled)")
     p.add_argument("--no-profile", dest="profile", action="store_false")
     p.add_argument("--overlap", default=str(DEFAULT_OVERLAP))
-    p.add_argument("--overlap-seqs", type=int, default=64)
+    p.add_argument("--overlap-seqs", type=int, default=32)
     p.add_argument("--overlap-len", type=int, default=128)
     p.add_argument("--checkpoint", default=str(SMOLLM2_CHECKPOINT))
     p.add_argument("--presets", default="s30,s50,s70,s90")

@@ -188,6 +188,8 @@ def add_eval_parser(sub) -> None:
                    help="evaluation data folder (default: $PRUNEPATH_DATA or ../shared/data)")
     p.add_argument("--batch-size", type=_positive_int, default=8)
     p.add_argument("--gen-batch-size", type=_positive_int, default=8)
+    p.add_argument("--max-new-tokens", type=_positive_int, default=None,
+                   help="greedy tokens per answer for every generation suite (default: xsum 64, others 128)")
     p.add_argument("--window", type=_positive_int, default=1024, help="WikiText-2 window tokens (default: %(default)s)")
     p.add_argument("--stride", type=_positive_int, default=512, help="WikiText-2 stride tokens (default: %(default)s)")
     p.add_argument("--experts", type=_positive_int, default=48, help="experts per FFN when converting")
@@ -218,7 +220,11 @@ def run_eval(args) -> int:
         paths = write_report(json.loads(res.read_text()), args.out)
         print(f"wrote {paths['markdown']} and {paths['plot']}")
         return 0
+    extra = {}
+    if args.max_new_tokens:
+        extra["max_new_tokens"] = {s: args.max_new_tokens for s in ("xsum", "alpaca_eval", "mt_bench")}
     cfg = SweepConfig(
+        **extra,
         out_dir=args.out, model=args.model, checkpoint=args.checkpoint, methods=args.methods, targets=args.targets,
         suites=args.suites, limit=args.limit, limits=args.limits, data_dir=args.data_dir, seed=args.seed,
         batch_size=args.batch_size, gen_batch_size=args.gen_batch_size, window=args.window, stride=args.stride,

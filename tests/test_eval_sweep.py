@@ -74,7 +74,7 @@ def test_every_method_calibrates_to_the_target(converted, calib_ids, method):
     methods.apply_setting(model, methods.Setting(**{k: v for k, v in s.to_dict().items() if k != "name"}))
     assert methods.measure_sparsity(model, calib_ids) == pytest.approx(s.calib_sparsity, abs=1e-9)
     json.dumps(s.to_dict())  # JSON-able
-    prunepath.set_routing(model, "dense")
+    methods.apply_setting(model, methods.Setting("dense", 0.0))  # also puts trained routers back
 
 
 def test_oracle_router_is_swapped_in_and_back(converted, calib_ids):

@@ -202,7 +202,7 @@ def run_quickstart(cfg: QuickstartConfig | None = None, *, model=None, tokenizer
     """Run every step; returns the numbers (also printed). Injects ``model``/``tokenizer`` if given."""
     cfg = cfg or QuickstartConfig()
     torch.manual_seed(cfg.seed)
-    t_start = time.perf_counter()
+    t_start, cpu_start = time.perf_counter(), time.process_time()
     steps = ["load", "convert", "calibrate", "perplexity", "decode", "save"]
     bar = tqdm(total=len(steps), desc="quickstart", disable=not progress, file=sys.stderr)
     timings = {}
@@ -242,6 +242,7 @@ def run_quickstart(cfg: QuickstartConfig | None = None, *, model=None, tokenizer
     done("save", t0)
     bar.close()
     total = time.perf_counter() - t_start
+    cpu = time.process_time() - cpu_start
 
     n_tok = ppl[next(n for n in ppl if n != "source")]["tokens"]
     out("")
@@ -254,6 +255,6 @@ def run_quickstart(cfg: QuickstartConfig | None = None, *, model=None, tokenizer
         out(f"[{name}] {cfg.prompt}\n  -> {d['answer']}")
     out("")
     out(f"checkpoint: {path}   (load: prunepath.from_pretrained({str(path)!r}, budget='s50'))")
-    out(f"total {total:.0f} s  ({', '.join(f'{k} {v:.0f}s' for k, v in timings.items())})")
+    out(f"total {total:.0f} s wall, {cpu:.0f} s CPU  ({', '.join(f'{k} {v:.0f}s' for k, v in timings.items())})")
     return {"presets": presets, "perplexity": ppl, "decode": dec, "checkpoint": str(path), "timings": timings,
-            "total_s": total}
+            "total_s": total, "cpu_s": cpu}

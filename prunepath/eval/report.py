@@ -273,14 +273,18 @@ def plot(results: dict, path: str | Path) -> Path | None:
 def markdown(results: dict) -> str:
     cfg = results.get("config", {})
     m = results.get("machine", {})
-    limits = {s: cfg.get("limits", {}).get(s, cfg.get("limit")) for s in cfg.get("suites", [])}
+    limits = {}
+    for p in results.get("points", {}).values():
+        for s, r in p.get("suites", {}).items():
+            limits.setdefault(s, set()).add(r.get("limit", "?"))
+    limits = {s: sorted(v, key=str)[0] if len(v) == 1 else sorted(v, key=str) for s, v in limits.items()}
     parts = [
         f"# PrunePath sweep: {cfg.get('model')}",
         "",
         f"- started {results.get('started')}, last point {results.get('finished')}",
         f"- machine: {m.get('cpu')} ({m.get('cores')} cores, {m.get('torch_threads')} torch threads), "
         f"GPU: {m.get('cuda')}",
-        f"- limits per suite (None = full): {limits}",
+        f"- items per suite (None = full; wikitext2: windows; nlu: documents per task): {limits}",
         f"- WikiText-2: window {cfg.get('window')}, stride {cfg.get('stride')} tokens; "
         f"calibration: {results.get('calibration', {})}",
         f"- seed {results.get('seed')}; versions: {results.get('versions')}",

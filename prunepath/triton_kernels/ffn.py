@@ -1,19 +1,21 @@
 """Triton kernels for the block-sparse routed FFN (semantics: :func:`prunepath.ops.reference.routed_ffn_reference`).
 
-Two phases, no data-dependent control flow and no allocation that depends on the mask:
+Two phases; grids and buffers depend on shapes only (never on the mask), no host sync:
 
 1. ``_ffn_up_kernel``, grid ``(cdiv(F, BLOCK_N), KS, cdiv(T, BLOCK_T))``: one program owns
    ``BLOCK_N`` consecutive neurons (chunks are aligned to ``BLOCK_N``, not to experts, so any
    expert size works and weight loads stay vector-aligned) and one of ``KS`` slices of ``d``.
    A neuron is *live* when some token of the block chose its expert; weight rows of dead
-   neurons are never loaded (the loads are predicated off, so no memory traffic). With
-   ``KS == 1`` it writes the activated, token-masked ``h`` [T, F] in the compute dtype; with
-   ``KS > 1`` (more parallelism when few experts are live) it writes fp32 partial
-   pre-activations ``[KS, G, T, F]`` (G = 2 for gated FFNs) that phase 2 adds up.
+   neurons are never loaded (predicated-off loads), and a program with no live neuron runs
+   no loop iteration. With ``KS == 1`` it writes the activated, token-masked ``h`` [T, F] in
+   the compute dtype; with ``KS > 1`` (more parallelism when few experts are live; T <= 2)
+   fp32 partial pre-activations ``[KS, G, T, F]`` (G = 2 for gated FFNs) that phase 2 adds
+   up. Every in-range element is written (zeros for dead neurons).
 2. ``_ffn_down_kernel``, grid ``(cdiv(d, BLOCK_D), S, cdiv(T, BLOCK_T))``: one program owns a
    ``BLOCK_D`` slice of the output and every ``S``-th neuron chunk; it reads ``h`` and the
-   live rows of ``W_down^T`` (any strides: nn.Linear ``W_down [d, F]`` or a prepacked
-   ``W_down^T [F, d]`` whose expert blocks are contiguous), accumulating in fp32.
+   live rows of ``W_down^T`` (any strides: a prepacked ``W_down^T [F, d]`` skips dead rows
+   exactly; with nn.Linear's ``W_down [d, F]`` neurons are the contiguous axis, so a chunk
+   with any live neuron is read whole to keep 16-byte loads), accumulating in fp32.
    ``S == 1`` writes the output (+ b_down) directly, else fp32 partials that
    ``_ffn_reduce_kernel`` sums (deterministic: no atomics).
 
