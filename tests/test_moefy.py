@@ -14,6 +14,9 @@ from tests.tiny_models import FAMILIES, VOCAB, random_ids, tiny_model
 
 pytest.importorskip("transformers")
 
+# several tests convert without calibration on purpose (untrained routers are irrelevant there)
+pytestmark = pytest.mark.filterwarnings("ignore:prunepath.convert. no calibration text")
+
 
 def _cfg(**kw):
     base = dict(num_experts=4, router="mlp", router_rank=8, train_tokens=128, train_seq_len=16,

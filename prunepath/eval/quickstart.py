@@ -226,7 +226,7 @@ def run_quickstart(cfg: QuickstartConfig | None = None, *, model=None, tokenizer
     done("load", t0)
 
     t0 = time.perf_counter()
-    step_convert(model, tokenizer, cfg, progress=False)
+    step_convert(model, tokenizer, cfg, progress=progress)  # its own bars: clustering, capture, training
     done("convert", t0)
     t0 = time.perf_counter()
     presets = step_calibrate(model, tokenizer, cfg, progress=False)
