@@ -38,7 +38,7 @@ class QuickstartConfig:
     train_epochs: int = 8
     targets: list = field(default_factory=lambda: [0.3, 0.5, 0.7])
     per_layer: bool = False
-    calib_tokens: int = 1024
+    calib_tokens: int = 512
     calib_tol: float = 0.01
     ppl_window: int = 512
     ppl_stride: int = 256

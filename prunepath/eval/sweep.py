@@ -299,6 +299,7 @@ def run_sweep(cfg: SweepConfig, *, model=None, tokenizer=None, progress: bool = 
             apply_setting(model, s)
         else:
             s = calibrate_setting(model, method, target, ids, tol=cfg.tol, batch_size=4)
+            s.extra["calibration_tokens"] = int(ids.numel())
         calib_s = time.perf_counter() - t0
         log(f"{name}: calibration sparsity {s.calib_sparsity if s.calib_sparsity is not None else float('nan'):.4f}")
         r = evaluate_setting(model, tokenizer, cfg, todo, dense_answers, dense=(method == "dense"), log=log)
