@@ -530,7 +530,7 @@ def cpu_suite(args) -> list[dict]:
     dec = Decoder(model, 1, max_len, mode=args.mode)
     configs = [("dense", None)] + [(p, p) for p in presets]
     times = {name: [] for name, _ in configs}
-    sparsity = {}
+    sparsity, paths = {}, {}
     for rep in range(args.repeats):  # interleaved: a busy machine slows every config alike
         for name, preset in configs:
             if preset is None:
@@ -542,6 +542,7 @@ def cpu_suite(args) -> list[dict]:
             t0 = time.perf_counter()
             n = dec.decode(args.new)
             times[name].append((time.perf_counter() - t0) * 1e3 / max(n - 1, 1))
+            paths[name] = dec.last_path if preset is not None else "dense"
             sparsity[name] = stats(model, include_report=False)["cumulative"]["sparsity"]
             log(f"  rep {rep} {name:6s} {times[name][-1]:.2f} ms/token sparsity {sparsity[name]:.3f}")
     dense_ms = statistics.median(times["dense"])
@@ -556,7 +557,7 @@ def cpu_suite(args) -> list[dict]:
         rows.append({"model": "smollm2-135m", "batch": 1, "masks": name, "sparsity": s,
                      "union": 1 - s, "ms_per_step": ms, "tok_s": 1e3 / ms,
                      "speedup": dense_ms / ms, "ceiling": ceiling,
-                     "of_ceiling": dense_ms / ms / ceiling, "path": "cpu", "ffn_share": None,
+                     "of_ceiling": dense_ms / ms / ceiling, "path": paths[name], "ffn_share": None,
                      "peak_gib": 0.0, "all_ms": times[name]})
     if args.profile:
         for row, (name, preset) in zip(rows, configs):

@@ -139,6 +139,7 @@ def run_convert(args) -> int:
     from prunepath.calibrate import calibrate_presets
     from prunepath.data import token_batches
     from prunepath.eval.data import calibration_texts
+    from prunepath.eval.methods import routed_backend
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -149,7 +150,8 @@ def run_convert(args) -> int:
     print(f"converting {args.model} (E={args.experts}, {args.clustering}, {args.router} router) on {src}")
     prunepath.convert(model, cfg, calibration=texts, tokenizer=tok)
     ids = token_batches(texts[len(texts) // 2 :], tok, num_tokens=2048, seq_len=256)
-    presets = calibrate_presets(model, ids, targets=tuple(args.presets), per_layer=args.per_layer)
+    with routed_backend(model, "torch"):  # same results; fast for 256-token calibration forwards on CPU
+        presets = calibrate_presets(model, ids, targets=tuple(args.presets), per_layer=args.per_layer)
     for name, p in presets.items():
         desc = f"{p:.4f}" if isinstance(p, float) else f"per-layer, mean {sum(p) / len(p):.4f}"
         print(f"  preset {name}: budget {desc}")
@@ -195,6 +197,9 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--experts", type=_positive_int, default=48, help="experts per FFN when converting")
     p.add_argument("--train-tokens", type=_positive_int, default=32768, help="router training tokens when converting")
     p.add_argument("--calib-tokens", type=_positive_int, default=4096, help="calibration tokens for matching sparsity")
+    p.add_argument("--backend", default="torch", choices=["auto", "torch", "cpu", "triton", "cuda"],
+                   help="ops backend of the routed FFNs during evaluation (default: torch = masked dense "
+                   "reference; same results, fastest for prompt-length forwards on CPU)")
     p.add_argument("--tol", type=float, default=0.005,
                    help="accepted |measured - target| sparsity on calibration text (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
@@ -229,7 +234,7 @@ def run_eval(args) -> int:
         suites=args.suites, limit=args.limit, limits=args.limits, data_dir=args.data_dir, seed=args.seed,
         batch_size=args.batch_size, gen_batch_size=args.gen_batch_size, window=args.window, stride=args.stride,
         num_experts=args.experts, train_tokens=args.train_tokens, calib_tokens=args.calib_tokens, tol=args.tol,
-        threads=args.threads,
+        threads=args.threads, backend=args.backend,
     )
     run_sweep(cfg, progress=not args.no_progress)
     print((Path(args.out) / "results.md").read_text())

@@ -22,6 +22,7 @@ each evaluation suite. Discrete knobs (k, kept experts) take the value nearest t
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -62,6 +63,26 @@ class Setting:
 def check_method(method: str) -> None:
     if method not in ALL_METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {ALL_METHODS}")
+
+
+@contextlib.contextmanager
+def routed_backend(model, backend: str | None):
+    """Temporarily run every routed FFN on ops ``backend`` (None: leave as is).
+
+    "torch" (the reference: the dense FFN with inactive neurons zeroed) gives the same
+    results as every backend and is the fast choice for prompt-length forwards on a CPU.
+    """
+    from prunepath.budget import routed_layers
+
+    layers = routed_layers(model) if backend else []
+    saved = [layer.backend for layer in layers]
+    try:
+        for layer in layers:
+            layer.backend = backend
+        yield model
+    finally:
+        for layer, b in zip(layers, saved):
+            layer.backend = b
 
 
 def use_oracle_router(model, on: bool) -> None:

@@ -228,12 +228,16 @@ def run_quickstart(cfg: QuickstartConfig | None = None, *, model=None, tokenizer
     t0 = time.perf_counter()
     step_convert(model, tokenizer, cfg, progress=progress)  # its own bars: clustering, capture, training
     done("convert", t0)
-    t0 = time.perf_counter()
-    presets = step_calibrate(model, tokenizer, cfg, progress=False)
-    done("calibrate", t0)
-    t0 = time.perf_counter()
-    ppl = step_perplexity(model, tokenizer, cfg, presets, progress=False)
-    done("perplexity", t0)
+    from .methods import routed_backend
+
+    # many-token forwards (calibration, perplexity) on the masked-dense reference; decode keeps "auto"
+    with routed_backend(model, "torch"):
+        t0 = time.perf_counter()
+        presets = step_calibrate(model, tokenizer, cfg, progress=False)
+        done("calibrate", t0)
+        t0 = time.perf_counter()
+        ppl = step_perplexity(model, tokenizer, cfg, presets, progress=False)
+        done("perplexity", t0)
     t0 = time.perf_counter()
     dec = step_decode(model, tokenizer, cfg, presets, progress=False)
     done("decode", t0)
