@@ -149,8 +149,11 @@ def main(argv=None) -> int:
                 prunepath.set_budget(model, p)
                 prunepath.reset_stats(model)
                 t0 = time.perf_counter()
-                ppl, _ = strided_ppl(model, test_ids, args.window, args.stride)
-                test_sparsity = prunepath.stats(model)["cumulative"]["sparsity"]
+                if target == 0.0:  # budget 1.0 runs the original FFNs: exactly the dense model
+                    ppl, test_sparsity = dense_ppl, 0.0
+                else:
+                    ppl, _ = strided_ppl(model, test_ids, args.window, args.stride)
+                    test_sparsity = prunepath.stats(model)["cumulative"]["sparsity"]
                 point = {"mode": mode, "target": target, "preset": name, "budget": p,
                          "calib_sparsity": calib_measured, "test_sparsity": test_sparsity,
                          "ppl": ppl, "ppl_vs_dense_pct": 100 * (ppl / dense_ppl - 1),
