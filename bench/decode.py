@@ -117,20 +117,27 @@ class SyntheticRouter(nn.Module):
     shared ``step`` counter ``[1]`` advances once per decode step (in the last layer).
     """
 
-    def __init__(self, real: nn.Module, bank: torch.Tensor, step: torch.Tensor, advance: bool):
+    def __init__(self, real: nn.Module, bank: torch.Tensor, step: torch.Tensor, advance: bool,
+                 project: bool = True):
         super().__init__()
         self.real = real
         self.register_buffer("bank", bank, persistent=False)
         self.step = step
         self.advance = advance
+        # project=False: no router projection at all (logits = the bank row): measures what
+        # the router's own kernels cost (bench variant "norouter")
+        self.project = project
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         r = self.real
-        h = torch.nn.functional.gelu(r.fc1(r.standardize(x.to(r.fc1.weight.dtype))))
         rows = self.bank.index_select(0, self.step).squeeze(0)  # [B, E]
         if x.shape[0] != rows.shape[0]:  # a prompt (T = B * S): one mask per sequence
             rows = rows.repeat_interleave(x.shape[0] // rows.shape[0], dim=0)
-        out = torch.addmm(rows, h, r.fc2.weight.t(), alpha=1e-30)
+        if self.project:
+            h = torch.nn.functional.gelu(r.fc1(r.standardize(x.to(r.fc1.weight.dtype))))
+            out = torch.addmm(rows, h, r.fc2.weight.t(), alpha=1e-30)
+        else:
+            out = rows
         if self.advance:
             self.step.add_(1).remainder_(self.bank.shape[0])
         return out
@@ -181,18 +188,29 @@ def make_bank(num_layers, steps, batch, num_experts, k, popularity=None, seed=0)
     return torch.zeros_like(g, dtype=torch.bool).scatter_(-1, idx, True)
 
 
-def install_masks(model, chosen: torch.Tensor) -> None:
-    """Give every RoutedFFN a SyntheticRouter over ``chosen`` [L, S, B, E]; budget 1-0.5/k."""
+def install_masks(model, chosen: torch.Tensor, project: bool = True) -> None:
+    """Give every RoutedFFN a SyntheticRouter over ``chosen`` [L, S, B, E]; budget 1-0.5/k.
+
+    Routers already installed with the same bank shape and ``project`` are refilled in place
+    (same tensors), so a decoder's captured CUDA graphs stay valid and are reused."""
     import prunepath
     from prunepath.budget import routed_layers
 
     layers = routed_layers(model)
     dev = layers[0].budget.device
-    step = torch.zeros(1, dtype=torch.long, device=dev)
+    old = [m.router for m in layers]
+    reuse = all(isinstance(r, SyntheticRouter) and r.project == project
+                and tuple(r.bank.shape) == tuple(chosen.shape[1:]) for r in old)
+    step = old[0].step if reuse else torch.zeros(1, dtype=torch.long, device=dev)
+    step.zero_()
     for i, layer in enumerate(layers):
         real = layer.router.real if isinstance(layer.router, SyntheticRouter) else layer.router
         bank = torch.where(chosen[i], 0.0, NEG).to(device=dev, dtype=real.fc1.weight.dtype)
-        layer.router = SyntheticRouter(real, bank, step, advance=i == len(layers) - 1)
+        if reuse:
+            layer.router.bank.copy_(bank)
+        else:
+            layer.router = SyntheticRouter(real, bank, step, advance=i == len(layers) - 1,
+                                           project=project)
     k = int(chosen[0, 0, 0].sum())
     prunepath.set_budget(model, 1.0 - 0.5 / k)
 
@@ -273,11 +291,19 @@ def profile_ffn_ms(dec, model, prompt, steps: int = 3) -> dict:
                 dec.step(eager=True)
             sync(dec.device)
             wall = time.perf_counter() - t0
-    ffn = [e for e in prof.key_averages()
-           if e.key == "prunepath_ffn" and e.device_type == DeviceType.CPU]
+    avgs = prof.key_averages()
+    ffn = [e for e in avgs if e.key == "prunepath_ffn" and e.device_type == DeviceType.CPU]
     attr = "device_time_total" if cuda else "cpu_time_total"
-    return {"ffn_ms": sum(getattr(e, attr) for e in ffn) / 1e3 / steps,
-            "step_ms": wall * 1e3 / steps}
+    out = {"ffn_ms": sum(getattr(e, attr) for e in ffn) / 1e3 / steps,
+           "step_ms": wall * 1e3 / steps}
+    if cuda:  # per-kernel breakdown (device time and launches per step)
+        kern = [e for e in avgs if e.device_type == DeviceType.CUDA and e.key != "prunepath_ffn"]
+        kern.sort(key=lambda e: -e.device_time_total)
+        out["kernel_us_per_step"] = sum(e.device_time_total for e in kern) / steps
+        out["kernels_per_step"] = sum(e.count for e in kern) / steps
+        out["top_kernels"] = [{"name": e.key[:120], "us": e.device_time_total / steps,
+                               "calls": e.count / steps} for e in kern[:25]]
+    return out
 
 
 def time_decode(dec, prompt: torch.Tensor, new_tokens: int, repeats: int = 1) -> dict:
@@ -370,10 +396,13 @@ def popularity_for(overlap: dict, sparsity: float, num_layers: int, num_experts:
 
 
 def gpu_suite(args) -> list[dict]:
+    import traceback
+
     import prunepath
     from prunepath.convert import wrap
     from prunepath.decode import Decoder
 
+    t_start = time.perf_counter()
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     elem = torch.finfo(dtype).bits // 8
@@ -382,83 +411,146 @@ def gpu_suite(args) -> list[dict]:
         log(f"[no overlap file {args.overlap}: smollm2-overlap masks skipped]")
     prompt_len, new = args.prompt, args.new
     max_len = prompt_len + new
-    rows, results = [], []
+    rows, results, errors = [], [], []
     out_json = Path(args.out) / "gpu.json"
+
+    def save():
+        atomic_write_json(out_json, {"env": environment(device), "args": vars(args),
+                                     "rows": [asdict(r) for r in rows], "details": results,
+                                     "errors": errors,
+                                     "elapsed_s": time.perf_counter() - t_start})
+
+    def time_left() -> float:
+        return args.deadline - (time.perf_counter() - t_start) if args.deadline else math.inf
+
+    def measure(dec, model, prompt, batch, profile):
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        t = time_decode(dec, prompt, new, repeats=args.repeats)
+        peak = _peak_gib(device)
+        prof = {}
+        if profile:
+            try:  # a profiler failure must not lose the timing
+                prof = profile_ffn_ms(dec, model, prompt)
+            except Exception as exc:
+                log(f"!! profile failed: {exc!r}")
+                errors.append({"config": "profile", "error": repr(exc)})
+        return t, prof, peak
+
+    def record(row, info, prof, t):
+        rows.append(row)
+        results.append({**asdict(row), "mask_info": info, "profile": prof,
+                        "all_ms_per_step": t["all_ms_per_step"]})
+        log(_fmt(row))
+        save()
+
+    def guarded(what, fn):
+        try:
+            return fn()
+        except Exception as exc:  # one failing configuration must not lose the others
+            log(f"!! {what} failed: {exc!r}")
+            errors.append({"config": what, "error": repr(exc),
+                           "traceback": traceback.format_exc()[-3000:]})
+            save()
+            return None
+
     for name in args.models:
+        if time_left() < 60:
+            log(f"[deadline: {name} skipped]")
+            break
         t0 = time.perf_counter()
         model = build_llama(name, device, dtype)
         cfg = model.config
         log(f"== {name}: built in {time.perf_counter() - t0:.1f}s")
         e = args.experts
         for batch in args.batches:
+            if time_left() < 15:
+                log(f"[deadline: {name} batch {batch} skipped]")
+                break
             gen = torch.Generator().manual_seed(batch)
             prompt = torch.randint(0, cfg.vocab_size, (batch, prompt_len), generator=gen).to(device)
             # dense: the unconverted model, same decoder
             if prunepath.decode.routed_layers(model):
                 prunepath.unload(model)
-            torch.cuda.reset_peak_memory_stats(device) if device.type == "cuda" else None
-            dec = Decoder(model, batch, max_len, mode=args.mode)
-            t = time_decode(dec, prompt, new, repeats=args.repeats)
-            prof = profile_ffn_ms(dec, model, prompt) if args.profile else {}
-            dense_ms = t["ms_per_step"]
             dense_bytes = step_bytes(cfg, batch, max_len, elem=elem)
-            row = Row(name, batch, "dense", 0.0, 1.0, dense_ms, batch * 1e3 / dense_ms,
-                      ffn_ms=prof.get("ffn_ms"),
-                      ffn_share=(prof["ffn_ms"] / dense_ms) if prof else None,
-                      peak_gib=_peak_gib(device), prefill_ms=t["prefill_ms"])
-            row.of_ceiling = 1.0
-            rows.append(row)
-            log(_fmt(row))
-            del dec
+
+            def dense_run():
+                dec = Decoder(model, batch, max_len, mode=args.mode)
+                t, prof, peak = measure(dec, model, prompt, batch, args.profile)
+                ms = t["ms_per_step"]
+                row = Row(name, batch, "dense", 0.0, 1.0, ms, batch * 1e3 / ms,
+                          ffn_ms=prof.get("ffn_ms"),
+                          ffn_share=(prof["ffn_ms"] / ms) if prof else None,
+                          peak_gib=peak, prefill_ms=t["prefill_ms"])
+                record(row, {}, prof, t)
+                return ms
+
+            dense_ms = guarded(f"{name} B={batch} dense", dense_run)
+            if dense_ms is None:
+                continue
             # PrunePath: wrap (no clustering: random weights), then synthetic masks
             wrap(model, prunepath.PrunePathConfig(num_experts=e, clustering="none", router="mlp",
                                                   router_rank=args.router_rank,
                                                   prefill="dense", backend=args.backend))
-            dec = Decoder(model, batch, max_len, mode=args.mode, ffn_path=args.ffn_path)
             kinds = ["independent"] if batch == 1 else list(MASK_MODELS)
-            for sparsity in args.sparsities:
-                k = max(1, round(e * (1 - sparsity)))
-                for kind in kinds:
+            configs = [(s_, kind, "") for s_ in args.sparsities for kind in kinds]
+            if batch == 1:  # overhead variants: no statistics; no router projection either
+                configs += [(s_, "independent", v) for v in args.variants
+                            for s_ in args.sparsities if s_ in (0.5, 0.75)]
+            dec = Decoder(model, batch, max_len, mode=args.mode, ffn_path=args.ffn_path)
+            for sparsity, kind, variant in configs:
+                if time_left() < 10:
+                    log(f"[deadline: {name} B={batch} s={sparsity} {kind} {variant} skipped]")
+                    break
+                if kind == "smollm2" and overlap is None:
+                    continue
+                label = kind + (f"+{variant}" if variant else "")
+
+                def sparse_run():
+                    k = max(1, round(e * (1 - sparsity)))
                     info = {}
                     if kind == "smollm2":
-                        if overlap is None:
-                            continue
                         pop, info = popularity_for(overlap, sparsity, cfg.num_hidden_layers, e, k,
                                                    batch)
                     else:
                         pop = None
                     chosen = make_bank(cfg.num_hidden_layers, args.bank_steps, batch, e, k, pop,
                                        seed=batch * 100 + k)
-                    install_masks(model, chosen)
+                    install_masks(model, chosen, project=variant != "norouter")
+                    prunepath.budget.set_stats_recording(model, variant == "")
+                    if variant:  # a fresh decoder: its steps capture the variant's kernels
+                        vdec = Decoder(model, batch, max_len, mode=args.mode,
+                                       ffn_path=args.ffn_path)
                     u = union_density(chosen)
-                    if device.type == "cuda":
-                        torch.cuda.reset_peak_memory_stats(device)
-                    t = time_decode(dec, prompt, new, repeats=args.repeats)
-                    prof = profile_ffn_ms(dec, model, prompt) if args.profile and batch in (1, 8) else {}
+                    profile = args.profile and batch in (1, 8)
+                    t, prof, peak = measure(vdec if variant else dec, model, prompt, batch,
+                                            profile)
+                    used = vdec if variant else dec
                     ms = t["ms_per_step"]
-                    sparse_bytes = step_bytes(cfg, batch, max_len, u, e, args.router_rank, elem)
+                    sparse_bytes = step_bytes(cfg, batch, max_len, u, e,
+                                              args.router_rank if variant != "norouter" else 0,
+                                              elem)
                     ceiling = dense_bytes / sparse_bytes
-                    row = Row(name, batch, kind, 1 - k / e, u, ms, batch * 1e3 / ms,
+                    row = Row(name, batch, label, 1 - k / e, u, ms, batch * 1e3 / ms,
                               speedup=dense_ms / ms, ceiling=ceiling,
                               of_ceiling=dense_ms / ms / ceiling,
-                              path=getattr(dec, "last_path", "sparse"),
-                              path_ms=dict(getattr(dec, "path_timings", {}) or {}),
+                              path=getattr(used, "last_path", "sparse"),
+                              path_ms=dict(getattr(used, "path_timings", {}) or {}),
                               ffn_ms=prof.get("ffn_ms"),
                               ffn_share=(prof["ffn_ms"] / ms) if prof else None,
-                              peak_gib=_peak_gib(device), prefill_ms=t["prefill_ms"])
-                    rows.append(row)
-                    results.append({**asdict(row), "mask_info": info})
-                    log(_fmt(row))
-                    atomic_write_json(out_json, {"env": environment(device), "args": vars(args),
-                                                 "rows": [asdict(r) for r in rows],
-                                                 "details": results})
+                              peak_gib=peak, prefill_ms=t["prefill_ms"])
+                    record(row, info, prof, t)
+
+                guarded(f"{name} B={batch} s={sparsity} {label}", sparse_run)
+                prunepath.budget.set_stats_recording(model, True)
             del dec
             prunepath.unload(model)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    atomic_write_json(out_json, {"env": environment(device), "args": vars(args),
-                                 "rows": [asdict(r) for r in rows], "details": results})
+    save()
     return [asdict(r) for r in rows]
 
 
@@ -668,6 +760,13 @@ def parse_args(argv=None):
     p.add_argument("--backend", default="auto", help="ops backend of the routed FFNs")
     p.add_argument("--bank-steps", type=int, default=64, help="distinct mask steps (cycled)")
     p.add_argument("--no-profile", dest="profile", action="store_false")
+    p.add_argument("--variants", default="nostats,norouter",
+                   help="gpu suite, batch 1 at 50/75%%: extra rows without statistics "
+                        "recording (nostats) and also without the router projection "
+                        "(norouter); empty for none")
+    p.add_argument("--deadline", type=float, default=0.0,
+                   help="gpu suite: start no new configuration after this many seconds "
+                        "(0: no limit); the JSON holds every row measured so far")
     p.add_argument("--overlap", default=str(DEFAULT_OVERLAP))
     p.add_argument("--overlap-seqs", type=int, default=32)
     p.add_argument("--overlap-len", type=int, default=128)
@@ -679,6 +778,10 @@ def parse_args(argv=None):
     a.batches = [int(b) for b in a.batches.split(",")]
     a.sparsities = [float(s) for s in a.sparsities.split(",")]
     a.presets = a.presets.split(",")
+    a.variants = [v for v in a.variants.split(",") if v]
+    bad = set(a.variants) - {"nostats", "norouter"}
+    if bad:
+        p.error(f"--variants: unknown {sorted(bad)}; choose from nostats, norouter")
     gpu = a.suite == "gpu"
     a.device = a.device or ("cuda" if gpu else "cpu")
     a.prompt = a.prompt or (256 if gpu else 64)

@@ -77,10 +77,13 @@ def routed_layers(model) -> list[torch.nn.Module]:
 
 def _routing_key(layers) -> tuple:
     """The host-side routing state a captured step depends on (a change means a new capture).
-    Budget *values* are not part of it: they live in device buffers the step reads."""
+    Budget *values* are not part of it: they live in device buffers the step reads. A
+    replaced router module (a new object: a captured graph would still read the old one's
+    tensors) and switching statistics recording on/off are."""
     return tuple(
         (m.policy, m._dense_budget, m.topk, tuple(m.budget.shape), m.budget.data_ptr(),
-         getattr(m, "backend", None), getattr(m, "ffn_backend", None))
+         getattr(m, "backend", None), getattr(m, "ffn_backend", None), id(m.router),
+         getattr(m, "record_stats", True), getattr(m, "temperature", 1.0))
         for m in layers
     )
 
@@ -109,8 +112,10 @@ _SYNC_OPS = (
     "aten::nonzero",
     "aten::masked_select",
     "aten::unique",
+    "aten::_unique",
     "aten::_unique2",
     "aten::repeat_interleave",  # with a tensor of repeats: output size depends on values
+    "aten::isin",  # on CUDA, larger test sets take a sorting path that syncs (seen on an H100)
 )
 
 
@@ -211,6 +216,7 @@ class Decoder:
         self._steps = {}  # (greedy, top_k, padded, ffn_path) -> callable running one step
         self._path_choice = {}  # budget key -> "sparse" | "dense" (ffn_path="auto")
         self._graph_pool = None
+        self._key_refs = []  # routers named (by id) in the keys of self._steps
         self.last_path = None  # FFN path of the last decode ("sparse" / "dense")
         self.path_timings = None  # ms per step of each path, when ffn_path="auto" timed them
 
@@ -232,7 +238,8 @@ class Decoder:
     def _emit(self, logits: torch.Tensor, greedy: bool, top_k: int | None) -> None:
         nxt = self._choose(logits, greedy, top_k)
         nxt = torch.where(self._done, self._pad, nxt)
-        self._done |= torch.isin(nxt, self._eos)
+        # not torch.isin: on CUDA it may take a sort/unique path that cannot be captured
+        self._done |= (nxt.unsqueeze(-1) == self._eos).any(-1)
         self._token.copy_(nxt)
         self._out.index_copy_(1, self._n, nxt.unsqueeze(1))
         self._n += 1
@@ -291,6 +298,8 @@ class Decoder:
         else:
             fn = self._capture(eager_step)
         self._steps[key] = fn
+        # the key holds id(router): keep those routers alive so no new router reuses an id
+        self._key_refs.append([m.router for m in self.layers])
         return fn
 
     def _state(self) -> list[torch.Tensor]:

@@ -70,11 +70,15 @@ class RoutedFFN(nn.Module):
         prefill: "routed" or "dense" (forwards over more than one position per sequence run dense).
         min_experts: each token keeps at least this many experts.
         backend: ops backend.
+
+    ``ffn_backend`` (attribute, default ``None`` = same as ``backend``) overrides the backend
+    of ``ops.routed_ffn`` alone; routing keeps ``backend``. The decoder sets it to "torch"
+    for its masked-dense FFN path, so routing still runs the fast kernels.
     """
 
     def __init__(self, base: nn.Module, fam: Family, activation: str, num_experts: int,
                  router: nn.Module, *, layer_idx: int = 0, prefill: str = "routed",
-                 min_experts: int = 1, backend: str = "auto"):
+                 min_experts: int = 1, backend: str = "auto", temperature: float = 1.0):
         super().__init__()
         self.base = base
         self.router = router
@@ -84,7 +88,9 @@ class RoutedFFN(nn.Module):
         self.layer_idx = int(layer_idx)
         self.prefill = prefill
         self.min_experts = int(min_experts)
+        self.temperature = float(temperature)  # budget rule: softmax(logits / temperature)
         self.backend = backend
+        self.ffn_backend: str | None = None  # None: same as backend (routed_ffn only)
         w = self.weights()
         self.hidden_size, self.intermediate_size = w.hidden_size, w.intermediate_size
         if self.intermediate_size % self.num_experts:
@@ -122,10 +128,13 @@ class RoutedFFN(nn.Module):
 
     # --- routing ------------------------------------------------------------------------
     def router_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Router logits ``[T, E]`` for FFN inputs ``x`` ``[T, d]``."""
+        """Router logits ``[T, E]`` for FFN inputs ``x`` ``[T, d]``, divided by ``temperature``
+        (top-k and calibrated thresholds are unaffected by it: it keeps the ranking)."""
         if getattr(self.router, "needs_ffn", False):
-            return self.router(x, self)
-        return self.router(x)
+            logits = self.router(x, self)
+        else:
+            logits = self.router(x)
+        return logits if self.temperature == 1.0 else logits / self.temperature
 
     def token_budget(self, num_tokens: int, batch: int | None) -> torch.Tensor:
         """The budget of each of ``num_tokens`` tokens (sequence-major), fp32 ``[T]``."""
@@ -181,7 +190,8 @@ class RoutedFFN(nn.Module):
         w_gate, w_up, w_down = (None if t is None else _contiguous(t)
                                 for t in (w.w_gate, w.w_up, w.w_down))
         y = ops.routed_ffn(x2, w_gate, w_up, w_down, mask, activation=self.activation,
-                           b_up=w.b_up, b_down=w.b_down, backend=self.backend)
+                           b_up=w.b_up, b_down=w.b_down,
+                           backend=self.ffn_backend or self.backend)
         if self.record_stats:
             self._record(mask)
         if self.fam.dropout is not None:
@@ -191,10 +201,11 @@ class RoutedFFN(nn.Module):
     # --- statistics (device-side, no host sync) --------------------------------------------
     @torch.no_grad()
     def _record(self, mask: torch.Tensor) -> None:
-        active = mask.sum(dtype=torch.float32) / self.num_experts  # sum over tokens of active fraction
+        # 4 small kernels (this runs inside every captured decode step)
+        active = mask.sum(dtype=torch.float64)  # active experts, summed over tokens
         t = mask.shape[0]
-        self.last_active.copy_(active / max(t, 1))
-        self.active_sum.add_(active.double())
+        torch.div(active, self.num_experts * max(t, 1), out=self.last_active)
+        self.active_sum.add_(active, alpha=1.0 / self.num_experts)  # sum of active fractions
         self.token_count.add_(t)
 
     @torch.no_grad()

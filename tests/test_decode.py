@@ -106,6 +106,26 @@ def test_auto_path_times_both_and_picks_one():
     assert all(m.backend == "auto" for m in prunepath.budget.routed_layers(model))  # restored
 
 
+def test_new_router_or_stats_switch_is_a_new_step():
+    # a captured step reads the router's own tensors: a replaced router must not replay it
+    import copy
+
+    model = routed(seed=36)
+    prunepath.set_budget(model, 0.5)
+    ids, _ = prompts(1, 4, seed=37)
+    dec = Decoder(model, 1, 4 + NEW, ffn_path="sparse")
+    dec.generate(ids, NEW, eos_token_id=[])
+    layer = prunepath.budget.routed_layers(model)[0]
+    layer.router = copy.deepcopy(layer.router)
+    with torch.no_grad():
+        layer.router.proj.weight.mul_(-1.0)
+    assert torch.equal(dec.generate(ids, NEW, eos_token_id=[]), hf_greedy(model, ids))
+    assert len(dec._steps) == 2
+    prunepath.budget.set_stats_recording(model, False)
+    assert torch.equal(dec.generate(ids, NEW, eos_token_id=[]), hf_greedy(model, ids))
+    assert len(dec._steps) == 3
+
+
 def test_per_sequence_budget_tensor():
     model = routed(seed=9)
     ids, _ = prompts(2, 5, seed=10)
