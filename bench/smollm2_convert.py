@@ -64,7 +64,8 @@ def main(argv=None) -> int:
     ap.add_argument("--experts", type=int, nargs="+", default=[48, 96])
     ap.add_argument("--clustering", default="balanced_kmeans",
                     choices=["balanced_kmeans", "coactivation", "none"])
-    ap.add_argument("--router", default="mlp", choices=["mlp", "linear"])
+    ap.add_argument("--router", default="mlp", choices=["mlp", "linear", "oracle"],
+                    help="oracle: route on the true expert shares (no router; the rule's upper bound)")
     ap.add_argument("--rank", type=int, default=64)
     ap.add_argument("--train-tokens", type=int, default=32768)
     ap.add_argument("--epochs", type=int, default=8)

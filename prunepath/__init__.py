@@ -25,6 +25,7 @@ _LAZY = {
     "budget": "prunepath.budget",
     "stats": "prunepath.budget",
     "set_routing": "prunepath.budget",
+    "set_router_temperature": "prunepath.budget",
     "reset_stats": "prunepath.budget",
     "router_report": "prunepath.routers",
     "calibrate": "prunepath.calibrate",

@@ -253,6 +253,29 @@ def set_backend(model: nn.Module, backend: str) -> None:
         cfg.backend = backend
 
 
+def set_router_temperature(model: nn.Module, temperature: float) -> None:
+    """The budget rule's softmax temperature on every routed FFN (1.0: the paper's rule).
+
+    Budgets calibrated at another temperature keep other sparsities, so the model's saved
+    presets are dropped (with a warning): calibrate again after changing it.
+    """
+    import warnings
+
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+            or not 0 < temperature < float("inf"):
+        raise ValueError(f"temperature must be a finite float > 0, got {temperature!r}")
+    for layer in routed_layers(model):
+        layer.temperature = float(temperature)
+    cfg = _config(model)
+    if cfg is not None:
+        if cfg.presets and cfg.router_temperature != temperature:
+            warnings.warn(f"router temperature {cfg.router_temperature} -> {temperature}: dropping the "
+                          f"presets {sorted(cfg.presets)} calibrated at the old one; calibrate again",
+                          stacklevel=2)
+            cfg.presets = {}
+        cfg.router_temperature = float(temperature)
+
+
 def set_stats_recording(model: nn.Module, enabled: bool) -> None:
     """Turn the per-forward statistics counters on or off (e.g. off inside CUDA graphs)."""
     for layer in routed_layers(model):

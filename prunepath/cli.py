@@ -120,6 +120,7 @@ def add_convert_parser(sub) -> None:
     p.add_argument("--clustering", default="balanced_kmeans", choices=["balanced_kmeans", "coactivation", "none"])
     p.add_argument("--router", default="mlp", choices=["linear", "mlp", "oracle"])
     p.add_argument("--router-rank", type=_positive_int, default=64)
+    p.add_argument("--router-temperature", type=float, default=2.0, help="softmax temperature of the budget rule (1 = the paper's rule; 2 keeps quality better on SmolLM2, see EVAL.md) (default: %(default)s)")
     p.add_argument("--train-tokens", type=_positive_int, default=32768,
                    help="router training tokens from WikiText-2 valid (default: %(default)s)")
     p.add_argument("--presets", type=_floats, default=[0.3, 0.5, 0.7, 0.9],
@@ -146,7 +147,8 @@ def run_convert(args) -> int:
     model, tok = prunepath.models.load(args.model)
     texts, src = calibration_texts(args.data_dir)
     cfg = prunepath.PrunePathConfig(num_experts=args.experts, clustering=args.clustering, router=args.router,
-                                    router_rank=args.router_rank, train_tokens=args.train_tokens, seed=args.seed)
+                                    router_rank=args.router_rank, train_tokens=args.train_tokens, seed=args.seed,
+                                    router_temperature=args.router_temperature)
     print(f"converting {args.model} (E={args.experts}, {args.clustering}, {args.router} router) on {src}")
     prunepath.convert(model, cfg, calibration=texts, tokenizer=tok)
     ids = token_batches(texts[len(texts) // 2 :], tok, num_tokens=2048, seq_len=256)
@@ -197,6 +199,7 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--experts", type=_positive_int, default=48, help="experts per FFN when converting")
     p.add_argument("--train-tokens", type=_positive_int, default=32768, help="router training tokens when converting")
     p.add_argument("--calib-tokens", type=_positive_int, default=4096, help="calibration tokens for matching sparsity")
+    p.add_argument("--router-temperature", type=float, default=2.0, help="softmax temperature of the budget rule (1 = the paper's rule; 2 keeps quality better on SmolLM2, see EVAL.md) (default: %(default)s)")
     p.add_argument("--backend", default="torch", choices=["auto", "torch", "cpu", "triton", "cuda"],
                    help="ops backend of the routed FFNs during evaluation (default: torch = masked dense "
                    "reference; same results, fastest for prompt-length forwards on CPU)")
@@ -234,7 +237,7 @@ def run_eval(args) -> int:
         suites=args.suites, limit=args.limit, limits=args.limits, data_dir=args.data_dir, seed=args.seed,
         batch_size=args.batch_size, gen_batch_size=args.gen_batch_size, window=args.window, stride=args.stride,
         num_experts=args.experts, train_tokens=args.train_tokens, calib_tokens=args.calib_tokens, tol=args.tol,
-        threads=args.threads, backend=args.backend,
+        threads=args.threads, backend=args.backend, router_temperature=args.router_temperature,
     )
     run_sweep(cfg, progress=not args.no_progress)
     print((Path(args.out) / "results.md").read_text())

@@ -43,6 +43,10 @@ class PrunePathConfig:
     Routing at run time:
         prefill: "routed" (prompt tokens are routed like decode tokens) or "dense".
         min_experts: every token keeps at least this many experts (budget 0 -> min_experts).
+        router_temperature: the budget rule reads softmax(logits / router_temperature).
+            1.0 is the paper's rule; > 1 flattens the distribution, so tokens and layers
+            whose router is very confident keep more experts (see EVAL.md: on SmolLM2 the
+            confident last layers are starved at 1.0). Presets are calibrated for one value.
         backend: ops backend for routing and the routed FFN ("auto" picks one).
         presets: calibrated budgets by name, e.g. {"s50": 0.62} or {"s50": [per-layer list]}.
         seed: seeds clustering and router initialisation.
@@ -64,6 +68,7 @@ class PrunePathConfig:
     holdout_fraction: float = 0.1
     prefill: str = "routed"
     min_experts: int = 1
+    router_temperature: float = 1.0
     backend: str = "auto"
     seed: int = 0
     presets: dict = field(default_factory=dict)
@@ -105,6 +110,8 @@ class PrunePathConfig:
              "holdout_fraction", "in [0, 1)")
         need(isinstance(self.min_experts, int) and 0 <= self.min_experts <= self.num_experts,
              "min_experts", f"an int in [0, num_experts={self.num_experts}]")
+        need(isinstance(self.router_temperature, (int, float)) and not isinstance(self.router_temperature, bool)
+             and 0 < self.router_temperature < float("inf"), "router_temperature", "a finite float > 0")
         need(isinstance(self.seed, int), "seed", "an int")
         need(isinstance(self.presets, dict), "presets", "a dict name -> budget")
         for key, value in self.presets.items():

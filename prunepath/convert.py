@@ -86,7 +86,8 @@ def wrap(model: nn.Module, cfg: PrunePathConfig) -> nn.Module:
         else:
             base = owner
         routed = RoutedFFN(base, fam, activation, cfg.num_experts, router, layer_idx=i,
-                           prefill=cfg.prefill, min_experts=cfg.min_experts, backend=cfg.backend)
+                           prefill=cfg.prefill, min_experts=cfg.min_experts, backend=cfg.backend,
+                           temperature=cfg.router_temperature)
         if fam.inline_ffn:
             setattr(owner, fam.up, routed)
             setattr(owner, fam.down, nn.Identity())

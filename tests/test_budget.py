@@ -200,3 +200,42 @@ def test_stats_cumulative_counts_tokens(trained):
 def test_stats_needs_a_converted_model():
     with pytest.raises(ValueError, match="convert it first"):
         prunepath.stats(tiny_model("llama"))
+
+
+def test_router_temperature_flattens_the_budget_rule(trained):
+    """logits / t: the same ranking, a flatter softmax; t -> large tends to top-k of the budget's
+    mean size, and the masks equal ops.route on the divided logits."""
+    ids = random_ids(2, 24, seed=5)
+    layer = routed_layers(trained)[0]
+    x = torch.randn(40, layer.hidden_size, generator=torch.Generator().manual_seed(2))
+    prunepath.set_budget(trained, 0.6)
+    try:
+        counts = {}
+        for t in (1.0, 3.0):
+            prunepath.set_router_temperature(trained, t)
+            assert trained.prunepath_config.router_temperature == t
+            with torch.no_grad():
+                raw = layer.router(x)
+                mask = layer.expert_mask(x)
+            ref = prunepath.ops.route(raw / t, 0.6, backend="torch")
+            assert torch.equal(mask, ref)
+            counts[t] = mask.sum(-1).float()
+            _logits(trained, ids)  # the whole model runs with it
+        # a flatter softmax needs at least as many experts to reach the same mass for every token
+        assert bool((counts[3.0] >= counts[1.0]).all()) and counts[3.0].std() <= counts[1.0].std() + 1e-6
+    finally:
+        prunepath.set_router_temperature(trained, 1.0)
+
+
+def test_router_temperature_drops_stale_presets_and_checks_its_value(trained):
+    prunepath.calibrate(trained, random_ids(4, 32, seed=9), target_sparsity=0.4, name="s40", tol=0.05)
+    assert "s40" in trained.prunepath_config.presets
+    with pytest.warns(UserWarning, match="dropping the presets"):
+        prunepath.set_router_temperature(trained, 2.0)
+    assert trained.prunepath_config.presets == {}
+    prunepath.set_router_temperature(trained, 1.0)
+    for bad in (0.0, -1.0, float("inf"), "2", True):
+        with pytest.raises(ValueError, match="temperature"):
+            prunepath.set_router_temperature(trained, bad)
+    with pytest.raises(ValueError, match="router_temperature"):
+        prunepath.PrunePathConfig(router_temperature=0.0)

@@ -201,3 +201,16 @@ def test_model_type_mismatch(tmp_path, saved):
 
 def test_no_pickle_files(saved):
     assert not [p for p in _listing(saved) if p.endswith((".bin", ".pt", ".pkl", ".pth"))]
+
+
+def test_router_temperature_round_trips(tmp_path):
+    model, ids, _ = _converted("llama", seed=7)
+    with pytest.warns(UserWarning):
+        prunepath.set_router_temperature(model, 2.5)
+    model.save_pretrained(tmp_path / "ck")
+    loaded = prunepath.from_pretrained(tmp_path / "ck", budget=0.5)
+    assert loaded.prunepath_config.router_temperature == 2.5
+    assert all(layer.temperature == 2.5 for layer in routed_layers(loaded))
+    prunepath.set_budget(model, 0.5)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)

@@ -33,6 +33,7 @@ class QuickstartConfig:
     num_experts: int = 48
     router: str = "mlp"
     router_rank: int = 64
+    router_temperature: float = 2.0  # the budget rule's softmax temperature (EVAL.md: 2 beats 1 on SmolLM2)
     train_tokens: int = 8192
     train_seq_len: int = 256
     train_epochs: int = 8
@@ -88,7 +89,7 @@ def step_convert(model, tokenizer, cfg: QuickstartConfig, *, progress=True):
     pcfg = prunepath.PrunePathConfig(
         num_experts=cfg.num_experts, router=cfg.router, router_rank=cfg.router_rank,
         train_tokens=cfg.train_tokens, train_seq_len=cfg.train_seq_len, train_epochs=cfg.train_epochs,
-        seed=cfg.seed,
+        router_temperature=cfg.router_temperature, seed=cfg.seed,
     )
     texts = calibration_texts()
     return prunepath.convert(model, pcfg, calibration=texts, tokenizer=tokenizer, progress=progress)

@@ -58,6 +58,7 @@ class SweepConfig:
     num_experts: int = 48
     router: str = "mlp"
     router_rank: int = 64
+    router_temperature: float | None = 2.0  # None: the checkpoint's; see EVAL.md "routing rules"
     train_tokens: int = 32768
     # matching
     calib_tokens: int = 4096
@@ -264,6 +265,14 @@ def run_sweep(cfg: SweepConfig, *, model=None, tokenizer=None, progress: bool = 
         model, tokenizer, info = load_converted(cfg, log=log)
     elif tokenizer is None:
         raise ValueError("run_sweep: tokenizer is required when a model is given")
+    if cfg.router_temperature is not None:
+        import warnings
+
+        from prunepath.budget import set_router_temperature
+
+        with warnings.catch_warnings():  # checkpoint presets are not used here: every point calibrates
+            warnings.simplefilter("ignore")
+            set_router_temperature(model, cfg.router_temperature)
     if cfg.backend:
         from prunepath.budget import routed_layers
 
