@@ -16,6 +16,7 @@ card's measured copy bandwidth. Weight copies are rotated so L2 never holds them
     python bench/ops_gpu.py                 # full table (issue 7), JSON to bench/ops_gpu.json
     python bench/ops_gpu.py --quick         # small subset
     python bench/ops_gpu.py --sweep         # also sweep Triton block configs (tuning aid)
+    python bench/ops_gpu.py --profile       # also per-kernel device times (torch.profiler)
 """
 
 from __future__ import annotations
@@ -174,50 +175,75 @@ def bench_route(d, e, t, dtype, backends, gen):
     return out
 
 
-def sweep_triton(copies, d, f, e, t, sparsity, dtype, gen):
-    """Graph time of Triton block configs for one case (a tuning aid for launch.default_config)."""
+def sweep_triton(copies, d, f, e, t, sparsity, dtype, gen, packed=True):
+    """Graph time of Triton block configs for one case (a tuning aid for launch.default_config):
+    variants of the default, one field changed at a time."""
+    import dataclasses
+
     from prunepath.triton_kernels import launch
 
     x = torch.randn(t, d, device="cuda", generator=gen).to(dtype)
     mask, _ = make_mask(t, e, sparsity, gen)
-    bt = 16 if t <= 16 else 32 if t <= 32 else 64
-    ups = [(32, 128, 1), (32, 128, 2), (32, 128, 4), (16, 128, 4), (16, 128, 8), (64, 128, 1),
-           (64, 64, 2), (32, 256, 2)]
-    downs = [(64, 128, 1), (64, 128, 4), (64, 128, 8), (32, 128, 8), (64, 64, 4), (128, 128, 4),
-             (64, 256, 8), (32, 64, 16)]
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    default = launch.default_config(t, d, f, sms, False)
+    variants = [("default", {})]
+    for ks in (1, 4, 8):
+        variants.append((f"ks={ks}", {"ks": ks}))
+    variants.append(("up_fill=2", {"up_fill": 2}))
+    variants.append(("up_n=64", {"up_block_n": 64}))
+    variants.append(("down=64x256", {"down_block_n": 64, "down_block_d": 256}))
+    for s_ in (4, 16, 64):
+        variants.append((f"s={s_}", {"s": s_}))
+    variants.append(("stages=4", {"num_stages": 4}))
     res = []
-    default = launch.default_config(t, d, f, torch.cuda.get_device_properties(0).multi_processor_count,
-                                    False)
+    for name, change in variants:
+        cfg = dataclasses.replace(default, **change)
 
-    def run(cfg, packed):
-        key = "wdt" if packed else "wd"
-
-        def fn(i):
+        def fn(i, cfg=cfg):
             c = copies[i]
             wdt = c["wdt"] if packed else c["wd"].t()
             return launch.routed_ffn(x, c["wg"], c["wu"], wdt, mask, "silu", None, None,
                                      config=cfg)
         try:
-            return time_graph(fn, len(copies), batches=5)
+            ms = time_graph(fn, len(copies), batches=5)
         except Exception as err:
-            return repr(err)[:200]
-
-    best_up = None
-    for (un, uk, ks) in ups:
-        cfg = launch.FFNConfig(bt, un, uk, ks, default.down_block_n, default.down_block_d,
-                               default.s)
-        ms = run(cfg, True)
-        res.append({"cfg": cfg.__dict__, "packed": True, "ms": ms})
-        if isinstance(ms, float) and (best_up is None or ms < best_up[0]):
-            best_up = (ms, un, uk, ks)
-    for (dn, dd, s) in downs:
-        cfg = launch.FFNConfig(bt, best_up[1], best_up[2], best_up[3], dn, dd, s)
-        for packed in (True, False):
-            res.append({"cfg": cfg.__dict__, "packed": packed, "ms": run(cfg, packed)})
-    res.append({"cfg": default.__dict__, "packed": True, "default": True, "ms": run(default, True)})
-    res.append({"cfg": default.__dict__, "packed": False, "default": True,
-                "ms": run(default, False)})
+            ms = repr(err)[:200]
+        res.append({"name": name, "cfg": dataclasses.asdict(cfg), "packed": packed, "ms": ms})
     return res
+
+
+def profile_kernels(copies, d, f, e, t, sparsity, dtype, backends, gen):
+    """Per-kernel device time (torch.profiler, eager launches, weights rotated) in us."""
+    from torch.profiler import ProfilerActivity, profile
+
+    x = torch.randn(t, d, device="cuda", generator=gen).to(dtype)
+    mask, _ = make_mask(t, e, sparsity, gen)
+    out = {}
+    for b in backends:
+        for packed in (False, True):
+            def fn(i):
+                c = copies[i % len(copies)]
+                if packed:
+                    return ops.routed_ffn_packed(x, c["wg"], c["wu"], c["wdt"], mask, backend=b)
+                return ops.routed_ffn(x, c["wg"], c["wu"], c["wd"], mask, backend=b)
+            try:
+                for i in range(3):
+                    fn(i)
+                torch.cuda.synchronize()
+                n = 2 * len(copies)
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    for i in range(n):
+                        fn(i)
+                    torch.cuda.synchronize()
+                ker = {}
+                for ev in prof.key_averages():
+                    tot = getattr(ev, "device_time_total", 0) or getattr(ev, "cuda_time_total", 0)
+                    if tot > 0 and ev.count >= n:
+                        ker[ev.key[:60]] = round(tot / n, 2)
+                out[b + ("_packed" if packed else "")] = ker
+            except Exception as err:
+                out[b + ("_packed" if packed else "")] = repr(err)[:200]
+    return out
 
 
 def fmt(v, w=7):
@@ -258,6 +284,9 @@ def main(argv=None):
                                                    "ops_gpu.json"))
     ap.add_argument("--backends", default=None, help="comma list (default: available GPU ones)")
     ap.add_argument("--no-graphs", action="store_true")
+    ap.add_argument("--profile", action="store_true",
+                    help="per-kernel device times (torch.profiler), 4096x11008 E=64")
+    ap.add_argument("--no-route", action="store_true", help="skip the routing timings")
     ap.add_argument("--shapes", default=None, help="e.g. 4096x11008,8192x28672")
     ap.add_argument("--experts", default=None, help="e.g. 64,128")
     ap.add_argument("--tokens", default=None, help="e.g. 1,4,16,64")
@@ -294,7 +323,16 @@ def main(argv=None):
     except ImportError:
         pass
     print(json.dumps(meta))
-    rows, routes, sweeps = [], [], []
+    rows, routes, sweeps, profiles = [], [], [], []
+
+    def save():
+        result = {"meta": meta, "rows": rows, "route": routes, "sweep": sweeps,
+                  "profile": profiles}
+        tmp = args.json + ".tmp"
+        with open(tmp, "w") as fh:
+            json.dump(result, fh, indent=1)
+        os.replace(tmp, args.json)
+
     for dname in args.dtypes.split(","):
         dtype = DTYPES[dname]
         for (d, f) in shapes:
@@ -314,30 +352,32 @@ def main(argv=None):
                         rows.append(r)
                         print(json.dumps(r), flush=True)
                     del sliced
-                for t in tokens:
+                for t in ([] if args.no_route else tokens):
                     rr = bench_route(d, e, t, dtype, backends, gen)
                     rr.update({"d": d, "E": e, "T": t, "dtype": dname})
                     routes.append(rr)
                     print(json.dumps(rr), flush=True)
-                if args.sweep and (d, f) == (4096, 11008):
-                    for t in (1, 16):
-                        for s in (0.5, 0.9):
-                            sw = sweep_triton(copies, d, f, e, t, s, dtype, gen)
-                            sweeps.append({"d": d, "F": f, "E": e, "T": t, "sparsity": s,
-                                           "dtype": dname, "results": sw})
-                            ok = [x for x in sw if isinstance(x["ms"], float)]
-                            b = min(ok, key=lambda x: x["ms"]) if ok else None
-                            dflt = [x["ms"] for x in sw if x.get("default")]
-                            print(f"sweep E={e} T={t} s={s}: best {b['ms'] if b else None} "
-                                  f"{b['cfg'] if b else ''} packed={b and b['packed']}; "
-                                  f"default {dflt}", flush=True)
+                if args.sweep and (d, f) == (4096, 11008) and e == 64:
+                    for t, sp in ((1, 0.5), (1, 0.9), (4, 0.9), (16, 0.9)):
+                        sw = sweep_triton(copies, d, f, e, t, sp, dtype, gen)
+                        sweeps.append({"d": d, "F": f, "E": e, "T": t, "sparsity": sp,
+                                       "dtype": dname, "results": sw})
+                        ok = [x for x in sw if isinstance(x["ms"], float)]
+                        b = min(ok, key=lambda x: x["ms"]) if ok else None
+                        print(f"sweep E={e} T={t} s={sp}: " + " ".join(
+                            f"{x['name']}={1e3 * x['ms']:.1f}" if isinstance(x["ms"], float)
+                            else f"{x['name']}=ERR" for x in sw)
+                            + f" | best {b['name'] if b else None}", flush=True)
+                if args.profile and (d, f) == (4096, 11008) and e == 64:
+                    for t, sp in ((1, 0.0), (1, 0.5), (1, 0.7), (1, 0.9), (16, 0.9)):
+                        pr = profile_kernels(copies, d, f, e, t, sp, dtype, backends, gen)
+                        profiles.append({"d": d, "F": f, "E": e, "T": t, "sparsity": sp,
+                                         "dtype": dname, "kernels_us": pr})
+                        print(json.dumps(profiles[-1]), flush=True)
             del copies
             torch.cuda.empty_cache()
-    result = {"meta": meta, "rows": rows, "route": routes, "sweep": sweeps}
-    tmp = args.json + ".tmp"
-    with open(tmp, "w") as fh:
-        json.dump(result, fh, indent=1)
-    os.replace(tmp, args.json)
+            save()  # after every shape: a run cut short keeps what it measured
+    save()
     print_table(rows, copy_bw, backends)
     print("\nrouting ms (CUDA graph): route from logits / fused router_route from x")
     for rr in routes:

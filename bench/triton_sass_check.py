@@ -57,39 +57,47 @@ def inspect(ck) -> dict:
 
 
 def ffn_kernels(t, d, f, e, dtype="bf16", packed=True):
-    """(name, compiled up kernel, compiled down kernel) for the launcher's default config."""
+    """(config, ks, s, compiled up kernel, compiled down kernel) for the launcher's default
+    config."""
     cfg = launch.default_config(t, d, f, 132, False)
-    k_per = triton.cdiv(triton.cdiv(d, cfg.ks), cfg.up_block_k) * cfg.up_block_k
-    ks = triton.cdiv(d, k_per)
+    ks = max(1, min(cfg.ks, triton.cdiv(d, cfg.up_block_k)))
     h_ty = "fp32" if ks > 1 else dtype
+    ne = f // e
+    list_t, block_e, up_c = launch._list_blocks(t, e, f, cfg.up_block_n)
+    _, _, dn_c = launch._list_blocks(t, e, f, cfg.down_block_n)
     up = compile_for_sm90(
         ffn._ffn_up_kernel,
         dict(x_ptr=f"*{dtype}", wg_ptr=f"*{dtype}", wu_ptr=f"*{dtype}", bu_ptr=f"*{dtype}",
-             mask_ptr="*u8", out_ptr=f"*{h_ty}", T="i32", D="i32", F="i32", NE="i32",
+             mask_ptr="*u8", out_ptr=f"*{h_ty}", hact_ptr=f"*{dtype}", T="i32", D="i32",
+             F="i32", NE="i32", E="i32", up_items="i32",
              stride_xt="i32", stride_wn="i32", stride_mt="i32", stride_os="i32",
-             stride_og="i32", stride_ot="i32"),
-        dict(GATED=True, HAS_BU=False, ACT=0, KS=ks, K_PER_SPLIT=k_per, IEEE=dtype == "fp32",
-             UPCAST=False, TWO_EXPERTS=f // e >= cfg.up_block_n, BLOCK_T=cfg.block_t,
-             BLOCK_N=cfg.up_block_n, BLOCK_K=cfg.up_block_k),
-        div16=("x_ptr", "wg_ptr", "wu_ptr", "out_ptr", "mask_ptr", "D", "F", "stride_xt",
-               "stride_wn", "stride_os", "stride_og", "stride_ot"),
+             stride_og="i32", stride_ot="i32", stride_at="i32"),
+        dict(GATED=True, HAS_BU=False, ACT=0, KS=ks, IEEE=dtype == "fp32",
+             UPCAST=False, TWO_EXPERTS=ne >= cfg.up_block_n, BLOCK_T=cfg.block_t,
+             BLOCK_N=cfg.up_block_n, BLOCK_K=cfg.up_block_k, LIST_T=list_t, BLOCK_E=block_e,
+             BLOCK_C=up_c),
+        div16=("x_ptr", "wg_ptr", "wu_ptr", "out_ptr", "hact_ptr", "mask_ptr", "D", "F",
+               "stride_xt", "stride_wn", "stride_os", "stride_og", "stride_ot", "stride_at"),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     s = max(1, min(cfg.s, triton.cdiv(f, cfg.down_block_n)))
     consts = dict(GATED=True, HAS_BU=False, HAS_BD=False, ACT=0, KS=ks, S=s,
-                  IEEE=dtype == "fp32", UPCAST=False, TWO_EXPERTS=f // e >= cfg.down_block_n,
+                  IEEE=dtype == "fp32", UPCAST=False, TWO_EXPERTS=ne >= cfg.down_block_n,
                   N_CONTIGUOUS=not packed, BLOCK_T=cfg.block_t, BLOCK_N=cfg.down_block_n,
-                  BLOCK_D=cfg.down_block_d)
+                  BLOCK_D=cfg.down_block_d, UP_BLOCK_N=cfg.up_block_n,
+                  UP_BLOCK_K=cfg.up_block_k, LIST_T=list_t, BLOCK_E=block_e, BLOCK_C=dn_c)
     consts["stride_wd" if packed else "stride_wn"] = 1  # the runtime specializes 1s
     down = compile_for_sm90(
         ffn._ffn_down_kernel,
-        dict(h_ptr=f"*{h_ty}", wd_ptr=f"*{dtype}", bu_ptr=f"*{dtype}", bd_ptr=f"*{dtype}",
-             mask_ptr="*u8", out_ptr="*fp32" if s > 1 else f"*{dtype}", T="i32", D="i32",
-             F="i32", NE="i32", stride_hs="i32", stride_hg="i32", stride_ht="i32",
+        dict(h_ptr=f"*{h_ty}", hact_ptr=f"*{dtype}", wd_ptr=f"*{dtype}", bu_ptr=f"*{dtype}",
+             bd_ptr=f"*{dtype}", mask_ptr="*u8", out_ptr="*fp32" if s > 1 else f"*{dtype}",
+             T="i32", D="i32", F="i32", NE="i32", E="i32", up_items="i32",
+             stride_hs="i32", stride_hg="i32", stride_ht="i32", stride_at="i32",
              stride_wn="i32", stride_wd="i32", stride_mt="i32", stride_os="i32",
              stride_ot="i32"),
         consts,
-        div16=("h_ptr", "wd_ptr", "out_ptr", "mask_ptr", "D", "F", "stride_hs", "stride_hg",
-               "stride_ht", "stride_os", "stride_ot", "stride_wd" if not packed else "stride_wn"),
+        div16=("h_ptr", "hact_ptr", "wd_ptr", "out_ptr", "mask_ptr", "D", "F", "stride_hs",
+               "stride_hg", "stride_ht", "stride_at", "stride_os", "stride_ot",
+               "stride_wd" if not packed else "stride_wn"),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return cfg, ks, s, up, down
 
@@ -108,7 +116,8 @@ def main():
                     for kname, ck in (("up", up), ("down", down)):
                         r = inspect(ck)
                         wide = r["LDGSTS.E.BYPASS.128"] + r["LDG.E.128"]
-                        flag = "" if (r["local"] == 0 and r["LDG.E.U16"] == 0 and wide) else "  <-- check"
+                        ok = r["local"] == 0 and r["LDG.E.U16"] == 0 and wide
+                        flag = "" if ok else "  <-- check"
                         bad += bool(flag)
                         print(f"{name:44} {kname:5} {r['reg']:>4} {r['local']:>5} "
                               f"{r['smem_dyn']:>6} " + " ".join(f"{r[k]:>19}" for k in COUNT)

@@ -74,6 +74,41 @@ def test_ffn_code_paths(config, d, f, e, dtype):
             assert_close_rel(out, ref, dtype)
 
 
+@pytest.mark.parametrize("f,e", [(60, 12), (120, 3), (688, 4), (130, 10), (64, 64)])
+@pytest.mark.parametrize("t", [1, 5, 70])
+def test_live_chunk_lists_match_reference(f, e, t):
+    """The kernels' in-register live-chunk list (two chunk sizes) against plain torch:
+    random, empty and full masks; expert sizes 5, 40, 172, 13, 1 (not aligned to the
+    chunks); 70 tokens take several union steps when E is large."""
+    gen = torch.Generator().manual_seed(f * 100 + e + t)
+    masks = [torch.rand(t, e, generator=gen) < p for p in (0.05, 0.3, 0.7)]
+    masks += [torch.zeros(t, e, dtype=torch.bool), torch.ones(t, e, dtype=torch.bool)]
+    for mask in masks:
+        for bn in (16, 32):
+            got = launch.live_chunks(mask.to(DEV), 96, f, bn, block_k=32, up_items=8, ks_max=4)
+            assert got["chunks"] == launch.live_chunks_reference(mask, f, bn)
+        # d = 96, BLOCK_K = 32: 3 k-blocks; splits: enough items (>= 8) of the live neurons
+        # in 32-chunks, at most 3
+        live_neurons = int(mask.any(0).sum()) * (f // e)
+        ks = min(3, -(-8 // max(-(-live_neurons // 32), 1)))
+        assert got["ks"] == -(-3 // -(-3 // ks)) and got["k_blocks_per_split"] == -(-3 // ks)
+
+
+def test_ffn_up_programs_loop_and_empty_mask():
+    """Fewer up programs than work items (each loops over several), and an all-false mask
+    (nothing live: the output is b_down)."""
+    gen = torch.Generator().manual_seed(21)
+    x, wg, wu, wd, bu, bd = _ffn(3, 40, 120, torch.float32, True, True, gen)
+    cfg = launch.FFNConfig(16, 16, 16, 4, 16, 16, 2, up_programs=3)
+    for mask in (torch.rand(3, 3, generator=gen) < 0.6, torch.ones(3, 3, dtype=torch.bool),
+                 torch.zeros(3, 3, dtype=torch.bool)):
+        mask = mask.to(DEV)
+        out = torch.full((3, 40), float("nan"), device=DEV)
+        launch.routed_ffn(x, wg, wu, wd.t().contiguous(), mask, "silu", bu, bd, config=cfg,
+                          out=out, poison=True)
+        assert_close_rel(out, _ref(x, wg, wu, wd, mask, "silu", bu, bd), torch.float32)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("gated", [True, False])
 def test_routed_ffn_packed_public_op(dtype, gated):

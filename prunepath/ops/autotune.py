@@ -35,7 +35,7 @@ _PREFERENCE = {
     "cpu": ("cpu", "torch"),
     "cuda": ("triton", "cuda", "torch"),
 }
-_FORMAT = 1  # bump when kernels change enough to invalidate stored choices
+_FORMAT = 2  # bump when kernels change enough to invalidate stored choices
 _MEASURED_DEVICES = ("cuda",)  # device types whose choice is measured (tests add "cpu")
 
 

@@ -1,21 +1,28 @@
 """Triton kernels for the block-sparse routed FFN (semantics: :func:`prunepath.ops.reference.routed_ffn_reference`).
 
-Two phases; grids and buffers depend on shapes only (never on the mask), no host sync:
+Two phases (plus a reduce); grids and buffers depend on shapes only (never on the mask), no
+host sync:
 
-1. ``_ffn_up_kernel``, grid ``(cdiv(F, BLOCK_N), KS, cdiv(T, BLOCK_T))``: one program owns
-   ``BLOCK_N`` consecutive neurons (chunks are aligned to ``BLOCK_N``, not to experts, so any
-   expert size works and weight loads stay vector-aligned) and one of ``KS`` slices of ``d``.
-   A neuron is *live* when some token of the block chose its expert; weight rows of dead
-   neurons are never loaded (predicated-off loads), and a program with no live neuron runs
-   no loop iteration. With ``KS == 1`` it writes the activated, token-masked ``h`` [T, F] in
-   the compute dtype; with ``KS > 1`` (more parallelism when few experts are live; T <= 2)
-   fp32 partial pre-activations ``[KS, G, T, F]`` (G = 2 for gated FFNs) that phase 2 adds
-   up. Every in-range element is written (zeros for dead neurons).
+0. The live-chunk list (:func:`_live_chunks`), computed in registers at the start of every
+   program of both phases (no extra launch, no scratch memory, no atomics): the union over
+   tokens of the mask [T, E] -> which *chunks* of ``BLOCK_N`` consecutive neurons hold a
+   live neuron (chunks are aligned to ``BLOCK_N``, not to experts, so any expert size works
+   and weight loads stay vector-aligned) -> a prefix sum gives each live chunk its place in
+   the ascending list, and the neuron range [lo, hi) of its live neurons (exact when an
+   expert has >= BLOCK_N neurons, else the whole chunk). Deterministic: the order is fixed.
+1. ``_ffn_up_kernel``, grid ``(P, cdiv(T, BLOCK_T))``: the P programs loop over the work
+   items (live chunk, d-split) of the list; rows of dead neurons are never loaded. With
+   ``KS == 1`` it writes the activated, token-masked ``h`` [T, F] in the compute dtype;
+   with ``KS > 1`` (T <= 2) fp32 partial pre-activations ``[KS, G, T, F]`` (G = 2 for gated
+   FFNs) that phase 2 adds up; the step uses the fewest ``ks <= KS`` splits that give
+   every SM a work item (1 at full density, 4 when 10% of the experts are live), computed
+   on the device from the union's expert count. Only live chunks are written.
 2. ``_ffn_down_kernel``, grid ``(cdiv(d, BLOCK_D), S, cdiv(T, BLOCK_T))``: one program owns a
-   ``BLOCK_D`` slice of the output and every ``S``-th neuron chunk; it reads ``h`` and the
-   live rows of ``W_down^T`` (any strides: a prepacked ``W_down^T [F, d]`` skips dead rows
-   exactly; with nn.Linear's ``W_down [d, F]`` neurons are the contiguous axis, so a chunk
-   with any live neuron is read whole to keep 16-byte loads), accumulating in fp32.
+   ``BLOCK_D`` slice of the output and every ``S``-th entry of the live-chunk list (the loop
+   trip count follows the union of the mask, not F); it reads ``h`` of live neurons and
+   the live rows of ``W_down^T`` (any strides: a prepacked ``W_down^T [F, d]`` skips dead
+   rows exactly; with nn.Linear's ``W_down [d, F]`` neurons are the contiguous axis, so a
+   listed chunk is read whole to keep 16-byte loads), accumulating in fp32.
    ``S == 1`` writes the output (+ b_down) directly, else fp32 partials that
    ``_ffn_reduce_kernel`` sums (deterministic: no atomics).
 
@@ -80,102 +87,214 @@ def _token_neuron_mask(mask_ptr, offs_t, chunk_start, t_ok, n_ok, NE, F, stride_
 
 
 @triton.jit
-def _ffn_up_kernel(
-    x_ptr, wg_ptr, wu_ptr, bu_ptr, mask_ptr, out_ptr,
-    T, D, F, NE,
-    stride_xt, stride_wn, stride_mt, stride_os, stride_og, stride_ot,
-    GATED: tl.constexpr, HAS_BU: tl.constexpr, ACT: tl.constexpr, KS: tl.constexpr,
-    K_PER_SPLIT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-    TWO_EXPERTS: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    pid_t = tl.program_id(2)
-    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    t_ok = offs_t < T
-    n_ok = offs_n < F
-    tok = _token_neuron_mask(mask_ptr, offs_t, pid_n * BLOCK_N, t_ok, n_ok, NE, F, stride_mt,
-                             BLOCK_N, TWO_EXPERTS)
-    live = tl.max(tok.to(tl.int32), axis=0) > 0  # [BLOCK_N]: some token needs this neuron
+def _live_chunks(mask_ptr, T, E, F, NE, stride_mt,
+                 BN: tl.constexpr, TWO_EXPERTS: tl.constexpr, LIST_T: tl.constexpr,
+                 BLOCK_E: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The step's live ``BN``-neuron chunks, computed in registers by every program that
+    needs them (no extra launch, no global scratch, no atomics).
 
-    acc_u = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
-    acc_g = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
-    k_start = pid_k * K_PER_SPLIT
-    # a program whose neurons are all dead runs no iteration (it only writes zeros below)
-    k_end = tl.where(tl.max(live.to(tl.int32), axis=0) > 0, K_PER_SPLIT, 0)
-    for kk in range(0, k_end, BLOCK_K):
-        offs_k = k_start + kk + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < D
-        xk = tl.load(x_ptr + offs_t[:, None] * stride_xt + offs_k[None, :],
-                     mask=t_ok[:, None] & k_ok[None, :], other=0.0)
-        w_mask = live[:, None] & k_ok[None, :]
-        w_off = offs_n[:, None] * stride_wn + offs_k[None, :]
-        wu = tl.load(wu_ptr + w_off, mask=w_mask, other=0.0)
-        acc_u = _dot(xk, tl.trans(wu), acc_u, IEEE, UPCAST)
-        if GATED:
-            wg = tl.load(wg_ptr + w_off, mask=w_mask, other=0.0)
-            acc_g = _dot(xk, tl.trans(wg), acc_g, IEEE, UPCAST)
-
-    out_mask = t_ok[:, None] & n_ok[None, :]
-    out_off = offs_t[:, None] * stride_ot + offs_n[None, :]
-    if KS == 1:
-        if HAS_BU:
-            acc_u += tl.load(bu_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        if GATED:
-            h = _activate(acc_g, ACT) * acc_u
-        else:
-            h = _activate(acc_u, ACT)
-        h = tl.where(tok, h, 0.0)
-        tl.store(out_ptr + out_off, h.to(out_ptr.dtype.element_ty), mask=out_mask)
+    Returns ``lo, hi, pos`` ([BLOCK_C], one entry per chunk) and ``n_live``: chunk c is the
+    ``pos[c]``-th live chunk in ascending order (``pos = -1`` when dead) and [lo, hi) its
+    live neurons: exact when experts have >= BN neurons (TWO_EXPERTS: a chunk spans at most
+    two experts, its live neurons are contiguous), else the whole chunk."""
+    offs_e = tl.arange(0, BLOCK_E)
+    e_ok = offs_e < E
+    union = tl.zeros([BLOCK_E], dtype=tl.int32)
+    for t0 in range(0, T, LIST_T):
+        offs_t = t0 + tl.arange(0, LIST_T)
+        m = tl.load(mask_ptr + offs_t[:, None] * stride_mt + offs_e[None, :],
+                    mask=(offs_t < T)[:, None] & e_ok[None, :], other=0)
+        union = tl.maximum(union, tl.max((m != 0).to(tl.int32), axis=0))
+    c = tl.arange(0, BLOCK_C)
+    c_ok = c < tl.cdiv(F, BN)
+    start = c * BN
+    end = tl.minimum(start + BN, F)
+    e0 = tl.where(c_ok, start // NE, 0)
+    e1 = tl.where(c_ok, (end - 1) // NE, 0)
+    u0 = tl.gather(union, e0, axis=0)
+    u1 = tl.gather(union, e1, axis=0)
+    if TWO_EXPERTS:
+        live = ((u0 + u1) > 0) & c_ok
+        lo = tl.where(u0 > 0, start, e1 * NE)
+        hi = tl.where(u1 > 0, end, e1 * NE)
     else:
-        # every in-range element is written (zeros for dead neurons), so phase 2 can load
-        # whole chunks with full-width loads
-        base = out_ptr + pid_k * stride_os + out_off
-        tl.store(base, acc_u, mask=out_mask)
-        if GATED:
-            tl.store(base + stride_og, acc_g, mask=out_mask)
+        incl = tl.cumsum(union, axis=0)  # live experts <= e
+        n_in = tl.gather(incl, e1, axis=0) - tl.gather(incl, e0, axis=0) + u0
+        live = (n_in > 0) & c_ok
+        lo = start
+        hi = end
+    live_i = live.to(tl.int32)
+    pos = tl.where(live, tl.cumsum(live_i, axis=0) - 1, -1)
+    return lo, hi, pos, tl.sum(live_i, axis=0), tl.sum(union, axis=0)
 
 
 @triton.jit
-def _ffn_down_kernel(
-    h_ptr, wd_ptr, bu_ptr, bd_ptr, mask_ptr, out_ptr,
-    T, D, F, NE,
-    stride_hs, stride_hg, stride_ht, stride_wn, stride_wd, stride_mt, stride_os, stride_ot,
-    GATED: tl.constexpr, HAS_BU: tl.constexpr, HAS_BD: tl.constexpr, ACT: tl.constexpr,
-    KS: tl.constexpr, S: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-    TWO_EXPERTS: tl.constexpr, N_CONTIGUOUS: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+def _listed(lo, hi, pos, j, F, BLOCK_N: tl.constexpr):
+    """The j-th live chunk: its neuron offsets and which of them are live."""
+    lo_j = tl.sum(tl.where(pos == j, lo, 0), axis=0)
+    hi_j = tl.sum(tl.where(pos == j, hi, 0), axis=0)
+    chunk_start = (lo_j // BLOCK_N) * BLOCK_N  # keeps the divisibility by BLOCK_N visible
+    offs_n = chunk_start + tl.arange(0, BLOCK_N)
+    return chunk_start, offs_n, (offs_n >= lo_j) & (offs_n < hi_j)
+
+
+@triton.jit
+def _up_splits(n_experts, NE, D, up_items, KS_MAX: tl.constexpr, BLOCK_K: tl.constexpr,
+               BLOCK_N: tl.constexpr):
+    """The step's split of d in the up phase: the fewest (<= KS_MAX) splits that make >=
+    ``up_items`` work items of ``n_experts`` live experts' neurons in BLOCK_N-chunks (both
+    phases compute it from the union's expert count). Returns (splits, BLOCK_K blocks per
+    split)."""
+    kb = tl.cdiv(D, BLOCK_K)
+    ks = tl.cdiv(up_items, tl.maximum(tl.cdiv(n_experts * NE, BLOCK_N), 1))
+    ks = tl.maximum(tl.minimum(tl.minimum(ks, KS_MAX), kb), 1)
+    kpb = tl.cdiv(kb, ks)
+    return tl.cdiv(kb, kpb), kpb
+
+
+@triton.jit
+def _live_chunks_kernel(mask_ptr, out_ptr, T, E, F, NE, D, stride_mt, up_items,
+                        KS_MAX: tl.constexpr, BLOCK_K: tl.constexpr,
+                        BN: tl.constexpr, TWO_EXPERTS: tl.constexpr, LIST_T: tl.constexpr,
+                        BLOCK_E: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Testing aid: writes what the FFN kernels compute for themselves: ``out`` = [n_live,
+    splits, blocks per split, lo_0, hi_0, lo_1, hi_1, ...] (the live chunks in order)."""
+    lo, hi, pos, n_live, n_exp = _live_chunks(mask_ptr, T, E, F, NE, stride_mt, BN,
+                                              TWO_EXPERTS, LIST_T, BLOCK_E, BLOCK_C)
+    ks, kpb = _up_splits(n_exp, NE, D, up_items, KS_MAX, BLOCK_K, BN)
+    tl.store(out_ptr, n_live)
+    tl.store(out_ptr + 1, ks)
+    tl.store(out_ptr + 2, kpb)
+    tl.store(out_ptr + 3 + 2 * pos, lo, mask=pos >= 0)
+    tl.store(out_ptr + 4 + 2 * pos, hi, mask=pos >= 0)
+
+
+@triton.jit
+def _ffn_up_kernel(
+    x_ptr, wg_ptr, wu_ptr, bu_ptr, mask_ptr, out_ptr, hact_ptr,
+    T, D, F, NE, E, up_items,
+    stride_xt, stride_wn, stride_mt, stride_os, stride_og, stride_ot, stride_at,
+    GATED: tl.constexpr, HAS_BU: tl.constexpr, ACT: tl.constexpr, KS: tl.constexpr,
+    IEEE: tl.constexpr, UPCAST: tl.constexpr, TWO_EXPERTS: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    LIST_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    pid_d = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    pid_t = tl.program_id(2)
+    pid = tl.program_id(0)
+    n_prog = tl.num_programs(0)
+    pid_t = tl.program_id(1)
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     t_ok = offs_t < T
-    d_ok = offs_d < D
-    acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
-    n_chunks = tl.cdiv(F, BLOCK_N)
-    for c in range(pid_s, n_chunks, S):
-        offs_n = c * BLOCK_N + tl.arange(0, BLOCK_N)
+    lo, hi, pos, n_live, n_exp = _live_chunks(mask_ptr, T, E, F, NE, stride_mt, BLOCK_N,
+                                              TWO_EXPERTS, LIST_T, BLOCK_E, BLOCK_C)
+    ks, kpb = _up_splits(n_exp, NE, D, up_items, KS, BLOCK_K, BLOCK_N)
+    # work items: (live chunk j, d-split s), item = j * ks + s
+    for item in range(pid, n_live * ks, n_prog):
+        j = item // ks
+        s = item - j * ks
+        chunk_start, offs_n, in_range = _listed(lo, hi, pos, j, F, BLOCK_N)
         n_ok = offs_n < F
-        tok = _token_neuron_mask(mask_ptr, offs_t, c * BLOCK_N, t_ok, n_ok, NE, F, stride_mt,
-                                 BLOCK_N, TWO_EXPERTS)
-        live = tl.max(tok.to(tl.int32), axis=0) > 0
-        # one predicate for the whole chunk (a splat: constant along the contiguous axis)
-        chunk_live = n_ok & ((tl.zeros([BLOCK_N], dtype=tl.int32)
-                              + tl.max(live.to(tl.int32), axis=0)) > 0)
-        # h is written for every neuron (zeros where dead): a chunk-wide predicate keeps the
-        # loads full-width
-        h_mask = t_ok[:, None] & chunk_live[None, :]
-        h_off = offs_t[:, None] * stride_ht + offs_n[None, :]
+        if TWO_EXPERTS:
+            live = in_range
+            tok = t_ok[:, None] & in_range[None, :]  # placeholder: the epilogue loads it
+        else:
+            tok = _token_neuron_mask(mask_ptr, offs_t, chunk_start, t_ok, n_ok, NE, F,
+                                     stride_mt, BLOCK_N, TWO_EXPERTS)
+            live = tl.max(tok.to(tl.int32), axis=0) > 0
+        acc_u = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
+        acc_g = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
+        k_start = (s * kpb) * BLOCK_K
+        for kb in range(0, kpb):
+            offs_k = k_start + kb * BLOCK_K + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < D
+            xk = tl.load(x_ptr + offs_t[:, None] * stride_xt + offs_k[None, :],
+                         mask=t_ok[:, None] & k_ok[None, :], other=0.0)
+            w_mask = live[:, None] & k_ok[None, :]
+            w_off = offs_n[:, None] * stride_wn + offs_k[None, :]
+            wu = tl.load(wu_ptr + w_off, mask=w_mask, other=0.0)
+            acc_u = _dot(xk, tl.trans(wu), acc_u, IEEE, UPCAST)
+            if GATED:
+                wg = tl.load(wg_ptr + w_off, mask=w_mask, other=0.0)
+                acc_g = _dot(xk, tl.trans(wg), acc_g, IEEE, UPCAST)
+
+        out_mask = t_ok[:, None] & n_ok[None, :]
         if KS == 1:
+            _store_activated(acc_u, acc_g, out_ptr + offs_t[:, None] * stride_ot + offs_n[None, :],
+                             out_mask, bu_ptr, mask_ptr, offs_t, offs_n, chunk_start, t_ok, n_ok,
+                             tok, NE, F, stride_mt, GATED, HAS_BU, ACT, TWO_EXPERTS, BLOCK_N)
+        elif ks == 1:  # this step needs no split: write h activated, as with KS == 1
+            _store_activated(acc_u, acc_g, hact_ptr + offs_t[:, None] * stride_at + offs_n[None, :],
+                             out_mask, bu_ptr, mask_ptr, offs_t, offs_n, chunk_start, t_ok, n_ok,
+                             tok, NE, F, stride_mt, GATED, HAS_BU, ACT, TWO_EXPERTS, BLOCK_N)
+        else:
+            base = out_ptr + s * stride_os + offs_t[:, None] * stride_ot + offs_n[None, :]
+            tl.store(base, acc_u, mask=out_mask)
+            if GATED:
+                tl.store(base + stride_og, acc_g, mask=out_mask)
+
+
+@triton.jit
+def _store_activated(acc_u, acc_g, ptrs, out_mask, bu_ptr, mask_ptr, offs_t, offs_n,
+                     chunk_start, t_ok, n_ok, tok, NE, F, stride_mt, GATED: tl.constexpr,
+                     HAS_BU: tl.constexpr, ACT: tl.constexpr, TWO_EXPERTS: tl.constexpr,
+                     BLOCK_N: tl.constexpr):
+    """h = act(gate) * (up + b_up) (or act(up + b_up)), zero where the token did not choose
+    the neuron's expert, stored in the pointers' dtype."""
+    if TWO_EXPERTS:  # (else ``tok`` was computed before the k-loop)
+        tok = _token_neuron_mask(mask_ptr, offs_t, chunk_start, t_ok, n_ok, NE, F,
+                                 stride_mt, BLOCK_N, TWO_EXPERTS)
+    if HAS_BU:
+        acc_u += tl.load(bu_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if GATED:
+        h = _activate(acc_g, ACT) * acc_u
+    else:
+        h = _activate(acc_u, ACT)
+    h = tl.where(tok, h, 0.0)
+    tl.store(ptrs, h.to(ptrs.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _down_loop(acc, h_ptr, wd_ptr, bu_ptr, mask_ptr, lo, hi, pos, n_live, ks, pid_s,
+               offs_t, t_ok, offs_d, d_ok, F, NE,
+               stride_hs, stride_hg, stride_ht, stride_wn, stride_wd, stride_mt,
+               PARTIAL: tl.constexpr, GATED: tl.constexpr, HAS_BU: tl.constexpr,
+               ACT: tl.constexpr, S: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+               TWO_EXPERTS: tl.constexpr, N_CONTIGUOUS: tl.constexpr,
+               BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
+    """acc += h[:, chunk] @ W_down^T[chunk, d-slab] over this program's share of the listed
+    (live) chunks: the trip count follows the mask's union, not F. PARTIAL: h is the sum of
+    ``ks`` fp32 partial pre-activations, activated here (a nested loop: not pipelined);
+    else the activated h (a flat loop, software-pipelined)."""
+    for i in range(pid_s, n_live, S):
+        chunk_start, offs_n, in_range = _listed(lo, hi, pos, i, F, BLOCK_N)
+        n_ok = offs_n < F
+        if TWO_EXPERTS:
+            live = in_range
+            if PARTIAL:
+                tok = _token_neuron_mask(mask_ptr, offs_t, chunk_start, t_ok, n_ok, NE, F,
+                                         stride_mt, BLOCK_N, TWO_EXPERTS)
+        else:
+            tok = _token_neuron_mask(mask_ptr, offs_t, chunk_start, t_ok, n_ok, NE, F,
+                                     stride_mt, BLOCK_N, TWO_EXPERTS)
+            live = tl.max(tok.to(tl.int32), axis=0) > 0
+        # h is only written in the up phase's live chunks: a neuron outside this chunk's
+        # live range may hold garbage, which a select (not a multiply) drops; the loads stay
+        # full-width (one predicate per token row)
+        h_mask = t_ok[:, None] & n_ok[None, :]
+        h_off = offs_t[:, None] * stride_ht + offs_n[None, :]
+        if not PARTIAL:
             h = tl.load(h_ptr + h_off, mask=h_mask, other=0.0)
+            if TWO_EXPERTS:
+                h = tl.where(in_range[None, :], h, 0.0)
+            else:  # tok implies live (and avoids a Triton 3.6 layout bug with live[None, :])
+                h = tl.where(tok, h, 0.0)
         else:
             u = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
             g = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
-            for s in tl.static_range(KS):
+            # a dynamic loop over the step's splits: it keeps the chunk loop from being
+            # software-pipelined, but an unrolled one would stage KS fp32 tiles in shared
+            # memory (166 KB at KS = 8: one program per SM); at T <= 2 many small programs
+            # per SM keep more weight bytes in flight
+            for s in range(0, ks):
                 u += tl.load(h_ptr + s * stride_hs + h_off, mask=h_mask, other=0.0)
                 if GATED:
                     g += tl.load(h_ptr + s * stride_hs + stride_hg + h_off, mask=h_mask,
@@ -186,18 +305,67 @@ def _ffn_down_kernel(
                 hf = _activate(g, ACT) * u
             else:
                 hf = _activate(u, ACT)
-            h = tl.where(tok, hf, 0.0).to(wd_ptr.dtype.element_ty)
+            if TWO_EXPERTS:
+                h = tl.where(tok & in_range[None, :], hf, 0.0)
+            else:
+                h = tl.where(tok, hf, 0.0)  # tok implies live
+            h = h.to(wd_ptr.dtype.element_ty)
         if N_CONTIGUOUS:
             # nn.Linear W_down [d, F]: neurons are the contiguous axis, so a per-neuron
-            # predicate would split the loads into 2-byte ones; load the whole chunk when any
-            # of it is live (its dead neurons meet h = 0)
-            w_mask = chunk_live[:, None] & d_ok[None, :]
+            # predicate would split the loads into 2-byte ones; load the whole listed chunk
+            # (its dead neurons meet h = 0)
+            w_mask = n_ok[:, None] & d_ok[None, :]
         else:
             # packed W_down^T [F, d]: rows of dead neurons are skipped, loads stay wide
             w_mask = (live & n_ok)[:, None] & d_ok[None, :]
         w = tl.load(wd_ptr + offs_n[:, None] * stride_wn + offs_d[None, :] * stride_wd,
                     mask=w_mask, other=0.0)
         acc = _dot(h, w, acc, IEEE, UPCAST)
+
+    return acc
+
+
+@triton.jit
+def _ffn_down_kernel(
+    h_ptr, hact_ptr, wd_ptr, bu_ptr, bd_ptr, mask_ptr, out_ptr,
+    T, D, F, NE, E, up_items,
+    stride_hs, stride_hg, stride_ht, stride_at, stride_wn, stride_wd, stride_mt, stride_os,
+    stride_ot,
+    GATED: tl.constexpr, HAS_BU: tl.constexpr, HAS_BD: tl.constexpr, ACT: tl.constexpr,
+    KS: tl.constexpr, S: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    TWO_EXPERTS: tl.constexpr, N_CONTIGUOUS: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    UP_BLOCK_N: tl.constexpr, UP_BLOCK_K: tl.constexpr,
+    LIST_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid_d = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    pid_t = tl.program_id(2)
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    t_ok = offs_t < T
+    d_ok = offs_d < D
+    acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+    lo, hi, pos, n_live, n_exp = _live_chunks(mask_ptr, T, E, F, NE, stride_mt, BLOCK_N,
+                                              TWO_EXPERTS, LIST_T, BLOCK_E, BLOCK_C)
+    if KS == 1:
+        acc = _down_loop(acc, h_ptr, wd_ptr, bu_ptr, mask_ptr, lo, hi, pos, n_live, 1, pid_s,
+                         offs_t, t_ok, offs_d, d_ok, F, NE, stride_hs, stride_hg, stride_ht,
+                         stride_wn, stride_wd, stride_mt, False, GATED, HAS_BU, ACT, S, IEEE,
+                         UPCAST, TWO_EXPERTS, N_CONTIGUOUS, BLOCK_T, BLOCK_N)
+    else:
+        # the up phase's split count (same formula, same inputs)
+        ks, _kpb = _up_splits(n_exp, NE, D, up_items, KS, UP_BLOCK_K, UP_BLOCK_N)
+        if ks == 1:  # the up phase wrote h activated (dense-ish steps): the pipelined loop
+            acc = _down_loop(acc, hact_ptr, wd_ptr, bu_ptr, mask_ptr, lo, hi, pos, n_live, 1,
+                             pid_s, offs_t, t_ok, offs_d, d_ok, F, NE, 0, 0, stride_at,
+                             stride_wn, stride_wd, stride_mt, False, GATED, HAS_BU, ACT, S,
+                             IEEE, UPCAST, TWO_EXPERTS, N_CONTIGUOUS, BLOCK_T, BLOCK_N)
+        else:
+            acc = _down_loop(acc, h_ptr, wd_ptr, bu_ptr, mask_ptr, lo, hi, pos, n_live, ks,
+                             pid_s, offs_t, t_ok, offs_d, d_ok, F, NE, stride_hs, stride_hg,
+                             stride_ht, stride_wn, stride_wd, stride_mt, True, GATED, HAS_BU,
+                             ACT, S, IEEE, UPCAST, TWO_EXPERTS, N_CONTIGUOUS, BLOCK_T, BLOCK_N)
 
     o_mask = t_ok[:, None] & d_ok[None, :]
     o_off = offs_t[:, None] * stride_ot + offs_d[None, :]

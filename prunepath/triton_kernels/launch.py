@@ -107,12 +107,14 @@ class FFNConfig:
     block_t: int
     up_block_n: int
     up_block_k: int
-    ks: int  # splits of d in the up phase (1 = write activated h)
+    ks: int  # most splits of d in the up phase (1 = write activated h); the step uses <= ks
     down_block_n: int
     down_block_d: int
     s: int  # splits of F in the down phase (1 = write the output directly)
     num_warps: int = 4
     num_stages: int = 3
+    up_programs: int = 0  # programs of the up phase per token block (0: 4 per SM)
+    up_fill: int = 1  # the step's d-split aims at up_fill work items per SM
 
 
 def default_config(t: int, d: int, f: int, sms: int, interpreted: bool) -> FFNConfig:
@@ -125,22 +127,31 @@ def default_config(t: int, d: int, f: int, sms: int, interpreted: bool) -> FFNCo
         up_n = 32 if t <= 16 else 64
         up_k = 128
         dn_n, dn_d = 64, 128 if d >= 2048 else 64
-    n_up = triton.cdiv(f, up_n) * t_blocks
-    # split d while the up phase has fewer than ~4 programs per SM, only for T <= 2: every
-    # down program re-reads the fp32 partial pre-activations (KS*2*T*F*4 bytes per d-tile;
-    # measured on an H100, KS=2 at T=16 cost ~9% over dense at full density)
+    # up to 8 splits of d for T <= 2: each step uses the fewest that give every SM a work item
+    # (1 at full density, 4 with 10% of the experts live; measured on an H100, 4096 x 11008).
+    # Not for more tokens: every down program re-reads the fp32 partial pre-activations
+    # (KS*2*T*F*4 bytes per d-tile; KS=2 at T=16 cost ~9% over dense at full density)
     ks = 1
     if t <= 2:
-        while ks < 8 and n_up * ks < 4 * sms and d // (2 * ks) >= up_k:
+        while ks < 8 and d // (2 * ks) >= up_k:
             ks *= 2
     # split F in the down phase for parallelism, while the fp32 partial sums (S*T*d*4 bytes,
-    # written and re-read) stay under ~5% of the weight bytes (6*d*F for bf16)
+    # written and re-read) stay small: at most 32 splits for T <= 2, 8 above (H100 sweep,
+    # 4096 x 11008: T = 4 and 16 were fastest with 8)
     n_down = triton.cdiv(d, dn_d) * t_blocks
+    s_max = 32 if t <= 2 else 8
     s = 1
-    while (s < 32 and n_down * s < 4 * sms and f // (2 * s) >= dn_n
+    while (s < s_max and n_down * s < 4 * sms and f // (2 * s) >= dn_n
            and 2 * s * t <= 0.075 * f):
         s *= 2
-    return FFNConfig(block_t, up_n, up_k, ks, dn_n, dn_d, s)
+    return FFNConfig(block_t, up_n, up_k, ks, dn_n, dn_d, s, up_programs=4 * sms // t_blocks)
+
+
+def _list_blocks(t: int, e: int, f: int, block_n: int):
+    """Tile sizes of the in-kernel live-chunk list: (tokens per union step, E block, chunks)."""
+    block_e = triton.next_power_of_2(e)
+    list_t = max(1, min(triton.next_power_of_2(t), 4096 // block_e))
+    return list_t, block_e, triton.next_power_of_2(triton.cdiv(f, block_n))
 
 
 def routed_ffn(x, w_gate, w_up, w_down_t, mask, activation, b_up, b_down, config=None, out=None,
@@ -170,26 +181,35 @@ def routed_ffn(x, w_gate, w_up, w_down_t, mask, activation, b_up, b_down, config
     t_blocks = triton.cdiv(t, cfg.block_t)
     mask_u8 = mask.view(torch.uint8)
     dummy = x
+    ne = f // e
+    ks_max = max(1, min(cfg.ks, triton.cdiv(d, cfg.up_block_k)))
+    up_items = _sms(x) * cfg.up_fill
+    up_programs = cfg.up_programs or 4 * _sms(x) // t_blocks
+    up_programs = max(1, min(up_programs, triton.cdiv(f, cfg.up_block_n) * ks_max))
 
     # phase 1
-    k_per = triton.cdiv(triton.cdiv(d, cfg.ks), cfg.up_block_k) * cfg.up_block_k
-    ks = triton.cdiv(d, k_per)
-    if ks == 1:
-        h = torch.empty((t, f), dtype=x.dtype, device=x.device)
+    # h activated [T, F] in x's dtype; with ks_max > 1 also fp32 partial pre-activations,
+    # used by the steps whose union is sparse enough to split d (the kernels choose)
+    h_act = torch.empty((t, f), dtype=x.dtype, device=x.device)
+    if ks_max == 1:
+        h = h_act
         hs, hg, ht = 0, 0, h.stride(0)
     else:
         g = 2 if gated else 1
-        h = torch.empty((ks, g, t, f), dtype=torch.float32, device=x.device)
+        h = torch.empty((ks_max, g, t, f), dtype=torch.float32, device=x.device)
         hs, hg, ht = h.stride(0), h.stride(1), h.stride(2)
     if poison:
         h.fill_(float("nan"))
-    _ffn._ffn_up_kernel[(triton.cdiv(f, cfg.up_block_n), ks, t_blocks)](
+        h_act.fill_(float("nan"))
+    list_t, block_e, up_block_c = _list_blocks(t, e, f, cfg.up_block_n)
+    _ffn._ffn_up_kernel[(up_programs, t_blocks)](
         x, w_gate if gated else w_up, w_up, b_up if b_up is not None else dummy, mask_u8, h,
-        t, d, f, f // e,
-        x.stride(0), w_up.stride(0), mask_u8.stride(0), hs, hg, ht,
-        GATED=gated, HAS_BU=b_up is not None, ACT=act, KS=ks, K_PER_SPLIT=k_per, IEEE=ieee,
-        UPCAST=interp, TWO_EXPERTS=f // e >= cfg.up_block_n,
+        h_act, t, d, f, ne, e, up_items,
+        x.stride(0), w_up.stride(0), mask_u8.stride(0), hs, hg, ht, h_act.stride(0),
+        GATED=gated, HAS_BU=b_up is not None, ACT=act, KS=ks_max, IEEE=ieee,
+        UPCAST=interp, TWO_EXPERTS=ne >= cfg.up_block_n,
         BLOCK_T=cfg.block_t, BLOCK_N=cfg.up_block_n, BLOCK_K=cfg.up_block_k,
+        LIST_T=list_t, BLOCK_E=block_e, BLOCK_C=up_block_c,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
@@ -202,22 +222,68 @@ def routed_ffn(x, w_gate, w_up, w_down_t, mask, activation, b_up, b_down, config
         os_, ot = dst.stride(0), dst.stride(1)
         if poison:
             dst.fill_(float("nan"))
+    _, _, down_block_c = _list_blocks(t, e, f, cfg.down_block_n)
     _ffn._ffn_down_kernel[(triton.cdiv(d, cfg.down_block_d), s, t_blocks)](
-        h, w_down_t, b_up if b_up is not None else dummy, b_down if b_down is not None else dummy,
-        mask_u8, dst,
-        t, d, f, f // e,
-        hs, hg, ht, w_down_t.stride(0), w_down_t.stride(1), mask_u8.stride(0), os_, ot,
+        h, h_act, w_down_t, b_up if b_up is not None else dummy,
+        b_down if b_down is not None else dummy, mask_u8, dst,
+        t, d, f, ne, e, up_items,
+        hs, hg, ht, h_act.stride(0), w_down_t.stride(0), w_down_t.stride(1), mask_u8.stride(0),
+        os_, ot,
         GATED=gated, HAS_BU=b_up is not None, HAS_BD=b_down is not None, ACT=act,
-        KS=ks, S=s, IEEE=ieee, UPCAST=interp, TWO_EXPERTS=f // e >= cfg.down_block_n,
+        KS=ks_max, S=s, IEEE=ieee, UPCAST=interp, TWO_EXPERTS=ne >= cfg.down_block_n,
         N_CONTIGUOUS=w_down_t.stride(0) == 1 and w_down_t.stride(1) != 1,
         BLOCK_T=cfg.block_t, BLOCK_N=cfg.down_block_n, BLOCK_D=cfg.down_block_d,
+        UP_BLOCK_N=cfg.up_block_n, UP_BLOCK_K=cfg.up_block_k,
+        LIST_T=list_t, BLOCK_E=block_e, BLOCK_C=down_block_c,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if s > 1:
         n = t * d
-        block = 1024
+        # enough programs to read the S partials in parallel (4096 outputs: 32 programs)
+        block = max(128, min(1024, triton.next_power_of_2(triton.cdiv(n, 32))))
         _ffn._ffn_reduce_kernel[(triton.cdiv(n, block),)](
             dst, b_down if b_down is not None else dummy, out, n, d, dst.stride(0),
             S=s, HAS_BD=b_down is not None, BLOCK=block, num_warps=4,
         )
     return out
+
+
+def live_chunks_reference(mask: torch.Tensor, f: int, block_n: int):
+    """Plain-torch semantics of the kernels' live-chunk list: the ascending (lo, hi) neuron
+    ranges of the live ``block_n``-chunks for the union over tokens of ``mask`` [T, E].
+    With experts of >= block_n neurons, [lo, hi) is exactly the chunk's live neurons (they
+    are contiguous), else the whole chunk."""
+    e = mask.shape[1]
+    ne = f // e
+    neuron_live = mask.any(0).cpu().repeat_interleave(ne)
+    ranges = []
+    for start in range(0, f, block_n):
+        end = min(start + block_n, f)
+        idx = torch.nonzero(neuron_live[start:end]).flatten()
+        if idx.numel() == 0:
+            continue
+        if ne >= block_n:
+            ranges.append((start + int(idx[0]), start + int(idx[-1]) + 1))
+        else:
+            ranges.append((start, end))
+    return ranges
+
+
+def live_chunks(mask: torch.Tensor, d: int, f: int, block_n: int, block_k: int = 128,
+                up_items: int = 1, ks_max: int = 1):
+    """What the FFN kernels compute for themselves, written out by a one-program kernel (a
+    testing aid; syncs with the host): ``{"chunks": [(lo, hi), ...], "ks": splits of d,
+    "k_blocks_per_split": int}`` for chunks of ``block_n`` neurons."""
+    t, e = mask.shape
+    list_t, block_e, block_c = _list_blocks(t, e, f, block_n)
+    out = torch.full((3 + 2 * block_c,), -7, dtype=torch.int32, device=mask.device)
+    mask_u8 = mask.view(torch.uint8)
+    _ffn._live_chunks_kernel[(1,)](
+        mask_u8, out, t, e, f, f // e, d, mask_u8.stride(0), up_items,
+        KS_MAX=ks_max, BLOCK_K=block_k, BN=block_n, TWO_EXPERTS=f // e >= block_n,
+        LIST_T=list_t, BLOCK_E=block_e, BLOCK_C=block_c, num_warps=4,
+    )
+    out = out.cpu().tolist()
+    n = out[0]
+    return {"chunks": [(out[3 + 2 * i], out[4 + 2 * i]) for i in range(n)], "ks": out[1],
+            "k_blocks_per_split": out[2]}
