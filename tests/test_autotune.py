@@ -3,6 +3,8 @@ the on-disk cache (atomic JSON, merged entries, corrupt files ignored)."""
 
 import json
 
+import pytest
+
 import torch
 
 from prunepath import ops
@@ -89,3 +91,16 @@ def test_measuring_flow_on_cpu(monkeypatch, tmp_path):
     ops.route(torch.randn(3, 4), 0.5)
     assert calls == ["routed_ffn", "route"]
     autotune.clear()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_candidates_are_timed_as_graph_replays():
+    dev = torch.device("cuda")
+    x = torch.randn(256, 256, device=dev)
+    timer = autotune._graph_timer(lambda: x @ x, dev)
+    assert timer is not None and 0 < timer() < 50
+    assert autotune._graph_timer(lambda: (x.sum().item(), x)[1], dev) is None  # host sync: not capturable
+    times = autotune.measure("routed_ffn", dev, (torch.bfloat16, 256, 1024, 8, True, 1),
+                             ops.available_backends("cuda"))
+    assert set(times) == set(ops.available_backends("cuda")) and all(0 < v < 50 for v in times.values())

@@ -5,7 +5,9 @@ This is the one piece of explicit global state in the library: a cache of choice
 * CPU tensors: a static preference (the compiled "cpu" extension, then "torch").
 * CUDA tensors: the available GPU backends ("cuda", "triton", "torch") are *measured* once
   per (op, GPU model, dtype, shape, token-count bucket) on synthetic inputs of that shape
-  (a random mask with half the experts per token), and the fastest is remembered in memory
+  (a random mask with half the experts per token), timed as replays of a CUDA graph (as
+  decoding runs them; eager timing would charge Python launch costs that graphs remove),
+  and the fastest is remembered in memory
   and on disk in ``platformdirs.user_cache_dir("prunepath")/autotune.json`` (atomic
   write; ``PRUNEPATH_CACHE_DIR`` overrides the folder). Token counts are bucketed to powers
   of two (1, 2, 4, ..., 64, then 128+ as one bucket).
@@ -35,7 +37,7 @@ _PREFERENCE = {
     "cpu": ("cpu", "torch"),
     "cuda": ("triton", "cuda", "torch"),
 }
-_FORMAT = 2  # bump when kernels change enough to invalidate stored choices
+_FORMAT = 3  # bump when kernels change enough to invalidate stored choices
 _MEASURED_DEVICES = ("cuda",)  # device types whose choice is measured (tests add "cpu")
 
 
@@ -208,11 +210,36 @@ def measure(op: str, device: torch.device, key, candidates, repeats: int = 15) -
             fn = _runner(op, name, args)
             for _ in range(3):
                 fn()
-            times[name] = statistics.median(_time_ms(fn, device) for _ in range(repeats))
+            timer = _graph_timer(fn, device) if device.type == "cuda" else None
+            if timer is None:  # not capturable: time eager calls
+                timer = lambda: _time_ms(fn, device)  # noqa: E731
+            times[name] = statistics.median(timer() for _ in range(repeats))
         except Exception:  # a backend that fails on this shape is simply not chosen
             continue
     del args
     return times
+
+
+def _graph_timer(fn, device: torch.device, calls: int = 8):
+    """A function returning the device milliseconds of one ``fn()`` replayed from a CUDA graph
+    of ``calls`` back-to-back calls (how decoding runs it: no per-call launch cost on the
+    host), or None when ``fn`` cannot be captured."""
+    try:
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            fn()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(calls):
+                fn()
+        graph.replay()
+        torch.cuda.synchronize(device)
+    except Exception:
+        torch.cuda.synchronize(device)
+        return None
+    return lambda: _time_ms(graph.replay, device) / calls
 
 
 def _time_ms(fn, device: torch.device) -> float:
