@@ -617,6 +617,9 @@ def cpu_suite(args) -> list[dict]:
 
     torch.set_num_threads(args.threads)
     model, tok = smollm2_routed(Path(args.checkpoint))
+    # the ops backend is a run-time choice, not the checkpoint's (a checkpoint written by an
+    # evaluation script may carry "torch", the masked-dense reference)
+    prunepath.budget.set_backend(model, args.backend)
     cfg = model.config
     presets = [p for p in args.presets if p in model.prunepath_config.presets]
     prompt = _text_prompt(tok, args.prompt)
