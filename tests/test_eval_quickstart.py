@@ -60,3 +60,17 @@ def test_quickstart_refuses_model_without_tokenizer(tmp_path):
     tok = tiny_tokenizer()
     with pytest.raises(ValueError, match="tokenizer"):
         qs.run_quickstart(_cfg(tmp_path, None), model=tiny_llama(tok), progress=False, out=lambda *a: None)
+
+
+def test_decode_speed_is_timed_even_when_the_answer_ends_at_once():
+    """An answer whose first greedy token is EOS must not give an absurd tokens/s: the timed
+    runs ignore EOS and always decode max_new_tokens."""
+    import torch
+
+    model = tiny_llama(tiny_tokenizer())
+    ids = torch.tensor([[1, 5, 9, 3]])
+    with torch.no_grad():
+        first = int(model(ids).logits[0, -1].argmax())
+    out, tps = qs._timed_generate(model, ids, 6, eos=first)  # EOS = the very first token
+    assert out.shape[1] == ids.shape[1] + 6
+    assert 0 < tps < 1e6

@@ -149,18 +149,21 @@ def step_decode(model, tokenizer, cfg: QuickstartConfig, presets: dict, *, progr
 
 
 def _timed_generate(model, ids, max_new_tokens, eos):
-    """(output ids, decode tokens/s): one-token prefill run subtracted from a full run."""
+    """(output ids, decode tokens/s): one-token prefill run subtracted from a full run.
+
+    EOS does not stop the timed runs (an answer that ends at once would time nothing); the
+    caller cuts the greedy output at the first EOS, which is what an EOS-stopped run returns."""
     try:
         from prunepath.decode import generate as pp_generate
 
         def gen(n):
-            return pp_generate(model, ids, n, eos_token_id=-1 if eos is None else eos)
+            return pp_generate(model, ids, n, eos_token_id=[])
 
         gen(2)  # warm-up (allocations, autotune)
     except (ImportError, RuntimeError, ValueError, TypeError, NotImplementedError):
 
         def gen(n):
-            return model.generate(ids, max_new_tokens=n, do_sample=False, eos_token_id=eos, pad_token_id=eos,
+            return model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=eos,
                                   temperature=None, top_p=None, top_k=None)
 
     t0 = time.perf_counter()
@@ -170,7 +173,7 @@ def _timed_generate(model, ids, max_new_tokens, eos):
     out = gen(max_new_tokens)
     dt = max(time.perf_counter() - t0 - t_prefill, 1e-9)
     n_new = out.shape[1] - ids.shape[1]
-    return out, max(n_new - 1, 1) / dt
+    return out, (n_new - 1) / dt if n_new > 1 else float("nan")
 
 
 def step_save(model, tokenizer, cfg: QuickstartConfig) -> Path:
