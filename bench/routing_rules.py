@@ -8,7 +8,7 @@ of the bundled WikiText-2 valid sample) to the same measured sparsity, then scor
 ``--windows`` sliding windows of WikiText-2 test (token-level ppl). Rules:
 
 * ``pp``: PrunePath, the trained router's softmax, cumulative mass p (one global p);
-* ``pp_T{t}``: the same with the router's logits divided by t (t -> inf: top-k);
+* ``pp_T{t}``: the same at router temperature t (logits / t; t -> inf: top-k);
 * ``topk``: the trained router's top-k, the same k for every token;
 * ``oracle_pp`` / ``oracle_topk``: the same two rules on the true expert shares.
 
@@ -25,28 +25,16 @@ import json
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
-from torch import nn
 
 import prunepath
-from prunepath.budget import routed_layers, set_budget, set_routing
+from prunepath.budget import routed_layers, set_budget, set_router_temperature, set_routing
 from prunepath.eval import suites
 from prunepath.eval.methods import measure_sparsity, nearest_count, use_oracle_router
 from prunepath.eval.sweep import SweepConfig, calibration_ids
-
-
-class TemperedRouter(nn.Module):
-    """The wrapped router's logits divided by ``t`` (same ranking, flatter softmax for t > 1)."""
-
-    def __init__(self, router: nn.Module, t: float):
-        super().__init__()
-        self.inner, self.t = router, float(t)
-        self.needs_ffn = getattr(router, "needs_ffn", False)
-
-    def forward(self, x, *ffn):
-        return self.inner(x, *ffn) / self.t
 
 
 class KCounter:
@@ -81,10 +69,11 @@ class KCounter:
                 "share_le_E8": float((k <= num_experts / 8).float().mean())}
 
 
-def set_temperature(model, t: float | None) -> None:
-    for layer in routed_layers(model):
-        inner = layer.router.inner if isinstance(layer.router, TemperedRouter) else layer.router
-        layer.router = inner if t is None else TemperedRouter(inner, t)
+def set_temperature(model, t: float) -> None:
+    """The budget rule's temperature on every layer (the checkpoint's presets are not used here)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "dropping the presets": this script calibrates its own knobs
+        set_router_temperature(model, t)
 
 
 def main(argv=None) -> int:
@@ -133,8 +122,7 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             oracle = rule.startswith("oracle")
             use_oracle_router(model, oracle)
-            temp = float(rule.split("_T")[1]) if "_T" in rule else None
-            set_temperature(model, temp)
+            set_temperature(model, float(rule.split("_T")[1]) if "_T" in rule else 1.0)
             if rule.endswith("topk"):
                 knob = nearest_count(target, e)
                 set_routing(model, "topk", k=knob)
@@ -149,7 +137,7 @@ def main(argv=None) -> int:
             print(f"target {target:.2f} {rule:12s} knob {knob!s:>8.8} sparsity {calib:.3f} ppl {ppl:10.2f} "
                   f"({pt['ppl_vs_dense_pct']:+.0f}%)  k mean {ks['mean_k']:.1f} p10 {ks['p10_k']:.0f} "
                   f"p90 {ks['p90_k']:.0f} <=E/8 {100 * ks['share_le_E8']:.0f}%", flush=True)
-            set_temperature(model, None)
+            set_temperature(model, 1.0)
             use_oracle_router(model, False)
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(args.out).with_suffix(".tmp")

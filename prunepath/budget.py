@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ._modcall import make_module_callable
-from .config import check_budget_value
+from .config import check_budget_value, is_temperature
 from .layers import POLICIES, RoutedFFN
 
 
@@ -261,8 +261,7 @@ def set_router_temperature(model: nn.Module, temperature: float) -> None:
     """
     import warnings
 
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
-            or not 0 < temperature < float("inf"):
+    if not is_temperature(temperature):
         raise ValueError(f"temperature must be a finite float > 0, got {temperature!r}")
     for layer in routed_layers(model):
         layer.temperature = float(temperature)

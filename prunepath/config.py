@@ -110,8 +110,7 @@ class PrunePathConfig:
              "holdout_fraction", "in [0, 1)")
         need(isinstance(self.min_experts, int) and 0 <= self.min_experts <= self.num_experts,
              "min_experts", f"an int in [0, num_experts={self.num_experts}]")
-        need(isinstance(self.router_temperature, (int, float)) and not isinstance(self.router_temperature, bool)
-             and 0 < self.router_temperature < float("inf"), "router_temperature", "a finite float > 0")
+        need(is_temperature(self.router_temperature), "router_temperature", "a finite float > 0")
         need(isinstance(self.seed, int), "seed", "an int")
         need(isinstance(self.presets, dict), "presets", "a dict name -> budget")
         for key, value in self.presets.items():
@@ -152,6 +151,12 @@ class PrunePathConfig:
 
     def replace(self, **changes) -> PrunePathConfig:
         return dataclasses.replace(self, **changes)
+
+
+def is_temperature(value) -> bool:
+    """A valid router temperature: a finite number > 0 (not a bool)."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and 0 < value < float("inf"))
 
 
 def check_budget_value(value, name: str = "budget", num_layers: int | None = None) -> None:
