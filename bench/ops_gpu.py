@@ -159,9 +159,16 @@ def bench_case(copies, sliced, d, f, e, t, sparsity, dtype, backends, gen, graph
     return row
 
 
-def bench_route(d, e, t, dtype, backends, gen):
+def bench_route(d, e, t, dtype, backends, gen, rank=64):
+    """Graph time of ``route`` from logits and of the fused ``router_route`` from x, with a
+    linear router (Wr [E, d]) and a low-rank GELU router (W1 [rank, d] + b1, W2 [E, rank] +
+    b2, as prunepath's trained routers); ``router_route_lowrank_<b>_eager`` is the eager time."""
     x = torch.randn(t, d, device="cuda", generator=gen).to(dtype)
     wr = (torch.randn(e, d, device="cuda", generator=gen) / d**0.5).to(dtype)
+    w1 = (torch.randn(rank, d, device="cuda", generator=gen) / d**0.5).to(dtype)
+    b1 = torch.randn(rank, device="cuda", generator=gen) * 0.1
+    w2 = torch.randn(e, rank, device="cuda", generator=gen) / rank**0.5
+    b2 = torch.randn(e, device="cuda", generator=gen) * 0.1
     logits = torch.randn(t, e, device="cuda", generator=gen)
     budget = torch.full((t,), 0.5, device="cuda")
     out = {}
@@ -170,6 +177,11 @@ def bench_route(d, e, t, dtype, backends, gen):
             out["route_" + b] = time_graph(lambda i, b=b: ops.route(logits, budget, backend=b), 1)
             out["router_route_" + b] = time_graph(
                 lambda i, b=b: ops.router_route(x, wr, budget, backend=b), 1)
+            low = lambda i, b=b: ops.router_route(  # noqa: E731
+                x, w1, budget, b_router=b1, w_router_out=w2, b_router_out=b2,
+                hidden_activation="gelu", backend=b)
+            out["router_route_lowrank_" + b] = time_graph(low, 1)
+            out["router_route_lowrank_" + b + "_eager"] = time_eager(low, 1)
         except Exception as err:
             out["error_" + b] = repr(err)[:300]
     return out
@@ -186,15 +198,20 @@ def sweep_triton(copies, d, f, e, t, sparsity, dtype, gen, packed=True):
     mask, _ = make_mask(t, e, sparsity, gen)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     default = launch.default_config(t, d, f, sms, False)
-    variants = [("default", {})]
-    for ks in (1, 4, 8):
+    variants = [("default", {}),
+                ("plain(no pdl/fold)", {"pdl": False, "fold_reduce": False}),
+                ("pdl", {"pdl": True}), ("no_pdl", {"pdl": False}),
+                ("fold", {"fold_reduce": True}), ("no_fold", {"fold_reduce": False}),
+                ("pf=2", {"down_prefetch": 2}), ("up_fill=1", {"up_fill": 1.0})]
+    for ks in (1, 4):
         variants.append((f"ks={ks}", {"ks": ks}))
-    variants.append(("up_fill=2", {"up_fill": 2}))
-    variants.append(("up_n=64", {"up_block_n": 64}))
-    variants.append(("down=64x256", {"down_block_n": 64, "down_block_d": 256}))
-    for s_ in (4, 16, 64):
+    for s_ in (8, 32):
         variants.append((f"s={s_}", {"s": s_}))
-    variants.append(("stages=4", {"num_stages": 4}))
+    if t > 16:
+        variants.append(("stages=4", {"num_stages": 4}))
+        variants.append(("up_n=32", {"up_block_n": 32}))
+        variants.append(("stages=2", {"num_stages": 2}))
+        variants.append(("up_progs=1/SM", {"up_programs": sms // -(-t // default.block_t)}))
     res = []
     for name, change in variants:
         cfg = dataclasses.replace(default, **change)
@@ -244,6 +261,36 @@ def profile_kernels(copies, d, f, e, t, sparsity, dtype, backends, gen):
             except Exception as err:
                 out[b + ("_packed" if packed else "")] = repr(err)[:200]
     return out
+
+
+def profile_router(d, e, dtype, gen, rank=64, n=20):
+    """Per-kernel device time (us) of the fused low-rank router_route at T = 1 (eager)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    x = torch.randn(1, d, device="cuda", generator=gen).to(dtype)
+    w1 = (torch.randn(rank, d, device="cuda", generator=gen) / d**0.5).to(dtype)
+    w2 = torch.randn(e, rank, device="cuda", generator=gen) / rank**0.5
+    budget = torch.full((1,), 0.5, device="cuda")
+
+    def fn():
+        return ops.router_route(x, w1, budget, w_router_out=w2, hidden_activation="gelu",
+                                backend="triton")
+    try:
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(n):
+                fn()
+            torch.cuda.synchronize()
+        ker = {}
+        for ev in prof.key_averages():
+            tot = getattr(ev, "device_time_total", 0) or getattr(ev, "cuda_time_total", 0)
+            if tot > 0 and ev.count >= n:
+                ker[ev.key[:60]] = round(tot / n, 2)
+        return ker
+    except Exception as err:
+        return repr(err)[:200]
 
 
 def fmt(v, w=7):
@@ -358,10 +405,11 @@ def main(argv=None):
                     routes.append(rr)
                     print(json.dumps(rr), flush=True)
                 if args.sweep and (d, f) == (4096, 11008) and e == 64:
-                    for t, sp in ((1, 0.5), (1, 0.9), (4, 0.9), (16, 0.9)):
+                    for t, sp in ((1, 0.9), (1, 0.7), (1, 0.5), (1, 0.0), (4, 0.9), (64, 0.0)):
                         sw = sweep_triton(copies, d, f, e, t, sp, dtype, gen)
                         sweeps.append({"d": d, "F": f, "E": e, "T": t, "sparsity": sp,
                                        "dtype": dname, "results": sw})
+                        save()
                         ok = [x for x in sw if isinstance(x["ms"], float)]
                         b = min(ok, key=lambda x: x["ms"]) if ok else None
                         print(f"sweep E={e} T={t} s={sp}: " + " ".join(
@@ -369,6 +417,9 @@ def main(argv=None):
                             else f"{x['name']}=ERR" for x in sw)
                             + f" | best {b['name'] if b else None}", flush=True)
                 if args.profile and (d, f) == (4096, 11008) and e == 64:
+                    rp = profile_router(d, e, dtype, gen)
+                    profiles.append({"d": d, "E": e, "T": 1, "router_route_lowrank_kernels_us": rp})
+                    print(json.dumps(profiles[-1]), flush=True)
                     for t, sp in ((1, 0.0), (1, 0.5), (1, 0.7), (1, 0.9), (16, 0.9)):
                         pr = profile_kernels(copies, d, f, e, t, sp, dtype, backends, gen)
                         profiles.append({"d": d, "F": f, "E": e, "T": t, "sparsity": sp,

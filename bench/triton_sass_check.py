@@ -56,10 +56,12 @@ def inspect(ck) -> dict:
     return out
 
 
-def ffn_kernels(t, d, f, e, dtype="bf16", packed=True):
+def ffn_kernels(t, d, f, e, dtype="bf16", packed=True, prefetch=None):
     """(config, ks, s, compiled up kernel, compiled down kernel) for the launcher's default
-    config."""
+    config (with PDL, and the folded reduce when s > 1); ``prefetch`` overrides
+    ``down_prefetch``."""
     cfg = launch.default_config(t, d, f, 132, False)
+    pf = cfg.down_prefetch if prefetch is None else prefetch
     ks = max(1, min(cfg.ks, triton.cdiv(d, cfg.up_block_k)))
     h_ty = "fp32" if ks > 1 else dtype
     ne = f // e
@@ -68,14 +70,14 @@ def ffn_kernels(t, d, f, e, dtype="bf16", packed=True):
     up = compile_for_sm90(
         ffn._ffn_up_kernel,
         dict(x_ptr=f"*{dtype}", wg_ptr=f"*{dtype}", wu_ptr=f"*{dtype}", bu_ptr=f"*{dtype}",
-             mask_ptr="*u8", out_ptr=f"*{h_ty}", hact_ptr=f"*{dtype}", T="i32", D="i32",
-             F="i32", NE="i32", E="i32", up_items="i32",
+             mask_ptr="*u8", out_ptr=f"*{h_ty}", hact_ptr=f"*{dtype}", cnt_ptr="*i32",
+             T="i32", D="i32", F="i32", NE="i32", E="i32", up_items="i32", n_cnt="i32",
              stride_xt="i32", stride_wn="i32", stride_mt="i32", stride_os="i32",
              stride_og="i32", stride_ot="i32", stride_at="i32"),
         dict(GATED=True, HAS_BU=False, ACT=0, KS=ks, IEEE=dtype == "fp32",
              UPCAST=False, TWO_EXPERTS=ne >= cfg.up_block_n, BLOCK_T=cfg.block_t,
              BLOCK_N=cfg.up_block_n, BLOCK_K=cfg.up_block_k, LIST_T=list_t, BLOCK_E=block_e,
-             BLOCK_C=up_c),
+             BLOCK_C=up_c, PDL=True, EVICT_FIRST=pf > 0, BLOCK_CNT=32),
         div16=("x_ptr", "wg_ptr", "wu_ptr", "out_ptr", "hact_ptr", "mask_ptr", "D", "F",
                "stride_xt", "stride_wn", "stride_os", "stride_og", "stride_ot", "stride_at"),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -84,16 +86,19 @@ def ffn_kernels(t, d, f, e, dtype="bf16", packed=True):
                   IEEE=dtype == "fp32", UPCAST=False, TWO_EXPERTS=ne >= cfg.down_block_n,
                   N_CONTIGUOUS=not packed, BLOCK_T=cfg.block_t, BLOCK_N=cfg.down_block_n,
                   BLOCK_D=cfg.down_block_d, UP_BLOCK_N=cfg.up_block_n,
-                  UP_BLOCK_K=cfg.up_block_k, LIST_T=list_t, BLOCK_E=block_e, BLOCK_C=dn_c)
+                  UP_BLOCK_K=cfg.up_block_k, LIST_T=list_t, BLOCK_E=block_e, BLOCK_C=dn_c,
+                  PDL=True, FOLD=s > 1 and cfg.fold_reduce, PREFETCH=pf, PF_STEP=64,
+                  S_P2=triton.next_power_of_2(s))
     consts["stride_wd" if packed else "stride_wn"] = 1  # the runtime specializes 1s
     down = compile_for_sm90(
         ffn._ffn_down_kernel,
         dict(h_ptr=f"*{h_ty}", hact_ptr=f"*{dtype}", wd_ptr=f"*{dtype}", bu_ptr=f"*{dtype}",
              bd_ptr=f"*{dtype}", mask_ptr="*u8", out_ptr="*fp32" if s > 1 else f"*{dtype}",
+             cnt_ptr="*i32", fin_ptr=f"*{dtype}",
              T="i32", D="i32", F="i32", NE="i32", E="i32", up_items="i32",
              stride_hs="i32", stride_hg="i32", stride_ht="i32", stride_at="i32",
              stride_wn="i32", stride_wd="i32", stride_mt="i32", stride_os="i32",
-             stride_ot="i32"),
+             stride_ot="i32", stride_ft="i32"),
         consts,
         div16=("h_ptr", "hact_ptr", "wd_ptr", "out_ptr", "mask_ptr", "D", "F", "stride_hs",
                "stride_hg", "stride_ht", "stride_at", "stride_os", "stride_ot",

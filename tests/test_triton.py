@@ -46,6 +46,8 @@ CONFIGS = {
     "split_d": launch.FFNConfig(16, 16, 16, 4, 16, 32, 1),
     "split_f": launch.FFNConfig(16, 16, 32, 1, 16, 16, 4),
     "split_both": launch.FFNConfig(16, 32, 16, 2, 32, 16, 2),
+    # the separate reduce launch instead of the down kernel's folded last-program sum
+    "split_f_reduce": launch.FFNConfig(16, 16, 32, 1, 16, 16, 4, fold_reduce=False),
 }
 
 
@@ -192,6 +194,27 @@ def test_router_route_matches_reference(router, dtype, t, e):
         gap = (sp.cumsum(-1) - sp - budget.double()[:, None]).abs().min(-1).values
         assert (gap[mism.any(-1)] < 1e-4).all(), f"{int(mism.sum())} mask bits differ"
     assert torch.equal(ops.router_route(x, w1, budget, backend="torch", **kw), ref)
+
+
+@pytest.mark.parametrize("low_rank", [False, True])
+def test_router_route_kernel_budget_flag(low_rank):
+    """The route kernel's budget check (used for GPU budget tensors, one device assert):
+    ok only when every budget lies in [0, 1]; NaN is not ok. 70 tokens: two check blocks."""
+    gen = torch.Generator().manual_seed(3)
+    t, d, e = 70, 40, 8
+    x = torch.randn(t, d, generator=gen).to(DEV)
+    w1 = torch.randn(6 if low_rank else e, d, generator=gen).to(DEV)
+    w2 = torch.randn(e, 6, generator=gen).to(DEV) if low_rank else None
+    act = "gelu" if low_rank else "none"
+    for bad, value in ((False, None), (True, 1.5), (True, -0.1), (True, float("nan"))):
+        budget = torch.rand(t, generator=gen)
+        if value is not None:
+            budget[65] = value
+        mask, ok = launch.router_route(x, w1, None, w2, None, act, budget.to(DEV), 1, e)
+        assert bool(ok) is not bad
+        if not bad:
+            logits = router_logits_reference(x, w1, None, w2, None, act)
+            assert (mask == route_reference(logits, budget.to(DEV), 1, e)).float().mean() > 0.95
 
 
 def test_router_route_bad_input():

@@ -37,7 +37,7 @@ _PREFERENCE = {
     "cpu": ("cpu", "torch"),
     "cuda": ("triton", "cuda", "torch"),
 }
-_FORMAT = 3  # bump when kernels change enough to invalidate stored choices
+_FORMAT = 4  # bump when kernels change enough to invalidate stored choices
 _MEASURED_DEVICES = ("cuda",)  # device types whose choice is measured (tests add "cpu")
 
 

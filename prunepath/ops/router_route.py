@@ -11,8 +11,10 @@ Input standardisation ``(x - mean) * inv_std`` folds into the first layer:
 ``w' = w * inv_std``, ``b' = b - w' @ mean`` (see :func:`fold_standardization`).
 
 With ``backend="triton"`` this is one fused pass on the device (split-d projection kernel +
-route kernel; no host sync). Other backends compute the logits with torch (fp32) and call
-that backend's :func:`prunepath.ops.route`. Logits are computed in fp32 everywhere.
+route kernel, the latter a programmatic dependent launch on sm_90+; no host sync; a GPU
+budget tensor's [0, 1] range is checked by the route kernel). Other backends compute the
+logits with torch (fp32) and call that backend's :func:`prunepath.ops.route`. Logits are
+computed in fp32 everywhere.
 """
 
 from __future__ import annotations
@@ -96,18 +98,38 @@ def router_route(
     t = x.shape[0]
     e = w_router.shape[0] if w_router_out is None else w_router_out.shape[0]
     lo, hi = checks.expert_count_bounds(min_experts, max_experts, e)
-    b = checks.budget_tensor(budget, t, x.device)
     name = backends.resolve(backend, x.device, "router_route", (x.dtype, x.shape[1], e))
     mod = backends.load(name)
     if name == "triton":
         from prunepath import triton_kernels
 
-        f32 = lambda v: None if v is None else v.float().contiguous()  # noqa: E731
-        w2 = None if w_router_out is None else w_router_out.float().contiguous()
+        b, kernel_check = _budget_for_kernel(budget, t, x.device)
+        # the kernels read the router's small tensors in any float dtype (no casting copies)
+        c = lambda v: None if v is None else v.contiguous()  # noqa: E731
         return triton_kernels.router_route(
-            x.contiguous(), w_router.contiguous(), f32(b_router), w2, f32(b_router_out),
-            hidden_activation, b, lo, hi,
+            x.contiguous(), w_router.contiguous(), c(b_router), c(w_router_out),
+            c(b_router_out), hidden_activation, b, lo, hi, check_budget=kernel_check,
         )
+    b = checks.budget_tensor(budget, t, x.device)
     logits = router_logits_reference(x, w_router, b_router, w_router_out, b_router_out,
                                      hidden_activation)
     return mod.route(logits.contiguous(), b, lo, hi)
+
+
+def _budget_for_kernel(budget, t, device):
+    """(fp32 [T] budget, whether the Triton route kernel must check its range). A GPU budget
+    tensor gets every host-side check of :func:`checks.budget_tensor`; its [0, 1] range is
+    checked by the route kernel (one flag, one device assert) instead of a chain of
+    comparison kernels -- and, as there, not while tracing or capturing a graph."""
+    if not isinstance(budget, torch.Tensor) or budget.device.type == "cpu":
+        return checks.budget_tensor(budget, t, device), False
+    if budget.dim() == 0:
+        budget = budget.reshape(1).expand(t)
+    if budget.dim() != 1 or budget.shape[0] != t:
+        raise ValueError(f"budget must be a float or a [T] tensor with T={t}, "
+                         f"got shape {tuple(budget.shape)}")
+    if budget.device != device:
+        raise ValueError(f"budget is on {budget.device} but logits are on {device}")
+    if not budget.is_floating_point():
+        raise ValueError(f"budget tensor must be floating point, got {budget.dtype}")
+    return budget.float().contiguous(), not checks._tracing()

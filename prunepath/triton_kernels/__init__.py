@@ -40,7 +40,8 @@ def _(logits, budget, min_experts, max_experts):
 @torch.library.custom_op(f"{_NS}::router_route", mutates_args=())
 def _router_route_op(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor],
                      w2: Optional[torch.Tensor], b2: Optional[torch.Tensor], hidden_activation: str,
-                     budget: torch.Tensor, min_experts: int, max_experts: int) -> torch.Tensor:
+                     budget: torch.Tensor, min_experts: int,
+                     max_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
     return launch.router_route(x, w1, b1, w2, b2, hidden_activation, budget, min_experts,
                                max_experts)
 
@@ -48,7 +49,8 @@ def _router_route_op(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tenso
 @_router_route_op.register_fake
 def _(x, w1, b1, w2, b2, hidden_activation, budget, min_experts, max_experts):
     e = w1.shape[0] if w2 is None else w2.shape[0]
-    return x.new_empty((x.shape[0], e), dtype=torch.bool)
+    return (x.new_empty((x.shape[0], e), dtype=torch.bool),
+            x.new_empty((), dtype=torch.bool))
 
 
 @torch.library.custom_op(f"{_NS}::routed_ffn", mutates_args=())
@@ -68,12 +70,18 @@ def route(logits, budget, min_experts, max_experts):
     return _route_op(logits, budget, min_experts, max_experts)
 
 
-def router_route(x, w1, b1, w2, b2, hidden_activation, budget, min_experts, max_experts):
+def router_route(x, w1, b1, w2, b2, hidden_activation, budget, min_experts, max_experts,
+                 check_budget=False):
     """Routing mask from hidden states x [T, d]: logits = ``x @ w1^T + b1`` (w2 None) or
     ``act(x @ w1^T + b1) @ w2^T + b2`` (low-rank router); ``hidden_activation`` "none" or an
-    FFN activation name."""
-    return _router_route_op(x, w1, b1, w2, b2, hidden_activation, budget, min_experts,
-                            max_experts)
+    FFN activation name. ``check_budget``: the route kernel also checks that every budget
+    lies in [0, 1] and a device-side assert fails otherwise (no host sync; one assert
+    launch instead of a chain of comparison kernels)."""
+    mask, ok = _router_route_op(x, w1, b1, w2, b2, hidden_activation, budget, min_experts,
+                                max_experts)
+    if check_budget:
+        torch._assert_async(ok, "budget values must lie in [0, 1]")
+    return mask
 
 
 def routed_ffn(x, w_gate, w_up, w_down, mask, activation, b_up, b_down):

@@ -23,8 +23,15 @@ host sync:
    the live rows of ``W_down^T`` (any strides: a prepacked ``W_down^T [F, d]`` skips dead
    rows exactly; with nn.Linear's ``W_down [d, F]`` neurons are the contiguous axis, so a
    listed chunk is read whole to keep 16-byte loads), accumulating in fp32.
-   ``S == 1`` writes the output (+ b_down) directly, else fp32 partials that
-   ``_ffn_reduce_kernel`` sums (deterministic: no atomics).
+   ``S == 1`` writes the output (+ b_down) directly, else fp32 partials. With FOLD (the
+   default at T <= 2) the last program of each d-slab to finish (an arrival counter per
+   slab, zeroed by the up kernel) sums the S partials and writes the output; else
+   ``_ffn_reduce_kernel`` does (one more launch). Both sum in an order fixed at compile
+   time, so results are deterministic; the counter is the only atomic.
+   With PDL (T <= 2 on sm_90+) the down kernel is a programmatic dependent launch of the
+   up kernel: its launch and live-list prologue overlap the up phase, and it waits
+   (``gdc_wait``) before it reads ``h`` or the counters. An optional L2 prefetch of each
+   program's first W_down^T tiles before the wait is off by default (no gain measured).
 
 Activations are computed in fp32: silu, gelu (erf), gelu_tanh, relu.
 """
@@ -171,17 +178,28 @@ def _live_chunks_kernel(mask_ptr, out_ptr, T, E, F, NE, D, stride_mt, up_items,
 
 @triton.jit
 def _ffn_up_kernel(
-    x_ptr, wg_ptr, wu_ptr, bu_ptr, mask_ptr, out_ptr, hact_ptr,
-    T, D, F, NE, E, up_items,
+    x_ptr, wg_ptr, wu_ptr, bu_ptr, mask_ptr, out_ptr, hact_ptr, cnt_ptr,
+    T, D, F, NE, E, up_items, n_cnt,
     stride_xt, stride_wn, stride_mt, stride_os, stride_og, stride_ot, stride_at,
     GATED: tl.constexpr, HAS_BU: tl.constexpr, ACT: tl.constexpr, KS: tl.constexpr,
     IEEE: tl.constexpr, UPCAST: tl.constexpr, TWO_EXPERTS: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     LIST_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_C: tl.constexpr,
+    PDL: tl.constexpr = False, EVICT_FIRST: tl.constexpr = False,
+    BLOCK_CNT: tl.constexpr = 0,
 ):
     pid = tl.program_id(0)
     n_prog = tl.num_programs(0)
     pid_t = tl.program_id(1)
+    if PDL:
+        # let the down kernel start (its list, weight prefetch) on SMs this grid leaves
+        # free; it waits for this grid to finish before it reads h
+        tl.extra.cuda.gdc_launch_dependents()
+    if BLOCK_CNT > 0:
+        # zero the down phase's per-slab arrival counters (it uses them after this grid ends)
+        if (pid == 0) & (pid_t == 0):
+            offs_c = tl.arange(0, BLOCK_CNT)
+            tl.store(cnt_ptr + offs_c, tl.zeros([BLOCK_CNT], dtype=tl.int32), mask=offs_c < n_cnt)
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     t_ok = offs_t < T
     lo, hi, pos, n_live, n_exp = _live_chunks(mask_ptr, T, E, F, NE, stride_mt, BLOCK_N,
@@ -210,10 +228,17 @@ def _ffn_up_kernel(
                          mask=t_ok[:, None] & k_ok[None, :], other=0.0)
             w_mask = live[:, None] & k_ok[None, :]
             w_off = offs_n[:, None] * stride_wn + offs_k[None, :]
-            wu = tl.load(wu_ptr + w_off, mask=w_mask, other=0.0)
+            if EVICT_FIRST:  # streamed once: keep L2 for the down phase's prefetched rows
+                wu = tl.load(wu_ptr + w_off, mask=w_mask, other=0.0, eviction_policy="evict_first")
+            else:
+                wu = tl.load(wu_ptr + w_off, mask=w_mask, other=0.0)
             acc_u = _dot(xk, tl.trans(wu), acc_u, IEEE, UPCAST)
             if GATED:
-                wg = tl.load(wg_ptr + w_off, mask=w_mask, other=0.0)
+                if EVICT_FIRST:
+                    wg = tl.load(wg_ptr + w_off, mask=w_mask, other=0.0,
+                                 eviction_policy="evict_first")
+                else:
+                    wg = tl.load(wg_ptr + w_off, mask=w_mask, other=0.0)
                 acc_g = _dot(xk, tl.trans(wg), acc_g, IEEE, UPCAST)
 
         out_mask = t_ok[:, None] & n_ok[None, :]
@@ -326,18 +351,57 @@ def _down_loop(acc, h_ptr, wd_ptr, bu_ptr, mask_ptr, lo, hi, pos, n_live, ks, pi
 
 
 @triton.jit
+def _prefetch_l2(ptrs, ok):
+    """Hint: fetch the cache lines at ``ptrs`` (where ``ok``) into L2, evict-last priority.
+    No result, no effect on the values any load returns."""
+    tl.inline_asm_elementwise(
+        "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2::evict_last [$1]; "
+        "mov.u32 $0, 0; }",
+        "=r,l,r", [ptrs.to(tl.int64), ok.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _prefetch_down_rows(wd_ptr, lo, hi, pos, n_live, pid_s, d0, offs_d, d_ok, D, F,
+                        stride_wn, stride_wd, S: tl.constexpr, PREFETCH: tl.constexpr,
+                        PF_STEP: tl.constexpr, N_CONTIGUOUS: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """L2 prefetch of this program's first PREFETCH listed W_down^T tiles (one request per
+    ``PF_STEP`` elements = 128 bytes along the contiguous axis): the weights do not depend on
+    the up phase, so this runs while it still does."""
+    for i in range(pid_s, tl.minimum(n_live, pid_s + PREFETCH * S), S):
+        chunk_start, offs_n, in_range = _listed(lo, hi, pos, i, F, BLOCK_N)
+        if N_CONTIGUOUS:  # neurons contiguous: a chunk row per d
+            offs_c = chunk_start + tl.arange(0, BLOCK_N // PF_STEP) * PF_STEP
+            ptrs = wd_ptr + offs_c[:, None] * stride_wn + offs_d[None, :] * stride_wd
+            ok = (offs_c < F)[:, None] & d_ok[None, :]
+        else:  # packed W_down^T: live rows only
+            offs_c = d0 + tl.arange(0, BLOCK_D // PF_STEP) * PF_STEP
+            ptrs = wd_ptr + offs_n[:, None] * stride_wn + offs_c[None, :] * stride_wd
+            ok = in_range[:, None] & (offs_c < D)[None, :]
+        _prefetch_l2(ptrs, ok)
+
+
+@triton.jit
 def _ffn_down_kernel(
-    h_ptr, hact_ptr, wd_ptr, bu_ptr, bd_ptr, mask_ptr, out_ptr,
+    h_ptr, hact_ptr, wd_ptr, bu_ptr, bd_ptr, mask_ptr, out_ptr, cnt_ptr, fin_ptr,
     T, D, F, NE, E, up_items,
     stride_hs, stride_hg, stride_ht, stride_at, stride_wn, stride_wd, stride_mt, stride_os,
-    stride_ot,
+    stride_ot, stride_ft,
     GATED: tl.constexpr, HAS_BU: tl.constexpr, HAS_BD: tl.constexpr, ACT: tl.constexpr,
     KS: tl.constexpr, S: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     TWO_EXPERTS: tl.constexpr, N_CONTIGUOUS: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UP_BLOCK_N: tl.constexpr, UP_BLOCK_K: tl.constexpr,
     LIST_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_C: tl.constexpr,
+    PDL: tl.constexpr = False, FOLD: tl.constexpr = False, PREFETCH: tl.constexpr = 0,
+    PF_STEP: tl.constexpr = 64, S_P2: tl.constexpr = 1,
 ):
+    """FOLD (S > 1): each program writes its fp32 partial, then counts its arrival on the
+    slab's counter (zeroed by the up kernel); the last of the slab's S programs sums the S
+    partials with a reduction fixed at compile time (deterministic whichever program is
+    last) and writes the output: no reduce launch. PDL: launched as a programmatic
+    dependent of the up kernel; everything before ``gdc_wait`` reads only the mask and the
+    weights."""
     pid_d = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_t = tl.program_id(2)
@@ -348,6 +412,12 @@ def _ffn_down_kernel(
     acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
     lo, hi, pos, n_live, n_exp = _live_chunks(mask_ptr, T, E, F, NE, stride_mt, BLOCK_N,
                                               TWO_EXPERTS, LIST_T, BLOCK_E, BLOCK_C)
+    if PREFETCH > 0:
+        _prefetch_down_rows(wd_ptr, lo, hi, pos, n_live, pid_s, pid_d * BLOCK_D, offs_d, d_ok,
+                            D, F, stride_wn,
+                            stride_wd, S, PREFETCH, PF_STEP, N_CONTIGUOUS, BLOCK_N, BLOCK_D)
+    if PDL:
+        tl.extra.cuda.gdc_wait()  # the up kernel's h (and zeroed counters) from here on
     if KS == 1:
         acc = _down_loop(acc, h_ptr, wd_ptr, bu_ptr, mask_ptr, lo, hi, pos, n_live, 1, pid_s,
                          offs_t, t_ok, offs_d, d_ok, F, NE, stride_hs, stride_hg, stride_ht,
@@ -375,6 +445,29 @@ def _ffn_down_kernel(
         tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=o_mask)
     else:
         tl.store(out_ptr + pid_s * stride_os + o_off, acc, mask=o_mask)
+        if FOLD:
+            # every thread's partial is stored before one thread releases the arrival
+            tl.debug_barrier()
+            arrived = tl.atomic_add(cnt_ptr + pid_t * tl.num_programs(0) + pid_d, 1,
+                                    sem="acq_rel", scope="gpu")
+            if arrived == S - 1:  # the slab's last program sums the S partials
+                # per token row, one [S, BLOCK_D] tile: S independent wide loads in flight (a
+                # loop over s serializes S L2 round trips), summed by tl.sum -- a fixed
+                # reduction tree, so the result does not depend on which program came last
+                offs_s = tl.arange(0, S_P2)
+                s_ok = offs_s < S
+                if HAS_BD:
+                    bd = tl.load(bd_ptr + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+                for r in range(0, tl.minimum(T - pid_t * BLOCK_T, BLOCK_T)):
+                    row = pid_t * BLOCK_T + r
+                    part = tl.load(out_ptr + offs_s[:, None] * stride_os + row * stride_ot
+                                   + offs_d[None, :], mask=s_ok[:, None] & d_ok[None, :],
+                                   other=0.0, cache_modifier=".cg")
+                    tot = tl.sum(part, axis=0)
+                    if HAS_BD:
+                        tot += bd
+                    tl.store(fin_ptr + row * stride_ft + offs_d,
+                             tot.to(fin_ptr.dtype.element_ty), mask=d_ok)
 
 
 @triton.jit

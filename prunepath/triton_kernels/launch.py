@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 
 import torch
 import triton
@@ -23,6 +24,19 @@ def _interpreted(t: torch.Tensor) -> bool:
 @functools.cache
 def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+@functools.cache
+def _pdl_capability(index: int) -> bool:
+    """Programmatic dependent launch needs sm_90+; PRUNEPATH_TRITON_PDL=0 turns it off."""
+    if os.environ.get("PRUNEPATH_TRITON_PDL", "1") == "0":
+        return False
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def _pdl_supported(t: torch.Tensor) -> bool:
+    return _pdl_capability(t.device.index if t.device.index is not None
+                           else torch.cuda.current_device())
 
 
 def _sms(t: torch.Tensor) -> int:
@@ -42,7 +56,7 @@ def route(logits: torch.Tensor, budget: torch.Tensor, min_experts: int, max_expe
         return mask
     block_e = triton.next_power_of_2(e)
     _route._route_kernel[(t,)](
-        logits, budget, mask, logits, logits, logits,
+        logits, budget, mask, logits, logits, logits, mask,
         t, e, e, min_experts, max_experts,
         0, logits.stride(0), mask.stride(0), 0,
         KS=1, LOW_RANK=False, HAS_B1=False, HAS_B2=False, HIDDEN_ACT=-1,
@@ -57,15 +71,20 @@ def router_route(x, w1, b1, w2, b2, hidden_activation, budget, min_experts, max_
     ``act(x @ w1^T + b1) @ w2^T + b2`` (low-rank router, w1 [R, d], w2 [E, R]) -> mask [T, E].
 
     The projection is split over ``d`` into KS partial sums (enough programs to read the
-    router weights at full bandwidth), which the route kernel adds up in a fixed order.
+    router weights at full bandwidth), which the route kernel adds up (a fixed reduction:
+    deterministic); on sm_90+ the route kernel is a programmatic dependent launch (its
+    prologue overlaps the projection). Returns ``(mask, budget_ok)``: ``budget_ok`` (bool, 0-dim) says whether
+    every budget lies in [0, 1] (NaN is not).
     """
     t, d = x.shape
     r = w1.shape[0]
     e = r if w2 is None else w2.shape[0]
     mask = torch.empty((t, e), dtype=torch.bool, device=x.device)
+    ok = torch.empty((), dtype=torch.bool, device=x.device)
     if t == 0:
-        return mask
+        return mask, ok.fill_(True)
     interp = _interpreted(x)
+    pdl = not interp and _pdl_supported(x)
     block_t = 16 if t <= 16 else 32 if t <= 32 else 64
     block_r = min(64, max(16, triton.next_power_of_2(r)))
     block_k = 32 if interp else 128
@@ -79,22 +98,23 @@ def router_route(x, w1, b1, w2, b2, hidden_activation, budget, min_experts, max_
         x, w1, part, t, d, r,
         x.stride(0), w1.stride(0), part.stride(0), part.stride(1),
         BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_K=block_k, K_PER_SPLIT=k_per,
-        IEEE=x.dtype == torch.float32, UPCAST=interp, num_warps=4,
+        IEEE=x.dtype == torch.float32, UPCAST=interp, PDL=pdl, num_warps=4,
     )
     block_e = triton.next_power_of_2(e)
     low = w2 is not None
     act = -1 if hidden_activation in (None, "none") else _ffn.ACT_IDS[hidden_activation]
     _route._route_kernel[(t,)](
         part, budget, mask, w2 if low else part, b1 if b1 is not None else part,
-        b2 if b2 is not None else part,
+        b2 if b2 is not None else part, ok,
         t, e, r, min_experts, max_experts,
         part.stride(0), part.stride(1), mask.stride(0), w2.stride(0) if low else 0,
         KS=ks, LOW_RANK=low, HAS_B1=b1 is not None, HAS_B2=low and b2 is not None,
         HIDDEN_ACT=act if low else -1,
         BLOCK_E=block_e, BLOCK_J=min(block_e, 64), BLOCK_R=triton.next_power_of_2(r),
-        num_warps=4 if block_e <= 64 else 8,
+        PDL=pdl, CHECK=True, BLOCK_B=64, KS_P2=triton.next_power_of_2(ks),
+        num_warps=4 if block_e <= 64 else 8, **({} if interp else {"launch_pdl": pdl}),
     )
-    return mask
+    return mask, ok
 
 
 # ------------------------------------------------------------------------- routed_ffn
@@ -114,7 +134,18 @@ class FFNConfig:
     num_warps: int = 4
     num_stages: int = 3
     up_programs: int = 0  # programs of the up phase per token block (0: 4 per SM)
-    up_fill: int = 1  # the step's d-split aims at up_fill work items per SM
+    # the step's d-split aims at up_fill work items per SM (0.75: one split, the pipelined
+    # down path, down to ~25% live experts at 4096 x 11008; measured faster at 30% on an H100)
+    up_fill: float = 1.0
+    # the down kernel sums the S partials itself (last program of each d-slab; a reduction
+    # fixed at compile time) instead of a reduce launch
+    fold_reduce: bool = True
+    # launch the down kernel as a programmatic dependent of the up kernel (CUDA, sm_90+):
+    # its list and weight prefetch overlap the up phase; it waits before reading h
+    pdl: bool = True
+    # L2-prefetch each down program's first `down_prefetch` listed W_down^T tiles before the
+    # wait (0: off); with it the up phase loads its weights evict-first
+    down_prefetch: int = 0
 
 
 def default_config(t: int, d: int, f: int, sms: int, interpreted: bool) -> FFNConfig:
@@ -136,15 +167,21 @@ def default_config(t: int, d: int, f: int, sms: int, interpreted: bool) -> FFNCo
         while ks < 8 and d // (2 * ks) >= up_k:
             ks *= 2
     # split F in the down phase for parallelism, while the fp32 partial sums (S*T*d*4 bytes,
-    # written and re-read) stay small: at most 32 splits for T <= 2, 8 above (H100 sweep,
-    # 4096 x 11008: T = 4 and 16 were fastest with 8)
+    # written and re-read) stay small: at most 16 splits for T <= 2 (H100 sweep, 4096 x 11008,
+    # T = 1: 16 beat 8 and 32 by 1-3 us), 8 above (T = 4 and 16 were fastest with 8)
     n_down = triton.cdiv(d, dn_d) * t_blocks
-    s_max = 32 if t <= 2 else 8
+    s_max = 16 if t <= 2 else 8
     s = 1
     while (s < s_max and n_down * s < 4 * sms and f // (2 * s) >= dn_n
            and 2 * s * t <= 0.075 * f):
         s *= 2
-    return FFNConfig(block_t, up_n, up_k, ks, dn_n, dn_d, s, up_programs=4 * sms // t_blocks)
+    # T <= 2: the down kernel sums its split partials itself and is a programmatic dependent
+    # launch of the up kernel (H100, 4096 x 11008, T = 1: -0.7 to -2.4 us a step); the L2
+    # prefetch of W_down^T measured no gain (+0..2.5 us) and stays off. More tokens keep the
+    # reduce launch and plain launches (no gain measured at T = 4..64).
+    one = t <= 2
+    return FFNConfig(block_t, up_n, up_k, ks, dn_n, dn_d, s, up_programs=4 * sms // t_blocks,
+                     up_fill=0.75, fold_reduce=one, pdl=one, down_prefetch=0)
 
 
 def _list_blocks(t: int, e: int, f: int, block_n: int):
@@ -183,7 +220,7 @@ def routed_ffn(x, w_gate, w_up, w_down_t, mask, activation, b_up, b_down, config
     dummy = x
     ne = f // e
     ks_max = max(1, min(cfg.ks, triton.cdiv(d, cfg.up_block_k)))
-    up_items = _sms(x) * cfg.up_fill
+    up_items = max(1, int(_sms(x) * cfg.up_fill))
     up_programs = cfg.up_programs or 4 * _sms(x) // t_blocks
     up_programs = max(1, min(up_programs, triton.cdiv(f, cfg.up_block_n) * ks_max))
 
@@ -202,19 +239,27 @@ def routed_ffn(x, w_gate, w_up, w_down_t, mask, activation, b_up, b_down, config
         h.fill_(float("nan"))
         h_act.fill_(float("nan"))
     list_t, block_e, up_block_c = _list_blocks(t, e, f, cfg.up_block_n)
+    # phase 2's split of F; with fold_reduce its per-slab arrival counters (zeroed by phase 1)
+    s = max(1, min(cfg.s, triton.cdiv(f, cfg.down_block_n)))
+    d_slabs = triton.cdiv(d, cfg.down_block_d)
+    fold = s > 1 and cfg.fold_reduce
+    n_cnt = d_slabs * t_blocks if fold else 0
+    cnt = torch.empty((max(n_cnt, 1),), dtype=torch.int32, device=x.device)
+    pdl = cfg.pdl and not interp and _pdl_supported(x)
     _ffn._ffn_up_kernel[(up_programs, t_blocks)](
         x, w_gate if gated else w_up, w_up, b_up if b_up is not None else dummy, mask_u8, h,
-        h_act, t, d, f, ne, e, up_items,
+        h_act, cnt, t, d, f, ne, e, up_items, n_cnt,
         x.stride(0), w_up.stride(0), mask_u8.stride(0), hs, hg, ht, h_act.stride(0),
         GATED=gated, HAS_BU=b_up is not None, ACT=act, KS=ks_max, IEEE=ieee,
         UPCAST=interp, TWO_EXPERTS=ne >= cfg.up_block_n,
         BLOCK_T=cfg.block_t, BLOCK_N=cfg.up_block_n, BLOCK_K=cfg.up_block_k,
         LIST_T=list_t, BLOCK_E=block_e, BLOCK_C=up_block_c,
+        PDL=pdl, EVICT_FIRST=cfg.down_prefetch > 0 and not interp,
+        BLOCK_CNT=triton.next_power_of_2(n_cnt) if n_cnt else 0,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
     # phase 2
-    s = max(1, min(cfg.s, triton.cdiv(f, cfg.down_block_n)))
     if s == 1:
         dst, os_, ot = out, 0, out.stride(0)
     else:
@@ -223,21 +268,24 @@ def routed_ffn(x, w_gate, w_up, w_down_t, mask, activation, b_up, b_down, config
         if poison:
             dst.fill_(float("nan"))
     _, _, down_block_c = _list_blocks(t, e, f, cfg.down_block_n)
-    _ffn._ffn_down_kernel[(triton.cdiv(d, cfg.down_block_d), s, t_blocks)](
+    down_extra = {} if interp else {"launch_pdl": pdl}
+    _ffn._ffn_down_kernel[(d_slabs, s, t_blocks)](
         h, h_act, w_down_t, b_up if b_up is not None else dummy,
-        b_down if b_down is not None else dummy, mask_u8, dst,
+        b_down if b_down is not None else dummy, mask_u8, dst, cnt, out,
         t, d, f, ne, e, up_items,
         hs, hg, ht, h_act.stride(0), w_down_t.stride(0), w_down_t.stride(1), mask_u8.stride(0),
-        os_, ot,
+        os_, ot, out.stride(0),
         GATED=gated, HAS_BU=b_up is not None, HAS_BD=b_down is not None, ACT=act,
         KS=ks_max, S=s, IEEE=ieee, UPCAST=interp, TWO_EXPERTS=ne >= cfg.down_block_n,
         N_CONTIGUOUS=w_down_t.stride(0) == 1 and w_down_t.stride(1) != 1,
         BLOCK_T=cfg.block_t, BLOCK_N=cfg.down_block_n, BLOCK_D=cfg.down_block_d,
         UP_BLOCK_N=cfg.up_block_n, UP_BLOCK_K=cfg.up_block_k,
         LIST_T=list_t, BLOCK_E=block_e, BLOCK_C=down_block_c,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        PDL=pdl, FOLD=fold, PREFETCH=0 if interp else cfg.down_prefetch,
+        PF_STEP=max(1, 128 // w_down_t.element_size()), S_P2=triton.next_power_of_2(s),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **down_extra,
     )
-    if s > 1:
+    if s > 1 and not fold:
         n = t * d
         # enough programs to read the S partials in parallel (4096 outputs: 32 programs)
         block = max(128, min(1024, triton.next_power_of_2(triton.cdiv(n, 32))))

@@ -31,28 +31,30 @@ from .ffn import _activate
 
 @triton.jit
 def _route_tail(p, offs_i, valid_i, z_ptr_row, zmax, zsum, b, min_e, max_e, E,
-                BLOCK_E: tl.constexpr, BLOCK_J: tl.constexpr, FROM_VECTOR: tl.constexpr,
-                zvec):
+                BLOCK_E: tl.constexpr, BLOCK_J: tl.constexpr, FROM_VECTOR: tl.constexpr):
     """Given probabilities ``p`` [BLOCK_E] of one token, return the bool mask [BLOCK_E]."""
     mass = tl.zeros([BLOCK_E], dtype=tl.float32)
     rank = tl.zeros([BLOCK_E], dtype=tl.int32)
     for j0 in tl.static_range(0, BLOCK_E, BLOCK_J):
         offs_j = j0 + tl.arange(0, BLOCK_J)
         valid_j = offs_j < E
+        # Compare the very values of ``p`` where possible: on a GPU a recomputed exp/div may
+        # round differently from ``p``, and an expert then ranked above itself (found on an
+        # H100: a tenth of the tokens off the rule). Self-comparisons are excluded as well.
         if BLOCK_J == BLOCK_E:
-            zj = zvec  # one chunk: the token's own logits (no re-read)
+            pj = p  # one chunk: the token's own probabilities
         elif FROM_VECTOR:
-            # logits already in registers: pick the chunk by a masked reduction
+            # probabilities already in registers: pick the chunk by a masked reduction
             sel = offs_i[:, None] == offs_j[None, :]
-            zj = tl.sum(tl.where(sel, zvec[:, None], 0.0), axis=0)
+            pj = tl.sum(tl.where(sel, p[:, None], 0.0), axis=0)
         else:
             zj = tl.load(z_ptr_row + offs_j, mask=valid_j, other=0.0).to(tl.float32)
-        pj = tl.exp(zj - zmax) / zsum
+            pj = tl.exp(zj - zmax) / zsum
         pj = tl.where(valid_j, pj, 0.0)
         above = (pj[None, :] > p[:, None]) | (
             (pj[None, :] == p[:, None]) & (offs_j[None, :] < offs_i[:, None])
         )
-        above = above & valid_j[None, :]
+        above = above & valid_j[None, :] & (offs_j[None, :] != offs_i[:, None])
         mass += tl.sum(tl.where(above, pj[None, :], 0.0), axis=1)
         rank += tl.sum(above.to(tl.int32), axis=1)
     b_eff = tl.where(b >= 1.0, float("inf"), b)  # budget >= 1 takes every expert
@@ -64,57 +66,83 @@ def _route_tail(p, offs_i, valid_i, z_ptr_row, zmax, zsum, b, min_e, max_e, E,
 
 @triton.jit
 def _route_kernel(
-    z_ptr, budget_ptr, mask_ptr, w2_ptr, b1_ptr, b2_ptr,
+    z_ptr, budget_ptr, mask_ptr, w2_ptr, b1_ptr, b2_ptr, ok_ptr,
     T, E, R, min_e, max_e,
     stride_zs, stride_zt, stride_mt, stride_w2e,
     KS: tl.constexpr, LOW_RANK: tl.constexpr, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr,
     HIDDEN_ACT: tl.constexpr,
     BLOCK_E: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr,
+    PDL: tl.constexpr = False, CHECK: tl.constexpr = False, BLOCK_B: tl.constexpr = 1,
+    KS_P2: tl.constexpr = 1,
 ):
     """One token per program.
 
     Plain routing: ``z`` is the logits [T, E] (KS == 1). Fused router: ``z`` holds ``KS``
-    partial projections [KS, T, R] that are summed in a fixed order, then ``+ b1``; with
+    partial projections [KS, T, R] that are summed (a fixed reduction), then ``+ b1``; with
     LOW_RANK the hidden ``act(z + b1)`` [R] goes through ``W2`` [E, R] (``+ b2``).
     HIDDEN_ACT: -1 none, else an id of :data:`prunepath.triton_kernels.ffn.ACT_IDS`.
+    PDL: launched as a programmatic dependent of the projection kernel: the budget and the
+    router's second layer are read before ``gdc_wait``, the partial projections after.
+    CHECK: program 0 writes ``ok`` = every budget lies in [0, 1] (the caller asserts it).
     """
     t = tl.program_id(0)
     offs_i = tl.arange(0, BLOCK_E)
     valid_i = offs_i < E
+    # the KS partials are read as one [KS_P2, ...] tile (wide, independent loads; a loop of
+    # 1-D loads became ~1000 scalar loads per thread for E = 64) and summed by tl.sum (a
+    # fixed reduction tree: the same result on every run)
+    offs_s = tl.arange(0, KS_P2)
+    s_ok = offs_s < KS
     b = tl.load(budget_ptr + t)
+    if CHECK:
+        if t == 0:
+            good = tl.zeros([BLOCK_B], dtype=tl.int32)
+            for t0 in range(0, T, BLOCK_B):
+                offs_b = t0 + tl.arange(0, BLOCK_B)
+                bb = tl.load(budget_ptr + offs_b, mask=offs_b < T, other=0.5)
+                good += ((bb >= 0.0) & (bb <= 1.0)).to(tl.int32) - 1  # NaN fails both
+            tl.store(ok_ptr, tl.sum(good, axis=0) == 0)
     if LOW_RANK:
         offs_r = tl.arange(0, BLOCK_R)
         r_ok = offs_r < R
-        zr = tl.zeros([BLOCK_R], dtype=tl.float32)
-        for s in tl.static_range(KS):
-            zr += tl.load(z_ptr + s * stride_zs + t * stride_zt + offs_r, mask=r_ok, other=0.0)
+        w2 = tl.load(w2_ptr + offs_i[:, None] * stride_w2e + offs_r[None, :],
+                     mask=valid_i[:, None] & r_ok[None, :], other=0.0).to(tl.float32)
         if HAS_B1:
-            zr += tl.load(b1_ptr + offs_r, mask=r_ok, other=0.0).to(tl.float32)
+            b1 = tl.load(b1_ptr + offs_r, mask=r_ok, other=0.0).to(tl.float32)
+        if HAS_B2:
+            b2 = tl.load(b2_ptr + offs_i, mask=valid_i, other=0.0).to(tl.float32)
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+        zr = tl.sum(tl.load(z_ptr + offs_s[:, None] * stride_zs + t * stride_zt + offs_r[None, :],
+                            mask=s_ok[:, None] & r_ok[None, :], other=0.0), axis=0)
+        if HAS_B1:
+            zr += b1
         if HIDDEN_ACT >= 0:
             zr = _activate(zr, HIDDEN_ACT)
         zr = tl.where(r_ok, zr, 0.0)
-        w2 = tl.load(w2_ptr + offs_i[:, None] * stride_w2e + offs_r[None, :],
-                     mask=valid_i[:, None] & r_ok[None, :], other=0.0).to(tl.float32)
         z = tl.sum(w2 * zr[None, :], axis=1)
         if HAS_B2:
-            z += tl.load(b2_ptr + offs_i, mask=valid_i, other=0.0).to(tl.float32)
+            z += b2
     else:
-        z = tl.zeros([BLOCK_E], dtype=tl.float32)
-        for s in tl.static_range(KS):
-            z += tl.load(z_ptr + s * stride_zs + t * stride_zt + offs_i, mask=valid_i,
-                         other=0.0).to(tl.float32)
         if HAS_B1:
-            z += tl.load(b1_ptr + offs_i, mask=valid_i, other=0.0).to(tl.float32)
+            b1 = tl.load(b1_ptr + offs_i, mask=valid_i, other=0.0).to(tl.float32)
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+        z = tl.sum(tl.load(z_ptr + offs_s[:, None] * stride_zs + t * stride_zt + offs_i[None, :],
+                           mask=s_ok[:, None] & valid_i[None, :], other=0.0).to(tl.float32),
+                   axis=0)
+        if HAS_B1:
+            z += b1
     z = tl.where(valid_i, z, float("-inf"))
     zmax = tl.max(z, axis=0)
     ez = tl.where(valid_i, tl.exp(z - zmax), 0.0)
     zsum = tl.sum(ez, axis=0)
     p = ez / zsum
-    # chunks re-read the logits from memory when they are there (plain routing), else pick
-    # them out of the register vector
+    # chunks of more than 64 experts re-read the logits from memory when they are there
+    # (plain routing), else pick the probabilities out of the register vector
     FROM_VECTOR: tl.constexpr = LOW_RANK or KS > 1 or HAS_B1
     keep = _route_tail(p, offs_i, valid_i, z_ptr + t * stride_zt, zmax, zsum, b, min_e, max_e,
-                       E, BLOCK_E, BLOCK_J, FROM_VECTOR, z)
+                       E, BLOCK_E, BLOCK_J, FROM_VECTOR)
     tl.store(mask_ptr + t * stride_mt + offs_i, keep, mask=valid_i)
 
 
@@ -125,8 +153,11 @@ def _router_project_kernel(
     stride_xt, stride_wr, stride_os, stride_ot,
     BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
     K_PER_SPLIT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """Partial router projection: out[s, t, r] = sum over this split's d-range of x[t] * W[r]."""
+    if PDL:  # the route kernel may start (its prologue reads no output of this one)
+        tl.extra.cuda.gdc_launch_dependents()
     pid_r = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_t = tl.program_id(2)

@@ -1,0 +1,31 @@
+#!/bin/bash
+# One device call for the Triton kernels (issue 7): env, GPU tests, then bench/ops_gpu.py.
+#   STAGE=1 bash bench/run_kernels_device.sh   # tests + 4096x11008 E=64 table + sweep + route/profile
+#   STAGE=2 bash bench/run_kernels_device.sh   # tests + the full table (+ 8192x28672 when time allows)
+# Logs and JSON go to $OUT (else ./out). TEST_TIMEOUT / END (seconds) bound the steps.
+set -u
+OUT=${OUT:-out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PRUNEPATH_REQUIRE_GPU_BACKENDS=triton
+cd "$(dirname "$0")/.."
+T0=$(date +%s); left() { echo $(( ${END:-500} - ($(date +%s) - T0) )); }
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+timeout ${TEST_TIMEOUT:-150} python3 -m pytest -q -n 8 -p no:cacheprovider --tb=short -m gpu \
+  --maxfail=20 tests/test_triton.py tests/test_gpu_ops.py > "$OUT/pytest.log" 2>&1
+echo "pytest rc=$? at $(( $(date +%s) - T0 ))s"; grep -E "FAILED|Error|passed|failed" "$OUT/pytest.log" | tail -25
+B="python3 bench/ops_gpu.py --backends triton"
+if [ "${STAGE:-1}" = 1 ]; then
+  timeout $(left) $B --shapes 4096x11008 --experts 64 --tokens 1,4,16,64 --sparsities 0,0.5,0.7,0.9 \
+    --profile --sweep --json "$OUT/ops_gpu_s3_run1.json" > "$OUT/bench.log" 2>&1
+else
+  timeout $(left) $B --shapes 4096x11008 --experts 64,128 --tokens 1,4,16,64 --sparsities 0,0.5,0.7,0.9 \
+    --profile --sweep --json "$OUT/ops_gpu_s3_bf16.json" > "$OUT/bench.log" 2>&1
+  [ $(left) -gt 40 ] && timeout $(left) $B --shapes 8192x28672 --experts 64 --tokens 1,16 \
+    --sparsities 0,0.5,0.7,0.9 --json "$OUT/ops_gpu_s3_8192.json" > "$OUT/bench8192.log" 2>&1
+  [ $(left) -gt 40 ] && timeout $(left) $B --shapes 4096x14336 --experts 64 --tokens 1,4,16,64 \
+    --sparsities 0,0.5,0.7,0.9 --no-route --json "$OUT/ops_gpu_s3_14336.json" > "$OUT/bench14336.log" 2>&1
+  [ $(left) -gt 25 ] && timeout $(left) $B --dtypes fp16 --shapes 4096x11008 --experts 64 --tokens 1 \
+    --sparsities 0,0.5,0.7,0.9 --no-route --json "$OUT/ops_gpu_s3_fp16.json" > "$OUT/benchfp16.log" 2>&1
+fi
+echo "bench done at $(( $(date +%s) - T0 ))s"
+for f in "$OUT"/bench*.log; do echo "== $f"; grep -E "^sweep|^ *[0-9]+x|^d=|Error" "$f" | tail -40; done
