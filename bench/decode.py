@@ -6,9 +6,9 @@ GPU (random bf16 weights at real Llama shapes, built on the device; nothing down
 
   For each model, batch (1/2/4/8) and FFN sparsity (50/70/75/90 %), the same decode loop
   (prunepath.decode.Decoder: static KV cache, one CUDA graph per step) runs the dense model
-  (cuBLAS FFN) and the PrunePath model. The expert masks are controlled: each RoutedFFN's
-  router is replaced by a :class:`SyntheticRouter` that runs the real router's projection
-  and adds a precomputed per-step mask (so exactly k of E experts per token); for batch > 1
+  (cuBLAS FFN) and the PrunePath model. The expert masks are controlled: each RoutedFFN runs
+  its own routing (fused router on an MLP router) and a :class:`MaskInjector` then takes a
+  precomputed per-step mask instead (so exactly k of E experts per token); for batch > 1
   the masks are either independent per sequence (the worst case for the union of experts)
   or drawn with the expert-popularity skew measured on SmolLM2's trained routers
   (``overlap`` JSON from the ``overlap`` command below), fitted to its measured union.
@@ -65,7 +65,6 @@ LLAMA_SHAPES = {
                  max_position_embeddings=1024),
 }
 MASK_MODELS = ("independent", "smollm2")
-NEG = -40.0  # logit of an expert outside the chosen set: softmax mass e^-40, i.e. none
 
 
 # --------------------------------------------------------------------------- utilities
@@ -107,40 +106,38 @@ def environment(device) -> dict:
 # --------------------------------------------------------------------------- synthetic masks
 
 
-class SyntheticRouter(nn.Module):
-    """The real MLP router's work, whose logits are a precomputed mask of the current step.
+class MaskInjector:
+    """Replaces one RoutedFFN's ``expert_mask``: the layer's own routing runs unchanged (the
+    fused ``ops.router_route`` on the real MLP router's folded weights: same kernels and
+    bytes as a converted model), then the precomputed mask of the current step is used
+    instead (``torch.where`` on a device flag that is always False, so neither CUDA graphs
+    nor ``torch.compile`` can drop the routing work).
 
-    ``logits = bank[step] + 1e-30 * (fc2 gelu(fc1 standardize(x)))``: the projection runs as
-    in the real router (same kernels, same bytes; its output is scaled away), and the mask
-    bank ``[S, B, E]`` (0 for a chosen expert, -40 otherwise) picks exactly the chosen set at
-    budget ``1 - 0.5/k``. One extra small kernel per layer (the indexed bank read). The
-    shared ``step`` counter ``[1]`` advances once per decode step (in the last layer).
+    The bank ``[S, L, B, E]`` (bool) holds per-step expert sets with exactly k experts per
+    token; the budget is ``1 - 0.5/k``. Layer 0 gathers the step's rows for every layer
+    (one ``index_select``), each layer adds one ``where``; the last layer advances the
+    shared ``step`` counter ``[1]``. ``route=False`` ("norouter" variant): no routing work
+    at all, the bank's mask goes straight to the routed FFN (measures what routing costs).
     """
 
-    def __init__(self, real: nn.Module, bank: torch.Tensor, step: torch.Tensor, advance: bool,
-                 project: bool = True):
-        super().__init__()
-        self.real = real
-        self.register_buffer("bank", bank, persistent=False)
-        self.step = step
-        self.advance = advance
-        # project=False: no router projection at all (logits = the bank row): measures what
-        # the router's own kernels cost (bench variant "norouter")
-        self.project = project
+    def __init__(self, layer, index: int, bank: torch.Tensor, cur: torch.Tensor,
+                 step: torch.Tensor, flag: torch.Tensor, advance: bool, route: bool = True):
+        self.layer, self.index, self.bank, self.cur = layer, index, bank, cur
+        self.step, self.flag, self.advance, self.route = step, flag, advance, route
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        r = self.real
-        rows = self.bank.index_select(0, self.step).squeeze(0)  # [B, E]
+    def __call__(self, x: torch.Tensor, batch: int | None = None) -> torch.Tensor:
+        from prunepath.layers import RoutedFFN
+
+        if self.index == 0:
+            torch.index_select(self.bank, 0, self.step, out=self.cur)
+        rows = self.cur[0, self.index]  # [B, E]
         if x.shape[0] != rows.shape[0]:  # a prompt (T = B * S): one mask per sequence
             rows = rows.repeat_interleave(x.shape[0] // rows.shape[0], dim=0)
-        if self.project:
-            h = torch.nn.functional.gelu(r.fc1(r.standardize(x.to(r.fc1.weight.dtype))))
-            out = torch.addmm(rows, h, r.fc2.weight.t(), alpha=1e-30)
-        else:
-            out = rows
+        if self.route:
+            rows = torch.where(self.flag, RoutedFFN.expert_mask(self.layer, x, batch), rows)
         if self.advance:
             self.step.add_(1).remainder_(self.bank.shape[0])
-        return out
+        return rows
 
 
 def fit_popularity(freq: torch.Tensor, k: int, batch: int, target_union: float,
@@ -189,28 +186,32 @@ def make_bank(num_layers, steps, batch, num_experts, k, popularity=None, seed=0)
 
 
 def install_masks(model, chosen: torch.Tensor, project: bool = True) -> None:
-    """Give every RoutedFFN a SyntheticRouter over ``chosen`` [L, S, B, E]; budget 1-0.5/k.
+    """Give every RoutedFFN a :class:`MaskInjector` over ``chosen`` [L, S, B, E]; budget
+    1 - 0.5/k. ``project=False``: no routing work (variant "norouter").
 
-    Routers already installed with the same bank shape and ``project`` are refilled in place
-    (same tensors), so a decoder's captured CUDA graphs stay valid and are reused."""
+    Injectors already installed with the same bank shape and ``project`` are refilled in
+    place (same tensors), so a decoder's captured CUDA graphs stay valid and are reused."""
     import prunepath
     from prunepath.budget import routed_layers
 
     layers = routed_layers(model)
     dev = layers[0].budget.device
-    old = [m.router for m in layers]
-    reuse = all(isinstance(r, SyntheticRouter) and r.project == project
-                and tuple(r.bank.shape) == tuple(chosen.shape[1:]) for r in old)
-    step = old[0].step if reuse else torch.zeros(1, dtype=torch.long, device=dev)
-    step.zero_()
-    for i, layer in enumerate(layers):
-        real = layer.router.real if isinstance(layer.router, SyntheticRouter) else layer.router
-        bank = torch.where(chosen[i], 0.0, NEG).to(device=dev, dtype=real.fc1.weight.dtype)
-        if reuse:
-            layer.router.bank.copy_(bank)
-        else:
-            layer.router = SyntheticRouter(real, bank, step, advance=i == len(layers) - 1,
-                                           project=project)
+    bank = chosen.permute(1, 0, 2, 3).contiguous().to(dev)  # [S, L, B, E]
+    old = [layer.__dict__.get("expert_mask") for layer in layers]
+    reuse = all(isinstance(o, MaskInjector) and o.route == project
+                and tuple(o.bank.shape) == tuple(bank.shape) for o in old)
+    if reuse:
+        old[0].bank.copy_(bank)
+        old[0].step.zero_()
+    else:
+        step = torch.zeros(1, dtype=torch.long, device=dev)
+        cur = torch.empty((1,) + tuple(bank.shape[1:]), dtype=torch.bool, device=dev)
+        flag = torch.zeros((), dtype=torch.bool, device=dev)
+        for t in (bank, cur, step, flag):  # compiled steps read/write them in place
+            torch._dynamo.mark_static_address(t)
+        for i, layer in enumerate(layers):
+            layer.expert_mask = MaskInjector(layer, i, bank, cur, step, flag,
+                                             advance=i == len(layers) - 1, route=project)
     k = int(chosen[0, 0, 0].sum())
     prunepath.set_budget(model, 1.0 - 0.5 / k)
 
@@ -347,6 +348,8 @@ class Row:
     ffn_share: float | None = None
     peak_gib: float = 0.0
     prefill_ms: float = 0.0
+    mode: str = "graph"  # Decoder mode: "graph" (CUDA graph per step) or "compile"
+    ffn_backend: str | None = None  # routed-FFN kernel backend the decoder chose (auto)
 
 
 def build_llama(name: str, device, dtype, seed: int = 0):
@@ -463,9 +466,11 @@ def gpu_suite(args) -> list[dict]:
         cfg = model.config
         log(f"== {name}: built in {time.perf_counter() - t0:.1f}s")
         e = args.experts
-        for batch in args.batches:
+        runs = [(b, m) for b in args.batches for m in args.modes
+                if m != "compile" or b in args.compile_batches]
+        for batch, mode in runs:
             if time_left() < 15:
-                log(f"[deadline: {name} batch {batch} skipped]")
+                log(f"[deadline: {name} batch {batch} {mode} skipped]")
                 break
             gen = torch.Generator().manual_seed(batch)
             prompt = torch.randint(0, cfg.vocab_size, (batch, prompt_len), generator=gen).to(device)
@@ -473,19 +478,20 @@ def gpu_suite(args) -> list[dict]:
             if prunepath.decode.routed_layers(model):
                 prunepath.unload(model)
             dense_bytes = step_bytes(cfg, batch, max_len, elem=elem)
+            profile_this = args.profile and mode != "compile"
 
             def dense_run():
-                dec = Decoder(model, batch, max_len, mode=args.mode)
-                t, prof, peak = measure(dec, model, prompt, batch, args.profile)
+                dec = Decoder(model, batch, max_len, mode=mode)
+                t, prof, peak = measure(dec, model, prompt, batch, profile_this)
                 ms = t["ms_per_step"]
                 row = Row(name, batch, "dense", 0.0, 1.0, ms, batch * 1e3 / ms,
                           ffn_ms=prof.get("ffn_ms"),
                           ffn_share=(prof["ffn_ms"] / ms) if prof else None,
-                          peak_gib=peak, prefill_ms=t["prefill_ms"])
+                          peak_gib=peak, prefill_ms=t["prefill_ms"], mode=dec.mode)
                 record(row, {}, prof, t)
                 return ms
 
-            dense_ms = guarded(f"{name} B={batch} dense", dense_run)
+            dense_ms = guarded(f"{name} B={batch} {mode} dense", dense_run)
             if dense_ms is None:
                 continue
             # PrunePath: wrap (no clustering: random weights), then synthetic masks
@@ -494,10 +500,10 @@ def gpu_suite(args) -> list[dict]:
                                                   prefill="dense", backend=args.backend))
             kinds = ["independent"] if batch == 1 else list(MASK_MODELS)
             configs = [(s_, kind, "") for s_ in args.sparsities for kind in kinds]
-            if batch == 1:  # overhead variants: no statistics; no router projection either
+            if batch == 1 and mode != "compile":  # overhead variants (statistics; no routing)
                 configs += [(s_, "independent", v) for v in args.variants
                             for s_ in args.sparsities if s_ in (0.5, 0.75)]
-            dec = Decoder(model, batch, max_len, mode=args.mode, ffn_path=args.ffn_path)
+            dec = Decoder(model, batch, max_len, mode=mode, ffn_path=args.ffn_path)
             for sparsity, kind, variant in configs:
                 if time_left() < 10:
                     log(f"[deadline: {name} B={batch} s={sparsity} {kind} {variant} skipped]")
@@ -517,15 +523,13 @@ def gpu_suite(args) -> list[dict]:
                     chosen = make_bank(cfg.num_hidden_layers, args.bank_steps, batch, e, k, pop,
                                        seed=batch * 100 + k)
                     install_masks(model, chosen, project=variant != "norouter")
-                    prunepath.budget.set_stats_recording(model, variant == "")
+                    used = dec
                     if variant:  # a fresh decoder: its steps capture the variant's kernels
-                        vdec = Decoder(model, batch, max_len, mode=args.mode,
-                                       ffn_path=args.ffn_path)
+                        used = Decoder(model, batch, max_len, mode=mode, ffn_path=args.ffn_path,
+                                       record_stats=variant == "stats")
                     u = union_density(chosen)
-                    profile = args.profile and batch in (1, 8)
-                    t, prof, peak = measure(vdec if variant else dec, model, prompt, batch,
-                                            profile)
-                    used = vdec if variant else dec
+                    profile = profile_this and batch in (1, 8)
+                    t, prof, peak = measure(used, model, prompt, batch, profile)
                     ms = t["ms_per_step"]
                     sparse_bytes = step_bytes(cfg, batch, max_len, u, e,
                                               args.router_rank if variant != "norouter" else 0,
@@ -538,11 +542,11 @@ def gpu_suite(args) -> list[dict]:
                               path_ms=dict(getattr(used, "path_timings", {}) or {}),
                               ffn_ms=prof.get("ffn_ms"),
                               ffn_share=(prof["ffn_ms"] / ms) if prof else None,
-                              peak_gib=peak, prefill_ms=t["prefill_ms"])
+                              peak_gib=peak, prefill_ms=t["prefill_ms"], mode=used.mode,
+                              ffn_backend=getattr(used, "last_ffn_backend", None))
                     record(row, info, prof, t)
 
-                guarded(f"{name} B={batch} s={sparsity} {label}", sparse_run)
-                prunepath.budget.set_stats_recording(model, True)
+                guarded(f"{name} B={batch} {mode} s={sparsity} {label}", sparse_run)
             del dec
             prunepath.unload(model)
             if device.type == "cuda":
@@ -562,15 +566,17 @@ def _peak_gib(device) -> float:
 
 def _fmt(r: Row) -> str:
     share = "" if r.ffn_share is None else f" ffn {100 * r.ffn_share:4.1f}%"
-    return (f"{r.model:10s} B={r.batch} {r.masks:11s} s={r.sparsity:.2f} union={r.union:.3f} "
+    return (f"{r.model:10s} {r.mode:7s} B={r.batch} {r.masks:11s} s={r.sparsity:.2f} "
+            f"union={r.union:.3f} "
             f"{r.ms_per_step:7.3f} ms/step {r.tok_s:8.1f} tok/s x{r.speedup:.2f} "
-            f"(ceiling x{r.ceiling:.2f}, {100 * r.of_ceiling:.0f}%) {r.path}{share} "
+            f"(ceiling x{r.ceiling:.2f}, {100 * r.of_ceiling:.0f}%) {r.path}"
+            f"{':' + r.ffn_backend if r.ffn_backend else ''}{share} "
             f"peak {r.peak_gib:.1f} GiB")
 
 
 def print_table(rows: list[dict], title: str) -> None:
-    cols = ["model", "batch", "masks", "sparsity", "union", "ms_per_step", "tok_s", "speedup",
-            "ceiling", "of_ceiling", "path", "ffn_share", "peak_gib"]
+    cols = ["model", "mode", "batch", "masks", "sparsity", "union", "ms_per_step", "tok_s",
+            "speedup", "ceiling", "of_ceiling", "path", "ffn_backend", "ffn_share", "peak_gib"]
     if rows and "cpu_ms_per_step" in rows[0]:
         cols[-1:] = ["cpu_ms_per_step", "cpu_speedup"]
     log(f"\n{title}")
@@ -624,7 +630,7 @@ def cpu_suite(args) -> list[dict]:
     presets = [p for p in args.presets if p in model.prunepath_config.presets]
     prompt = _text_prompt(tok, args.prompt)
     max_len = args.prompt + args.new
-    dec = Decoder(model, 1, max_len, mode=args.mode)
+    dec = Decoder(model, 1, max_len, mode=args.mode, record_stats=True)  # sparsity column
     configs = [("dense", None)] + [(p, p) for p in presets]
     times = {name: [] for name, _ in configs}
     cpu_times = {name: [] for name, _ in configs}
@@ -758,15 +764,20 @@ def parse_args(argv=None):
     p.add_argument("--prompt", type=int, default=None, help="prompt tokens (gpu 256, cpu 64)")
     p.add_argument("--new", type=int, default=None, help="decoded tokens (gpu 256, cpu 128)")
     p.add_argument("--repeats", type=int, default=None)
-    p.add_argument("--mode", default="auto", help="Decoder mode")
+    p.add_argument("--mode", default="auto", help="Decoder mode (cpu suite)")
+    p.add_argument("--modes", default="auto",
+                   help="gpu suite: Decoder modes to run, e.g. graph,compile (auto = graph on "
+                        "a GPU)")
+    p.add_argument("--compile-batches", default="1",
+                   help="gpu suite: batch sizes that also run mode compile (if in --modes)")
     p.add_argument("--ffn-path", default="auto", help="Decoder ffn_path")
     p.add_argument("--backend", default="auto", help="ops backend of the routed FFNs")
     p.add_argument("--bank-steps", type=int, default=64, help="distinct mask steps (cycled)")
     p.add_argument("--no-profile", dest="profile", action="store_false")
-    p.add_argument("--variants", default="nostats,norouter",
-                   help="gpu suite, batch 1 at 50/75%%: extra rows without statistics "
-                        "recording (nostats) and also without the router projection "
-                        "(norouter); empty for none")
+    p.add_argument("--variants", default="stats,norouter",
+                   help="gpu suite, batch 1 at 50/75%%: extra rows with statistics recording "
+                        "in every step (stats; the decoder's default is off) and without any "
+                        "routing work (norouter); empty for none")
     p.add_argument("--deadline", type=float, default=0.0,
                    help="gpu suite: start no new configuration after this many seconds "
                         "(0: no limit); the JSON holds every row measured so far")
@@ -782,9 +793,11 @@ def parse_args(argv=None):
     a.sparsities = [float(s) for s in a.sparsities.split(",")]
     a.presets = a.presets.split(",")
     a.variants = [v for v in a.variants.split(",") if v]
-    bad = set(a.variants) - {"nostats", "norouter"}
+    bad = set(a.variants) - {"stats", "norouter"}
     if bad:
-        p.error(f"--variants: unknown {sorted(bad)}; choose from nostats, norouter")
+        p.error(f"--variants: unknown {sorted(bad)}; choose from stats, norouter")
+    a.modes = [m for m in a.modes.split(",") if m]
+    a.compile_batches = [int(b) for b in a.compile_batches.split(",") if b]
     gpu = a.suite == "gpu"
     a.device = a.device or ("cuda" if gpu else "cpu")
     a.prompt = a.prompt or (256 if gpu else 64)

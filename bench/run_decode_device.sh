@@ -9,8 +9,10 @@
 # Order: Llama-3-8B shape (batch 1/2/4/8: dense vs 50/70/75/90% FFN sparsity, batch 1 also
 # without statistics / without router projection), then Llama-2-7B with the time left.
 # Environment: BUILD=0 skips building prunepath._C (the "auto" backend then uses Triton);
-# TESTS=0 skips pytest; MODELS (default "llama3-8b llama2-7b"); BENCH_ARGS: extra arguments
-# for `bench/decode.py gpu` (e.g. "--quick"); REPEATS (default 2).
+# TESTS=0 skips pytest (TEST_MARK: pytest -m expression, default "gpu and not slow";
+# TEST_TIMEOUT seconds, default 150; TEST_FILES, default the decode + fused-router tests); MODELS (default "llama3-8b llama2-7b"); BENCH_ARGS:
+# extra arguments for `bench/decode.py gpu` (e.g. "--quick", "--modes graph,compile");
+# REPEATS (default 2).
 # Output ($OUT, default /tmp/out; at most 8 files come back): setup.log (GPU, versions,
 # build, backends), pytest.log, <model>.log, <model>/gpu.json, autotune.json.
 # .whl must hold transformers==5.23.0 (the version the code is developed against; the
@@ -58,7 +60,10 @@ fi
 python3 -c "import prunepath.ops as o; print('backends on cuda:', o.available_backends('cuda'))" \
   2>&1 | tee -a "$OUT/setup.log"
 if [ "${TESTS:-1}" = "1" ]; then
-  timeout 150 python3 -m pytest -q -m "gpu and not slow" tests/test_decode.py -p no:cacheprovider \
+  # GPU decode tests (CUDA graphs; the compiled step too when TEST_MARK includes slow ones)
+  # and the fused-router GPU tests
+  timeout ${TEST_TIMEOUT:-150} python3 -m pytest -q -m "${TEST_MARK:-gpu and not slow}" \
+    ${TEST_FILES:-tests/test_decode.py tests/test_fused_router.py} -p no:cacheprovider \
     > "$OUT/pytest.log" 2>&1
   echo "pytest rc=$? at $(el)s"
   grep -E "passed|failed|Error|error" "$OUT/pytest.log" | tail -15

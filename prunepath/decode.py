@@ -29,8 +29,12 @@ read only the active experts), ``"dense"`` (the dense matmuls over every expert 
 inactive neurons zeroed -- ops backend "torch": same result, dense cost) or ``"auto"``
 (default): one step of each is timed once per budget on the live cache (after capturing
 both, with CUDA graphs) and the faster one runs, so decoding is never slower than dense
-when the union of a batch's experts is nearly everything. ``mode="compile"`` skips the
-timing and runs "sparse".
+when the union of a batch's experts is nearly everything. On a GPU the sparse candidates
+are the kernel backends themselves ("triton", "cuda"), each timed on the live masks.
+``mode="compile"`` skips the timing and runs "sparse".
+
+Decode steps do not update the routed layers' statistics (:func:`prunepath.stats`) unless
+``record_stats=True``: the counters cost a few small kernels per layer per step.
 """
 
 from __future__ import annotations
@@ -83,9 +87,27 @@ def _routing_key(layers) -> tuple:
     return tuple(
         (m.policy, m._dense_budget, m.topk, tuple(m.budget.shape), m.budget.data_ptr(),
          getattr(m, "backend", None), getattr(m, "ffn_backend", None), id(m.router),
-         getattr(m, "record_stats", True), getattr(m, "temperature", 1.0))
+         getattr(m, "record_stats", True), getattr(m, "temperature", 1.0),
+         getattr(m, "fuse_router", None), _fused_ptrs(m))
         for m in layers
     )
+
+
+def _fused_ptrs(layer) -> tuple:
+    """Storage of the layer's cached fused-router tensors (a captured step reads them)."""
+    cached = getattr(layer, "_fused", None)
+    if cached is None:
+        return ()
+    return tuple(0 if t is None else t.data_ptr() for t in cached[2][:4])
+
+
+def _sparse_backends(device: torch.device) -> list[str]:
+    """Explicit routed-FFN kernel backends the "auto" FFN path times on ``device`` (GPU)."""
+    if device.type != "cuda":
+        return []
+    from prunepath import ops
+
+    return [b for b in ("triton", "cuda") if b in ops.available_backends(device)]
 
 
 def _time_ms(fn, device: torch.device) -> float:
@@ -164,6 +186,11 @@ class Decoder:
             CUDA, eager on the CPU).
         ffn_path: ``"auto"``, ``"sparse"`` or ``"dense"`` (module docstring).
         check_every: decode steps between host checks of "all sequences ended".
+        record_stats: count the decode steps' active experts in the routed layers'
+            statistics (:func:`prunepath.stats`). Off by default: recording costs a few small
+            kernels per layer in every step (~0.3 ms of a 9 ms Llama-3-8B step on an H100).
+            The prefill records as the layers are set (:func:`prunepath.set_stats_recording`);
+            pass ``True`` to measure the sparsity of generated tokens.
     """
 
     def __init__(
@@ -175,6 +202,7 @@ class Decoder:
         mode: str = "auto",
         ffn_path: str = "auto",
         check_every: int = 16,
+        record_stats: bool = False,
     ):
         from transformers import StaticCache
 
@@ -196,6 +224,7 @@ class Decoder:
             raise ValueError(f"mode='graph' needs a model on a CUDA device, got {self.device}")
         self.mode, self.batch_size, self.max_length = mode, batch_size, max_length
         self.check_every = check_every
+        self.record_stats = bool(record_stats)
         self.layers = routed_layers(model)
         # with no routed layers there is nothing to choose
         self.ffn_path = ffn_path if self.layers else "dense"
@@ -218,6 +247,7 @@ class Decoder:
         self._graph_pool = None
         self._key_refs = []  # routers named (by id) in the keys of self._steps
         self.last_path = None  # FFN path of the last decode ("sparse" / "dense")
+        self.last_ffn_backend = None  # the routed-FFN backend "auto" chose for it (or None)
         self.path_timings = None  # ms per step of each path, when ffn_path="auto" timed them
 
     # -- one step ---------------------------------------------------------------------
@@ -257,18 +287,33 @@ class Decoder:
 
     @contextlib.contextmanager
     def _ffn_path(self, path: str):
-        """Routed FFNs run ``path`` ("sparse": their own backend; "dense": masked cuBLAS)
-        inside the block; their settings are restored afterwards."""
+        """Routed FFNs run ``path`` inside the block ("sparse": their own backend;
+        "sparse:NAME": kernel backend NAME; "dense": masked cuBLAS), with statistics
+        recording off unless this decoder records them; settings are restored afterwards."""
         attrs = ["ffn_backend" if hasattr(m, "ffn_backend") else "backend" for m in self.layers]
         own = [getattr(m, a) for m, a in zip(self.layers, attrs)]
-        if path == "dense":
+        own_stats = [getattr(m, "record_stats", True) for m in self.layers]
+        forced = "torch" if path == "dense" else path.split(":", 1)[1] if ":" in path else None
+        if forced is not None:
             for m, a in zip(self.layers, attrs):
-                setattr(m, a, "torch")
+                setattr(m, a, forced)
+        if not self.record_stats:
+            for m in self.layers:
+                m.record_stats = False
         try:
             yield
         finally:
-            for m, a, o in zip(self.layers, attrs, own):
+            for m, a, o, st in zip(self.layers, attrs, own, own_stats):
                 setattr(m, a, o)
+                m.record_stats = st
+
+    def _prepare_routers(self) -> None:
+        """Fold (or refresh in place) every routed layer's fused router before a step is
+        captured or replayed: a replayed graph reads the cached folded tensors."""
+        for m in self.layers:
+            fold = getattr(m, "fused_router", None)
+            if fold is not None:
+                fold(self.dtype)
 
     def _step_fn(self, greedy: bool, top_k: int | None, path: str):
         """A callable that runs one decode step (captured / compiled on first use).
@@ -276,7 +321,7 @@ class Decoder:
         One capture per (sampling kind, padding, FFN path, host-side routing state): a new
         budget *value* reuses it; switching budget 1.0 (exact dense) <-> < 1.0, the routing
         policy or the budget's shape captures anew."""
-        key = (greedy, top_k, self._padded, path, _routing_key(self.layers))
+        key = (greedy, top_k, self._padded, path, self.record_stats, _routing_key(self.layers))
         if key in self._steps:
             return self._steps[key]
         padded = self._padded
@@ -290,6 +335,12 @@ class Decoder:
         elif self.mode == "compile":
             for t in (self._token, self._pos, self._n, self._done, self._out, self._attn):
                 torch._dynamo.mark_static_address(t)
+            # One eager step first (state restored): the ops' backend choices (autotune,
+            # which may read its disk cache) are then made and cached, so tracing finds them
+            # in memory. A graph break there (file I/O) split the step per decoder layer, and
+            # HF's per-layer int layer_idx then recompiled each piece until dynamo's limit.
+            with self.preserved_state():
+                eager_step()
             compiled = torch.compile(self._forward_step, mode="reduce-overhead")
 
             def fn():
@@ -389,7 +440,10 @@ class Decoder:
         """Continue after :meth:`prefill` until ``max_new_tokens`` tokens exist (the prefill's
         token counts) or every sequence has ended. Returns the number of tokens emitted."""
         limit = min(max_new_tokens, self.max_length - self._prompt_len)
-        path = self.last_path = self._decode_path()
+        self._prepare_routers()
+        path = self._decode_path()
+        self.last_path, _, backend = path.partition(":")
+        self.last_ffn_backend = backend or None
         step = self._step_fn(self._greedy, self._top_k, path)
         emitted = 1
         if self._has_eos and bool(self._done.all()):  # the prefill's token ended every row
@@ -406,6 +460,7 @@ class Decoder:
     @torch.no_grad()
     def step(self, *, eager: bool = False) -> None:
         """One decode step after :meth:`prefill` (the captured/compiled one unless ``eager``)."""
+        self._prepare_routers()
         path = self._decode_path()
         if eager:
             with self._ffn_path(path):
@@ -460,29 +515,45 @@ class Decoder:
         ):
             return "sparse"  # nothing to choose (or, compiled, no cheap way to time both)
         budgets = tuple(tuple(m.budget.flatten().tolist()) for m in self.layers)
-        key = (_routing_key(self.layers), budgets)
+        key = (_routing_key(self.layers), budgets, self.record_stats)
         if key not in self._path_choice:
-            self._path_choice[key] = self._time_paths()
+            self._path_choice[key] = self._time_paths(self._path_candidates())
         return self._path_choice[key]
 
-    def _time_paths(self, reps: int = 7) -> str:
+    def _path_candidates(self) -> list[str]:
+        """"dense" and the sparse paths to time: on a GPU, when the layers' routed-FFN backend
+        is "auto", each kernel backend explicitly ("sparse:triton", "sparse:cuda") -- the
+        ops-level choice is made on synthetic half-density masks, which at a few tokens per
+        step have a near-full union and pick the masked-dense kernel; here every candidate
+        is timed on the live masks."""
+        own = {getattr(m, "ffn_backend", None) or m.backend for m in self.layers}
+        explicit = _sparse_backends(self.device) if own == {"auto"} else []
+        return ["dense"] + ([f"sparse:{b}" for b in explicit] or ["sparse"])
+
+    def _time_paths(self, paths=("dense", "sparse"), reps: int = 7) -> str:
         """Time one step of each FFN path on the live state (restored after every step) and
-        return the faster; "sparse" must win by 2% to be chosen."""
+        return the fastest; a sparse path must beat "dense" by 2% to be chosen."""
         state = self._state()
         saved = [t.clone() for t in state]
         ms = {}
-        for path in ("dense", "sparse"):
-            fn = self._step_fn(self._greedy, self._top_k, path)
-            times = []
-            for _ in range(reps + 1):
-                for t, s in zip(state, saved):
-                    t.copy_(s)
-                times.append(_time_ms(fn, self.device))
+        for path in paths:
+            try:
+                fn = self._step_fn(self._greedy, self._top_k, path)
+                times = []
+                for _ in range(reps + 1):
+                    for t, s in zip(state, saved):
+                        t.copy_(s)
+                    times.append(_time_ms(fn, self.device))
+            except Exception:
+                if path == "dense" or len(paths) == 2:  # nothing else to fall back on
+                    raise
+                continue  # an explicit kernel backend that cannot run this step: not chosen
             ms[path] = sorted(times[1:])[reps // 2]
         for t, s in zip(state, saved):
             t.copy_(s)
         self.path_timings = ms
-        return "sparse" if ms["sparse"] < 0.98 * ms["dense"] else "dense"
+        sparse = min((p for p in ms if p != "dense"), key=ms.get, default=None)
+        return sparse if sparse and ms[sparse] < 0.98 * ms["dense"] else "dense"
 
     # -- argument checks ----------------------------------------------------------------
 
@@ -525,6 +596,7 @@ def generate(
     mode: str = "auto",
     ffn_path: str = "auto",
     check_every: int = 16,
+    record_stats: bool = False,
 ) -> torch.Tensor:
     """Generate up to ``max_new_tokens`` tokens after ``input_ids`` ([B, T]) with a static KV
     cache and (on CUDA) a CUDA-graph decode step. Returns ``[B, T + n]`` token ids.
@@ -533,7 +605,8 @@ def generate(
     restricted to the ``top_k`` most likely tokens. ``budget`` (float, per-layer list or
     preset name, as :func:`prunepath.set_budget` takes) is set on the model first; ``None``
     keeps the current one. Left-padded batches pass ``attention_mask``. ``mode``,
-    ``ffn_path`` and ``check_every``: see :class:`Decoder`. Builds a new :class:`Decoder` per
+    ``ffn_path``, ``check_every`` and ``record_stats`` (decode steps update
+    :func:`prunepath.stats` only when True): see :class:`Decoder`. Builds a new :class:`Decoder` per
     call; keep one yourself to reuse the cache and the captured graphs.
     """
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -542,7 +615,7 @@ def generate(
         raise ValueError("input_ids must be a [batch, prompt_len] tensor of token ids")
     b, t = input_ids.shape
     dec = Decoder(model, b, t + max_new_tokens, mode=mode, ffn_path=ffn_path,
-                  check_every=check_every)
+                  check_every=check_every, record_stats=record_stats)
     return dec.generate(input_ids, max_new_tokens, attention_mask=attention_mask,
                         temperature=temperature, top_k=top_k, eos_token_id=eos_token_id,
                         pad_token_id=pad_token_id, budget=budget)

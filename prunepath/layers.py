@@ -25,6 +25,7 @@ from torch import nn
 
 from . import ops
 from .families import Family, FFNWeights, ffn_weights, projections
+from .ops.router_route import fold_standardization
 
 POLICIES = ("budget", "topk", "threshold", "static", "dense")
 
@@ -74,6 +75,19 @@ class RoutedFFN(nn.Module):
     ``ffn_backend`` (attribute, default ``None`` = same as ``backend``) overrides the backend
     of ``ops.routed_ffn`` alone; routing keeps ``backend``. The decoder sets it to "torch"
     for its masked-dense FFN path, so routing still runs the fast kernels.
+
+    ``fuse_router`` (attribute, default ``True``): when the router is a plain
+    :class:`~prunepath.routers.LinearRouter` or :class:`~prunepath.routers.MLPRouter` and the
+    policy is "budget" or "topk", the mask comes from one :func:`prunepath.ops.router_route`
+    call (router projection + routing, fused on GPU with the Triton backend) on folded
+    weights: the input standardisation folds into the first layer
+    (``prunepath.ops.router_route.fold_standardization``) and ``1 / temperature`` into the
+    last layer's weight and bias. Same rule as the unfused path (``route(router(x) / T)``);
+    the logits are computed in fp32 (the unfused path computes them in the router's dtype,
+    so on a bf16 model a token whose cumulative mass sits within rounding of the budget can
+    differ). The folded tensors are cached on the module (:meth:`fused_router`) and rebuilt
+    when the router, its weights (in-place updates are seen through tensor versions), the
+    temperature or the dtype change; in-place weight updates refold into the same tensors.
     """
 
     def __init__(self, base: nn.Module, fam: Family, activation: str, num_experts: int,
@@ -101,6 +115,8 @@ class RoutedFFN(nn.Module):
         self.policy = "budget"
         self.topk = self.num_experts
         self.record_stats = True
+        self.fuse_router = True  # router_route on folded weights for linear/mlp routers
+        self._fused = None  # (shape key, versions, (w1, b1, w2, b2, activation)) cache
         self._dense_budget = True  # host-side: every budget is exactly 1.0 (exact dense path)
         self._seq_shape: tuple[int, int] | None = None  # (B, S) for flattened-input families
         dev = w.w_up.device
@@ -157,6 +173,17 @@ class RoutedFFN(nn.Module):
             return torch.ones(t, self.num_experts, dtype=torch.bool, device=x.device)
         if policy == "static":
             return self.static_keep.unsqueeze(0).expand(t, -1)
+        if policy in ("budget", "topk"):
+            fused = self.fused_router(x.dtype)
+            if fused is not None:
+                w1, b1, w2, b2, act = fused
+                if policy == "budget":
+                    budget, lo, hi = self.token_budget(t, batch), self.min_experts, None
+                else:
+                    budget, lo, hi = 1.0, self.topk, self.topk
+                return ops.router_route(x, w1, budget, b_router=b1, w_router_out=w2,
+                                        b_router_out=b2, hidden_activation=act,
+                                        min_experts=lo, max_experts=hi, backend=self.backend)
         logits = self.router_logits(x)
         if policy == "budget":
             return ops.route(logits, self.token_budget(t, batch), min_experts=self.min_experts,
@@ -167,6 +194,77 @@ class RoutedFFN(nn.Module):
         if policy == "threshold":
             return torch.sigmoid(logits.float()) > self.tau
         raise ValueError(f"routing policy must be one of {POLICIES}, got {policy!r}")
+
+    # --- fused router ---------------------------------------------------------------------
+    def _router_sources(self):
+        """The plain router's tensors (mean, inv_std, weights, biases), or None if it has no
+        fused form (another router kind, a subclass, or ``fuse_router`` off)."""
+        from .routers import LinearRouter, MLPRouter
+
+        r = self.router
+        if not self.fuse_router:
+            return None
+        if type(r) is MLPRouter:
+            return (r.in_mean, r.in_inv_std, r.fc1.weight, r.fc1.bias, r.fc2.weight, r.fc2.bias)
+        if type(r) is LinearRouter:
+            return (r.in_mean, r.in_inv_std, r.proj.weight, r.proj.bias)
+        return None
+
+    @torch.no_grad()
+    def _fold_router(self, src, dtype):
+        """Folded ``(w1, b1, w2, b2, activation)``: standardisation into the first layer,
+        ``1/temperature`` into the last; w1 in ``dtype`` (the input's), the rest fp32."""
+        inv_t = 1.0 / self.temperature
+        mean, inv_std, w, b = src[:4]
+        w1, b1 = fold_standardization(w.float(), b, mean, inv_std)
+        if len(src) == 4:  # linear: logits = (w1 x + b1) / T
+            return ((w1 * inv_t).to(dtype).contiguous(), (b1 * inv_t).contiguous(),
+                    None, None, "none")
+        w2, b2 = src[4], src[5]
+        b2 = torch.zeros(w2.shape[0], device=w2.device) if b2 is None else b2.float()
+        return (w1.to(dtype).contiguous(), b1.float().contiguous(),
+                (w2.float() * inv_t).contiguous(), (b2 * inv_t).contiguous(), "gelu")
+
+    def fused_router(self, dtype: torch.dtype | None = None):
+        """The folded router tensors ``(w1, b1, w2, b2, hidden_activation)`` that
+        :func:`prunepath.ops.router_route` takes for inputs of ``dtype``, or ``None`` when the
+        router has no fused form. Cached: rebuilt (new tensors) when the router object, its
+        tensors' storage/shape/dtype, ``temperature`` or ``dtype`` change; refolded in place
+        (same tensors, so captured CUDA graphs stay valid) when its weights were updated in
+        place. Cheap host-side check, no device work when nothing changed."""
+        src = self._router_sources()
+        if src is None:
+            return None
+        dtype = dtype or src[2].dtype
+        if torch.compiler.is_compiling():
+            # traced steps read the cache made eagerly before (the Decoder refreshes it before
+            # every decode); one made for another router, dtype or temperature is not used.
+            # In-place weight updates are not seen here: call fused_router() eagerly after them.
+            c = self._fused
+            if c is not None and c[0][:3] == (id(self.router), dtype, self.temperature):
+                return c[2]
+            return self._fold_router(src, dtype)  # folded inside the traced step
+        key = (id(self.router), dtype, self.temperature,
+               tuple((t.data_ptr(), t.dtype, tuple(t.shape), t.device) for t in src if t is not None),
+               tuple(t is None for t in src))
+        versions = tuple(t._version for t in src if t is not None)
+        cached = self._fused
+        if cached is not None and cached[0] == key:
+            if cached[1] != versions:  # weights changed in place: refold into the same tensors
+                for old, new in zip(cached[2][:4], self._fold_router(src, dtype)[:4]):
+                    if old is not None:
+                        old.copy_(new)
+                self._fused = (key, versions, cached[2])
+            return cached[2]
+        folded = self._fold_router(src, dtype)
+        for t in folded[:4]:
+            if t is not None:
+                try:  # compiled steps (cudagraph trees) then read them in place, uncopied
+                    torch._dynamo.mark_static_address(t)
+                except Exception:  # pragma: no cover - older/odd torch builds
+                    pass
+        self._fused = (key, versions, folded)
+        return folded
 
     # --- forward ------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:

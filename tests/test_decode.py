@@ -235,6 +235,83 @@ def test_max_length_caps_new_tokens():
     assert torch.equal(out, hf_greedy(model, ids, new=4))
 
 
+def test_compile_mode_traces_one_graph_with_cold_autotune(monkeypatch, tmp_path):
+    # Regression: on a GPU the first trace met a cold autotune cache (a disk read, backend
+    # imports): graph breaks inside every routed FFN, so dynamo recompiled the pieces per
+    # decoder layer (HF's int layer_idx) until its limit. The decoder now runs one eager
+    # step before compiling; the traced step must be one graph.
+    from prunepath.ops import autotune
+
+    monkeypatch.setenv("PRUNEPATH_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(autotune, "_MEASURED_DEVICES", ("cuda", "cpu"))  # measured, like a GPU
+    monkeypatch.setattr(autotune, "_CHOICES", {})
+    monkeypatch.setattr(autotune, "_DISK", None)
+    model = tiny_model("llama", seed=38)
+    wrap(model, prunepath.PrunePathConfig(num_experts=8, clustering="none", router="mlp",
+                                          router_rank=4, prefill="dense"))
+    prunepath.set_budget(model, 0.5)
+    ids, _ = prompts(2, 5, seed=39)
+    seen = []
+
+    def fake_compile(fn, **kwargs):
+        def run(*args):
+            if not seen:  # trace the first call only, then run eagerly
+                torch._dynamo.reset()
+                ex = torch._dynamo.explain(fn)(*args)
+                seen.append((ex.graph_count, ex.graph_break_count))
+                return None  # explain ran the step once: do not run it twice
+            return fn(*args)
+        return run
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    dec = Decoder(model, 2, 5 + NEW, mode="compile")
+    assert torch.equal(dec.generate(ids, NEW, eos_token_id=[]), hf_greedy(model, ids))
+    assert seen == [(1, 0)]
+
+
+def test_decode_steps_record_stats_only_when_asked():
+    model = routed(seed=40)
+    prunepath.set_budget(model, 0.4)
+    ids, _ = prompts(2, 5, seed=41)
+    prunepath.budget.reset_stats(model)
+    Decoder(model, 2, 5 + NEW).generate(ids, NEW, eos_token_id=[])
+    prompt_tokens = prunepath.stats(model)["cumulative"]["tokens"]
+    assert prompt_tokens == 2 * 5  # the prefill counted, the decode steps did not
+    prunepath.budget.reset_stats(model)
+    dec = Decoder(model, 2, 5 + NEW, record_stats=True)
+    out = dec.generate(ids, NEW, eos_token_id=[])
+    st = prunepath.stats(model)
+    assert st["cumulative"]["tokens"] == 2 * 5 + 2 * (NEW - 1)
+    assert 0.2 < st["cumulative"]["sparsity"] < 1.0
+    assert torch.equal(out, hf_greedy(model, ids))
+    assert all(m.record_stats for m in prunepath.budget.routed_layers(model))  # restored
+
+
+def test_in_place_router_update_is_seen_by_the_same_step():
+    # the fused router's folded tensors are refreshed in place before each decode: the same
+    # (captured) step then reads the updated router
+    model = routed(seed=42)
+    prunepath.set_budget(model, 0.5)
+    ids, _ = prompts(2, 5, seed=43)
+    dec = Decoder(model, 2, 5 + NEW, ffn_path="sparse")
+    first = dec.generate(ids, NEW, eos_token_id=[])
+    with torch.no_grad():
+        for layer in prunepath.budget.routed_layers(model):
+            layer.router.proj.weight.mul_(-1.0)
+    second = dec.generate(ids, NEW, eos_token_id=[])
+    assert torch.equal(second, hf_greedy(model, ids))
+    assert not torch.equal(first, second)
+    assert len(dec._steps) == 1
+
+
+def test_auto_path_candidates():
+    model = routed(seed=44)
+    dec = Decoder(model, 1, 8)
+    assert dec._path_candidates() == ["dense", "sparse"]  # CPU: the layers' own backend
+    prunepath.budget.set_backend(model, "torch")
+    assert dec._path_candidates() == ["dense", "sparse"]
+
+
 @pytest.mark.slow
 def test_compiled_step_matches_hf_cpu():
     model = routed(seed=21)
@@ -333,17 +410,27 @@ def test_bench_synthetic_masks_pick_exactly_k_experts(k):
     chosen = bench.make_bank(2, 5, 3, 8, k, seed=k)
     bench.install_masks(model, chosen)
     ids, _ = prompts(3, 4, seed=33)
-    dec = Decoder(model, 3, 4 + 6)
+    dec = Decoder(model, 3, 4 + 6, record_stats=True)
     dec.generate(ids, 6, eos_token_id=[])
     st = prunepath.stats(model)
     assert st["active_experts"] == pytest.approx([float(k)] * 2)
-    # the routers' output is the bank's row of the current step (same mask, token by token)
-    layer = prunepath.budget.routed_layers(model)[0]
-    step = int(layer.router.step)
+    # the mask is the bank's row of the current step (same mask, token by token)
+    layers = prunepath.budget.routed_layers(model)
+    step = int(layers[0].expert_mask.step)
     x = torch.randn(3, 32)
-    mask = layer.expert_mask(x, 3)
-    assert torch.equal(mask, chosen[0, step])
-    assert int(layer.router.step) == step  # only the last layer's router advances it
+    assert torch.equal(layers[0].expert_mask(x, 3), chosen[0, step])
+    assert int(layers[0].expert_mask.step) == step  # only the last layer advances it
+    assert torch.equal(layers[1].expert_mask(x, 3), chosen[1, step])
+    assert int(layers[0].expert_mask.step) == (step + 1) % 5
+    # the real routing still runs (fused router on the MLP router): its mask is discarded
+    calls = []
+    real = prunepath.ops.router_route
+    try:
+        prunepath.ops.router_route = lambda *a, **kw: calls.append(1) or real(*a, **kw)
+        layers[0].expert_mask(x, 3)
+    finally:
+        prunepath.ops.router_route = real
+    assert calls
 
 
 def test_bench_bytes_model_and_union():
