@@ -2,6 +2,7 @@
 
     prunepath quickstart                  # SmolLM2 -> PrunePath, presets, ppl, tokens/s, checkpoint
     prunepath convert --out DIR           # convert a known model, calibrate presets, save
+    prunepath finetune --checkpoint IN --out DIR  # distil the routed model towards its dense model
     prunepath eval --out DIR [--limit N]  # quality sweep: methods x sparsities x suites
 
 Each subcommand is one ``add_<name>_parser`` function plus one ``run_<name>`` function;
@@ -137,10 +138,7 @@ def run_convert(args) -> int:
     import torch
 
     import prunepath
-    from prunepath.calibrate import calibrate_presets
-    from prunepath.data import token_batches
     from prunepath.eval.data import calibration_texts
-    from prunepath.eval.methods import routed_backend
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -151,14 +149,102 @@ def run_convert(args) -> int:
                                     router_temperature=args.router_temperature)
     print(f"converting {args.model} (E={args.experts}, {args.clustering}, {args.router} router) on {src}")
     prunepath.convert(model, cfg, calibration=texts, tokenizer=tok)
+    _calibrate_and_save(model, tok, texts, args.presets, args.per_layer, args.out)
+    return 0
+
+
+def _calibrate_and_save(model, tok, texts, targets, per_layer: bool, out) -> None:
+    """Calibrate presets on the second half of ``texts`` (routers train on the first) and save."""
+    import prunepath
+    from prunepath.calibrate import calibrate_presets
+    from prunepath.data import token_batches
+    from prunepath.eval.methods import routed_backend
+
     ids = token_batches(texts[len(texts) // 2 :], tok, num_tokens=2048, seq_len=256)
     with routed_backend(model, "torch"):  # same results; fast for 256-token calibration forwards on CPU
-        presets = calibrate_presets(model, ids, targets=tuple(args.presets), per_layer=args.per_layer)
+        presets = calibrate_presets(model, ids, targets=tuple(targets), per_layer=per_layer)
     for name, p in presets.items():
         desc = f"{p:.4f}" if isinstance(p, float) else f"per-layer, mean {sum(p) / len(p):.4f}"
         print(f"  preset {name}: budget {desc}")
-    path = prunepath.save(model, args.out, tokenizer=tok)
+    path = prunepath.save(model, out, tokenizer=tok)
     print(f"saved {path}  (prunepath.from_pretrained({str(path)!r}, budget='s50'))")
+
+
+# --------------------------------------------------------------------------- finetune
+
+
+def add_finetune_parser(sub) -> None:
+    from prunepath.finetune import FinetuneConfig
+
+    d = FinetuneConfig()
+    p = sub.add_parser(
+        "finetune",
+        help="fine-tune a PrunePath checkpoint with routing in the loop (distillation from its dense model)",
+        description="Trains the FFN weights so the routed model at random budgets imitates the dense model "
+        "(KL on the first half of WikiText-2 valid), then calibrates presets again and saves a new checkpoint.",
+    )
+    p.add_argument("--checkpoint", required=True, help="PrunePath checkpoint to start from")
+    p.add_argument("--out", required=True, help="checkpoint directory to write")
+    p.add_argument("--steps", type=_positive_int, default=d.steps, help="optimizer steps (default: %(default)s)")
+    p.add_argument("--batch-size", type=_positive_int, default=d.batch_size, help="sequences per step (default: %(default)s)")
+    p.add_argument("--seq-len", type=_positive_int, default=d.seq_len, help="tokens per sequence (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=d.lr, help="peak AdamW learning rate (default: %(default)s)")
+    p.add_argument("--budget-min", type=float, default=d.budget_min, help="lowest budget drawn (default: %(default)s)")
+    p.add_argument("--budget-max", type=float, default=d.budget_max, help="highest budget drawn (default: %(default)s)")
+    p.add_argument("--dense-fraction", type=float, default=d.dense_fraction,
+                   help="share of steps at budget 1 (default: %(default)s)")
+    p.add_argument("--params", choices=["ffn", "all"], default=d.params, help="what is trained (default: %(default)s)")
+    p.add_argument("--router-temperature", type=float, default=None,
+                   help="router temperature to train and calibrate at (default: the checkpoint's)")
+    p.add_argument("--presets", type=_floats, default=[0.3, 0.5, 0.7, 0.9],
+                   help="target sparsities calibrated after training (default: 0.3,0.5,0.7,0.9)")
+    p.add_argument("--per-layer", action="store_true", help="per-layer calibrated presets")
+    p.add_argument("--data-dir", default=None, help="evaluation data folder (training text: wikitext-2/valid.txt); "
+                   "default: the bundled copy")
+    p.add_argument("--report", default=None, help="write the training report (JSON) here")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--threads", type=_positive_int, default=None)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run_finetune)
+
+
+def run_finetune(args) -> int:
+    import json
+    import warnings
+    from pathlib import Path
+
+    import torch
+    from transformers import AutoTokenizer
+
+    import prunepath
+    from prunepath.data import token_batches
+    from prunepath.eval.data import calibration_texts
+    from prunepath.eval.methods import routed_backend
+    from prunepath.finetune import FinetuneConfig, finetune
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = FinetuneConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
+                         budget_min=args.budget_min, budget_max=args.budget_max,
+                         dense_fraction=args.dense_fraction, params=args.params, seed=args.seed)
+    model = prunepath.from_pretrained(args.checkpoint)
+    tok = AutoTokenizer.from_pretrained(args.checkpoint)
+    if args.router_temperature is not None:
+        with warnings.catch_warnings():  # presets are calibrated again below
+            warnings.simplefilter("ignore")
+            prunepath.set_router_temperature(model, args.router_temperature)
+    texts, src = calibration_texts(args.data_dir)
+    ids = token_batches(texts[: len(texts) // 2], tok, num_tokens=10**9, seq_len=cfg.seq_len)
+    print(f"fine-tuning {args.checkpoint}: {cfg.steps} steps x {cfg.batch_size} x {cfg.seq_len} tokens "
+          f"({ids.numel()} training tokens: first half of {src}), budgets U[{cfg.budget_min}, {cfg.budget_max}], "
+          f"router temperature {model.prunepath_config.router_temperature}")
+    with routed_backend(model, "torch"):  # the differentiable reference path
+        report = finetune(model, ids, cfg, progress=not args.no_progress)
+    print(f"done in {report['seconds']:.0f} s; KL to the dense model over the last steps: "
+          f"{report['history'][-1]['kl_mean_since_last']:.4f}")
+    if args.report:
+        Path(args.report).write_text(json.dumps(report, indent=1))
+    _calibrate_and_save(model, tok, texts, args.presets, args.per_layer, args.out)
     return 0
 
 
@@ -285,7 +371,7 @@ def run_bench_decode(args) -> int:
     return int(_bench_module("decode").main(argv) or 0)
 
 
-PARSERS = [add_quickstart_parser, add_convert_parser, add_eval_parser, add_bench_parser]
+PARSERS = [add_quickstart_parser, add_convert_parser, add_finetune_parser, add_eval_parser, add_bench_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

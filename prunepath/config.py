@@ -52,6 +52,7 @@ class PrunePathConfig:
         seed: seeds clustering and router initialisation.
     Filled in by :func:`prunepath.convert`: model_type, num_layers, hidden_size,
     intermediate_size, router_report (router-quality figures, see prunepath.routers).
+    Filled in by :func:`prunepath.finetune.finetune`: finetune (its config, tokens, final KL).
     """
 
     num_experts: int = 48
@@ -78,6 +79,7 @@ class PrunePathConfig:
     hidden_size: int | None = None
     intermediate_size: int | None = None
     router_report: dict = field(default_factory=dict)
+    finetune: dict = field(default_factory=dict)  # filled in by prunepath.finetune (empty: not fine-tuned)
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self):
