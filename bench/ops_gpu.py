@@ -252,15 +252,20 @@ def profile_kernels(copies, d, f, e, t, sparsity, dtype, backends, gen):
                     for i in range(n):
                         fn(i)
                     torch.cuda.synchronize()
-                ker = {}
-                for ev in prof.key_averages():
-                    tot = getattr(ev, "device_time_total", 0) or getattr(ev, "cuda_time_total", 0)
-                    if tot > 0 and ev.count >= n:
-                        ker[ev.key[:60]] = round(tot / n, 2)
-                out[b + ("_packed" if packed else "")] = ker
+                out[b + ("_packed" if packed else "")] = kernel_times(prof, n)
             except Exception as err:
                 out[b + ("_packed" if packed else "")] = repr(err)[:200]
     return out
+
+
+def kernel_times(prof, n: int) -> dict:
+    """Device time (us) per call of every kernel that ran at least ``n`` times in ``prof``."""
+    ker = {}
+    for ev in prof.key_averages():
+        tot = getattr(ev, "device_time_total", 0) or getattr(ev, "cuda_time_total", 0)
+        if tot > 0 and ev.count >= n:
+            ker[ev.key[:60]] = round(tot / n, 2)
+    return ker
 
 
 def profile_router(d, e, dtype, gen, rank=64, n=20):
@@ -283,12 +288,7 @@ def profile_router(d, e, dtype, gen, rank=64, n=20):
             for _ in range(n):
                 fn()
             torch.cuda.synchronize()
-        ker = {}
-        for ev in prof.key_averages():
-            tot = getattr(ev, "device_time_total", 0) or getattr(ev, "cuda_time_total", 0)
-            if tot > 0 and ev.count >= n:
-                ker[ev.key[:60]] = round(tot / n, 2)
-        return ker
+        return kernel_times(prof, n)
     except Exception as err:
         return repr(err)[:200]
 

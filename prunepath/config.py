@@ -10,6 +10,7 @@ beside the checkpoint as ``prunepath_config.json``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from dataclasses import dataclass, field
@@ -88,11 +89,7 @@ class PrunePathConfig:
     def validate(self) -> None:
         """Raise ValueError naming the first field that is out of range."""
 
-        def need(cond, name, expected):
-            if not cond:
-                raise ValueError(
-                    f"PrunePathConfig.{name} must be {expected}, got {getattr(self, name)!r}"
-                )
+        need = functools.partial(require, self)
 
         def pos_int(name):
             v = getattr(self, name)
@@ -153,6 +150,12 @@ class PrunePathConfig:
 
     def replace(self, **changes) -> PrunePathConfig:
         return dataclasses.replace(self, **changes)
+
+
+def require(owner, cond, name: str, expected: str) -> None:
+    """Raise ValueError "<Class>.<name> must be <expected>, got <value>" unless ``cond``."""
+    if not cond:
+        raise ValueError(f"{type(owner).__name__}.{name} must be {expected}, got {getattr(owner, name)!r}")
 
 
 def is_temperature(value) -> bool:

@@ -22,6 +22,7 @@ before fine-tuning map to slightly different sparsities afterwards (the FFN inpu
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -29,6 +30,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .config import require
 
 PARAM_SETS = ("ffn", "all")
 
@@ -63,9 +66,7 @@ class FinetuneConfig:
         self.validate()
 
     def validate(self) -> None:
-        def need(cond, name, expected):
-            if not cond:
-                raise ValueError(f"FinetuneConfig.{name} must be {expected}, got {getattr(self, name)!r}")
+        need = functools.partial(require, self)
 
         for name in ("steps", "batch_size", "seq_len"):
             v = getattr(self, name)
