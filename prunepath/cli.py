@@ -219,7 +219,6 @@ def run_finetune(args) -> int:
     import prunepath
     from prunepath.data import token_batches
     from prunepath.eval.data import calibration_texts
-    from prunepath.eval.methods import routed_backend
     from prunepath.finetune import FinetuneConfig, finetune
 
     if args.threads:
@@ -238,8 +237,7 @@ def run_finetune(args) -> int:
     print(f"fine-tuning {args.checkpoint}: {cfg.steps} steps x {cfg.batch_size} x {cfg.seq_len} tokens "
           f"({ids.numel()} training tokens: first half of {src}), budgets U[{cfg.budget_min}, {cfg.budget_max}], "
           f"router temperature {model.prunepath_config.router_temperature}")
-    with routed_backend(model, "torch"):  # the differentiable reference path
-        report = finetune(model, ids, cfg, progress=not args.no_progress)
+    report = finetune(model, ids, cfg, progress=not args.no_progress)
     print(f"done in {report['seconds']:.0f} s; KL to the dense model over the last steps: "
           f"{report['history'][-1]['kl_mean_since_last']:.4f}")
     if args.report:

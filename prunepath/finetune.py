@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import require
+from .data import check_token_ids
 
 PARAM_SETS = ("ffn", "all")
 
@@ -147,9 +148,7 @@ def finetune(model: nn.Module, input_ids: torch.Tensor, config: FinetuneConfig |
 
     cfg = config or FinetuneConfig()
     cfg.validate()
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"input_ids must be integer token ids [N, S], got {getattr(input_ids, 'dtype', type(input_ids))} "
-                         f"{tuple(getattr(input_ids, 'shape', ()))}")
+    check_token_ids(input_ids, "input_ids")
     if input_ids.shape[1] < cfg.seq_len:
         raise ValueError(f"input_ids rows have {input_ids.shape[1]} tokens, fewer than seq_len={cfg.seq_len}")
     layers = routed_layers(model)  # raises for a model that is not converted
@@ -173,11 +172,10 @@ def finetune(model: nn.Module, input_ids: torch.Tensor, config: FinetuneConfig |
     order = torch.randperm(windows.shape[0], generator=gen)
     set_routing(model, "budget")
     set_stats_recording(model, False)
-    backends = [(layer.backend, layer.ffn_backend) for layer in layers]
     for layer in layers:
         layer.prefill = "routed"  # every training position is routed, like a decode token
-        # the plain-torch ops are differentiable; the compiled/Triton kernels have no backward
-        layer.backend, layer.ffn_backend = "torch", None
+    # (ops.routed_ffn runs its differentiable reference whenever autograd needs a gradient,
+    # so the layers keep their backends: routing has nothing to differentiate)
     history, window_loss, t0 = [], [], time.perf_counter()
     bar = tqdm(range(cfg.steps), desc="fine-tuning with routing", disable=not progress)
     try:
@@ -211,8 +209,6 @@ def finetune(model: nn.Module, input_ids: torch.Tensor, config: FinetuneConfig |
         for p in model.parameters():
             p.requires_grad_(grad_before[id(p)])
         restore_routing_state(model, state)
-        for layer, (b, fb) in zip(layers, backends):
-            layer.backend, layer.ffn_backend = b, fb
         model.eval()
         del teacher
     report = {"config": cfg.to_dict(), "history": history, "seconds": time.perf_counter() - t0,
