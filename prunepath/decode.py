@@ -293,7 +293,8 @@ class Decoder:
         attrs = ["ffn_backend" if hasattr(m, "ffn_backend") else "backend" for m in self.layers]
         own = [getattr(m, a) for m, a in zip(self.layers, attrs)]
         own_stats = [getattr(m, "record_stats", True) for m in self.layers]
-        forced = "torch" if path == "dense" else path.split(":", 1)[1] if ":" in path else None
+        kind, _, backend = path.partition(":")
+        forced = "torch" if kind == "dense" else backend or None
         if forced is not None:
             for m, a in zip(self.layers, attrs):
                 setattr(m, a, forced)

@@ -35,6 +35,13 @@ def calibration_texts(max_chars: int | None = None) -> list[str]:
     return out
 
 
+def check_token_ids(ids, name: str) -> None:
+    """Raise ValueError naming ``name`` unless ``ids`` is an integer tensor ``[N, S]``."""
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"{name} must be integer token ids [N, S], got "
+                         f"{getattr(ids, 'dtype', type(ids).__name__)} {tuple(getattr(ids, 'shape', ()))}")
+
+
 def token_batches(calibration, tokenizer=None, *, num_tokens: int, seq_len: int) -> torch.Tensor:
     """Calibration input ids ``[N, seq_len]`` (``N*seq_len <= num_tokens``, at least one row).
 
@@ -43,9 +50,7 @@ def token_batches(calibration, tokenizer=None, *, num_tokens: int, seq_len: int)
     with ``tokenizer``, cut into consecutive windows of ``seq_len`` tokens).
     """
     if isinstance(calibration, torch.Tensor):
-        if calibration.dim() != 2 or calibration.dtype not in (torch.int64, torch.int32):
-            raise ValueError("calibration tensor must be integer token ids [N, S], got "
-                             f"{calibration.dtype} {tuple(calibration.shape)}")
+        check_token_ids(calibration, "calibration tensor")
         rows = max(1, num_tokens // calibration.shape[1])
         return calibration[:rows].long()
     if isinstance(calibration, str):

@@ -30,8 +30,12 @@ def check_logits(logits: torch.Tensor) -> None:
         raise ValueError("logits must have at least one expert (E >= 1)")
 
 
-def budget_tensor(budget, num_tokens: int, device: torch.device) -> torch.Tensor:
-    """Validate ``budget`` (float in [0, 1] or a [T] tensor) and return it as fp32 [T]."""
+def budget_tensor(budget, num_tokens: int, device: torch.device, *,
+                  device_range_check: bool = True) -> torch.Tensor:
+    """Validate ``budget`` (float in [0, 1] or a [T] tensor) and return it as fp32 [T].
+
+    The [0, 1] range of a GPU tensor is checked by a device-side assert (no host sync), or
+    not here when ``device_range_check`` is False (a kernel that checks it itself)."""
     if isinstance(budget, torch.Tensor):
         if budget.dim() == 0:
             budget = budget.reshape(1).expand(num_tokens)
@@ -50,7 +54,7 @@ def budget_tensor(budget, num_tokens: int, device: torch.device) -> torch.Tensor
                 raise ValueError(
                     f"budget values must lie in [0, 1]; got {budget[bad][:4].tolist()}"
                 )
-        elif not _tracing():
+        elif device_range_check and not _tracing():
             torch._assert_async(
                 ((budget >= 0) & (budget <= 1)).all(), "budget values must lie in [0, 1]"
             )

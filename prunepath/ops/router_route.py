@@ -121,15 +121,6 @@ def _budget_for_kernel(budget, t, device):
     tensor gets every host-side check of :func:`checks.budget_tensor`; its [0, 1] range is
     checked by the route kernel (one flag, one device assert) instead of a chain of
     comparison kernels -- and, as there, not while tracing or capturing a graph."""
-    if not isinstance(budget, torch.Tensor) or budget.device.type == "cpu":
-        return checks.budget_tensor(budget, t, device), False
-    if budget.dim() == 0:
-        budget = budget.reshape(1).expand(t)
-    if budget.dim() != 1 or budget.shape[0] != t:
-        raise ValueError(f"budget must be a float or a [T] tensor with T={t}, "
-                         f"got shape {tuple(budget.shape)}")
-    if budget.device != device:
-        raise ValueError(f"budget is on {budget.device} but logits are on {device}")
-    if not budget.is_floating_point():
-        raise ValueError(f"budget tensor must be floating point, got {budget.dtype}")
-    return budget.float().contiguous(), not checks._tracing()
+    gpu_tensor = isinstance(budget, torch.Tensor) and budget.device.type != "cpu"
+    b = checks.budget_tensor(budget, t, device, device_range_check=not gpu_tensor)
+    return b, gpu_tensor and not checks._tracing()
