@@ -157,8 +157,8 @@ def _fisher_capture(model, input_ids, batch_size: int):
                     h = neuron_activations(x2, w, mod.activation)
                     gw = g.float() @ w.w_down.float()  # [T, F]
                     c = (gw * h.float()).reshape(x2.shape[0], mod.num_experts, -1).sum(-1)
-                    contrib[i].append(c)
-                    logits[i].append(mod.router_logits(x2).float())
+                    contrib[i].append(c.cpu())  # the curves and the allocation run on the CPU
+                    logits[i].append(mod.router_logits(x2).float().cpu())
     finally:
         for h in handles:
             h.remove()
@@ -230,7 +230,7 @@ def _capture_logits(model, input_ids, batch_size: int):
     def hook_for(i):
         def hook(mod, args):
             x = args[0]
-            logits[i].append(mod.router_logits(x.reshape(-1, x.shape[-1])).float())
+            logits[i].append(mod.router_logits(x.reshape(-1, x.shape[-1])).float().cpu())
         return hook
 
     handles = [layer.register_forward_pre_hook(hook_for(i)) for i, layer in enumerate(layers)]

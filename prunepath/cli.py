@@ -65,6 +65,21 @@ def _limits(text: str) -> dict:
     return out
 
 
+def _add_device_arg(p) -> None:
+    p.add_argument("--device", default="cpu",
+                   help="where the model runs: cpu, cuda, cuda:N or auto (the GPU if torch sees one) "
+                   "(default: %(default)s)")
+
+
+def _device(args):
+    from prunepath.device import resolve_device
+
+    try:
+        return resolve_device(args.device)
+    except ValueError as e:
+        raise SystemExit(f"prunepath {args.command}: --device: {e}") from None
+
+
 # --------------------------------------------------------------------------- quickstart
 
 
@@ -131,6 +146,7 @@ def add_convert_parser(sub) -> None:
                    "default: the bundled sample if absent")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=_positive_int, default=None)
+    _add_device_arg(p)
     p.set_defaults(func=run_convert)
 
 
@@ -142,7 +158,7 @@ def run_convert(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tok = prunepath.models.load(args.model)
+    model, tok = prunepath.models.load(args.model, device=_device(args))
     texts, src = calibration_texts(args.data_dir)
     cfg = prunepath.PrunePathConfig(num_experts=args.experts, clustering=args.clustering, router=args.router,
                                     router_rank=args.router_rank, train_tokens=args.train_tokens, seed=args.seed,
@@ -202,8 +218,16 @@ def add_finetune_parser(sub) -> None:
     p.add_argument("--data-dir", default=None, help="evaluation data folder (training text: wikitext-2/valid.txt); "
                    "default: the bundled copy")
     p.add_argument("--report", default=None, help="write the training report (JSON) here")
+    p.add_argument("--chat-sequences", type=int, default=0,
+                   help="also train on this many chat conversations: the dense model's sampled answers to "
+                   "instructions made from the training text (prunepath.chat_data; default: %(default)s = none)")
+    p.add_argument("--chat-new-tokens", type=_positive_int, default=256,
+                   help="longest sampled answer (default: %(default)s)")
+    p.add_argument("--chat-batch-size", type=_positive_int, default=64,
+                   help="conversations sampled at once (default: %(default)s)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--threads", type=_positive_int, default=None)
+    _add_device_arg(p)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run_finetune)
 
@@ -226,18 +250,38 @@ def run_finetune(args) -> int:
     cfg = FinetuneConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
                          budget_min=args.budget_min, budget_max=args.budget_max,
                          dense_fraction=args.dense_fraction, params=args.params, seed=args.seed)
-    model = prunepath.from_pretrained(args.checkpoint)
+    if args.chat_sequences < 0:
+        raise SystemExit(f"prunepath finetune: --chat-sequences must be >= 0, got {args.chat_sequences}")
+    device = _device(args)
+    if device.type == "cuda":  # TF32 matmuls: several times faster training; the KL is taken in fp32
+        torch.set_float32_matmul_precision("high")
+    model = prunepath.from_pretrained(args.checkpoint).to(device)
     tok = AutoTokenizer.from_pretrained(args.checkpoint)
     if args.router_temperature is not None:
         with warnings.catch_warnings():  # presets are calibrated again below
             warnings.simplefilter("ignore")
             prunepath.set_router_temperature(model, args.router_temperature)
     texts, src = calibration_texts(args.data_dir)
-    ids = token_batches(texts[: len(texts) // 2], tok, num_tokens=10**9, seq_len=cfg.seq_len)
-    print(f"fine-tuning {args.checkpoint}: {cfg.steps} steps x {cfg.batch_size} x {cfg.seq_len} tokens "
-          f"({ids.numel()} training tokens: first half of {src}), budgets U[{cfg.budget_min}, {cfg.budget_max}], "
+    train_texts = texts[: len(texts) // 2]
+    ids = token_batches(train_texts, tok, num_tokens=10**9, seq_len=cfg.seq_len)
+    source = f"{ids.numel()} tokens of the first half of {src}"
+    answers = []
+    if args.chat_sequences:
+        from prunepath.chat_data import instruction_prompts, sample_chat_ids
+
+        prompts = instruction_prompts(train_texts, args.chat_sequences, seed=args.seed)
+        chat, answers = sample_chat_ids(model, tok, prompts, seq_len=cfg.seq_len, max_new_tokens=args.chat_new_tokens,
+                                        batch_size=args.chat_batch_size, seed=args.seed,
+                                        progress=not args.no_progress)
+        ids = torch.cat([ids, chat])
+        source += f" + {chat.numel()} tokens of {len(prompts)} sampled chat conversations"
+    print(f"fine-tuning {args.checkpoint} on {device}: {cfg.steps} steps x {cfg.batch_size} x {cfg.seq_len} tokens "
+          f"({source}), budgets U[{cfg.budget_min}, {cfg.budget_max}], "
           f"router temperature {model.prunepath_config.router_temperature}")
     report = finetune(model, ids, cfg, progress=not args.no_progress)
+    report["data"] = {"source": source, "chat_sequences": args.chat_sequences,
+                      "chat_new_tokens": args.chat_new_tokens, "chat_answer_examples": answers[:8],
+                      "device": str(device), "float32_matmul_precision": torch.get_float32_matmul_precision()}
     print(f"done in {report['seconds']:.0f} s; KL to the dense model over the last steps: "
           f"{report['history'][-1]['kl_mean_since_last']:.4f}")
     if args.report:
@@ -291,6 +335,7 @@ def add_eval_parser(sub) -> None:
                    help="accepted |measured - target| sparsity on calibration text (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=_positive_int, default=None)
+    _add_device_arg(p)
     p.add_argument("--report-only", action="store_true", help="rewrite results.md/plots.png from results.json")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run_eval)
@@ -322,6 +367,7 @@ def run_eval(args) -> int:
         batch_size=args.batch_size, gen_batch_size=args.gen_batch_size, window=args.window, stride=args.stride,
         num_experts=args.experts, train_tokens=args.train_tokens, calib_tokens=args.calib_tokens, tol=args.tol,
         threads=args.threads, backend=args.backend, router_temperature=args.router_temperature,
+        device=str(_device(args)),
     )
     run_sweep(cfg, progress=not args.no_progress)
     print((Path(args.out) / "results.md").read_text())
@@ -329,14 +375,6 @@ def run_eval(args) -> int:
 
 
 # --------------------------------------------------------------------------- bench
-# ============================================================================================
-# BENCH SUBCOMMANDS GO HERE (owner: the decode engineer).
-# Add `prunepath bench decode` as:
-#     def add_bench_parser(sub): bench = sub.add_parser("bench", ...); bsub = bench.add_subparsers(...);
-#         d = bsub.add_parser("decode", ...); ...; d.set_defaults(func=run_bench_decode)
-#     def run_bench_decode(args) -> int: ...   (import heavy modules inside)
-# and append add_bench_parser to PARSERS below. Nothing else in this file needs to change.
-# ============================================================================================
 
 
 def add_bench_parser(sub) -> None:

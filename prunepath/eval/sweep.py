@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..device import resolve_device
 from . import data as D
 from .methods import METHODS, Setting, apply_setting, calibrate_setting, check_method, check_target
 from .suites import GENERATION_SUITES, SUITES, run_suite
@@ -65,6 +66,7 @@ class SweepConfig:
     calib_seq_len: int = 256
     tol: float = 0.005
     threads: int | None = None
+    device: str = "cpu"  # where the model runs: cpu, cuda, cuda:N or auto (prunepath.device.resolve_device)
     # ops backend of the routed FFNs while evaluating: "torch" = the reference (dense FFN with inactive
     # neurons zeroed; same results as every backend, and the fastest for many-token forwards on CPU)
     backend: str | None = "torch"
@@ -84,6 +86,7 @@ class SweepConfig:
                 raise ValueError(f"limits[{k!r}] must be a positive int or None, got {v!r}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit must be a positive int or None, got {self.limit!r}")
+        resolve_device(self.device)
 
     def limit_for(self, suite: str):
         return self.limits.get(suite, self.limit)
@@ -173,13 +176,13 @@ def load_converted(cfg: SweepConfig, *, log=print):
         from transformers import AutoTokenizer
 
         log(f"loading PrunePath checkpoint {ckpt}")
-        model = prunepath.from_pretrained(str(ckpt))
+        model = prunepath.from_pretrained(str(ckpt)).to(resolve_device(cfg.device))
         try:
             tok = AutoTokenizer.from_pretrained(str(ckpt))
         except (OSError, ValueError):
             _, tok = prunepath.models.load(cfg.model)
         return model.eval(), tok, {"checkpoint": str(ckpt), "converted_now": False}
-    model, tok = prunepath.models.load(cfg.model)
+    model, tok = prunepath.models.load(cfg.model, device=resolve_device(cfg.device))
     texts, src = D.calibration_texts(cfg.data_dir)
     pcfg = prunepath.PrunePathConfig(
         num_experts=cfg.num_experts, router=cfg.router, router_rank=cfg.router_rank, train_tokens=cfg.train_tokens,
