@@ -299,8 +299,8 @@ def stats(model: nn.Module, *, include_report: bool = True) -> dict:
     layers = routed_layers(model)
     last = torch.stack([layer.last_active.float().cpu() for layer in layers])
     sizes = torch.tensor([float(layer.intermediate_size) for layer in layers])
-    act_sum = torch.stack([layer.active_sum.double().cpu() for layer in layers])
-    tokens = torch.stack([layer.token_count.double().cpu() for layer in layers])
+    act_sum = torch.cat([layer.active_sum.double().cpu().reshape(1) for layer in layers])
+    tokens = torch.cat([layer.token_count.double().cpu().reshape(1) for layer in layers])
     cum = torch.where(tokens > 0, 1 - act_sum / tokens.clamp_min(1), torch.zeros_like(act_sum))
     out = {
         "sparsity": float(((1 - last) * sizes).sum() / sizes.sum()),

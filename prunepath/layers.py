@@ -125,9 +125,11 @@ class RoutedFFN(nn.Module):
         self.register_buffer("static_keep", torch.ones(self.num_experts, dtype=torch.bool,
                                                        device=dev), persistent=False)
         self.register_buffer("last_active", torch.ones((), device=dev), persistent=False)
-        self.register_buffer("active_sum", torch.zeros((), dtype=torch.float64, device=dev),
+        # shape [1], not 0-dim: torch.compile (torch 2.13, CPU) silently drops in-place updates
+        # of 0-dim float64 buffers, so compiled decode steps recorded no statistics
+        self.register_buffer("active_sum", torch.zeros(1, dtype=torch.float64, device=dev),
                              persistent=False)
-        self.register_buffer("token_count", torch.zeros((), dtype=torch.float64, device=dev),
+        self.register_buffer("token_count", torch.zeros(1, dtype=torch.float64, device=dev),
                              persistent=False)
 
     # --- weights ------------------------------------------------------------------------

@@ -317,7 +317,11 @@ def test_compiled_step_matches_hf_cpu():
     model = routed(seed=21)
     prunepath.set_budget(model, 0.5)
     ids, _ = prompts(2, 5, seed=22)
-    out = generate(model, ids, NEW, eos_token_id=[], mode="compile")
+    prunepath.budget.reset_stats(model)
+    out = generate(model, ids, NEW, eos_token_id=[], mode="compile", record_stats=True)
+    # the compiled steps' counter updates land (they were lost with 0-dim float64 counters)
+    st = prunepath.stats(model)["cumulative"]
+    assert st["tokens"] == 2 * 5 + 2 * (NEW - 1) and 0.2 < st["sparsity"] < 1.0
     assert torch.equal(out, hf_greedy(model, ids))
 
 
@@ -381,7 +385,11 @@ def test_compiled_reduce_overhead_matches_hf_gpu():
     model = routed(seed=30, device="cuda")
     prunepath.set_budget(model, 0.5)
     ids, _ = prompts(2, 5, seed=31, device="cuda")
-    out = generate(model, ids, NEW, eos_token_id=[], mode="compile")
+    prunepath.budget.reset_stats(model)
+    out = generate(model, ids, NEW, eos_token_id=[], mode="compile", record_stats=True)
+    # the compiled steps' counter updates land (they were lost with 0-dim float64 counters)
+    st = prunepath.stats(model)["cumulative"]
+    assert st["tokens"] == 2 * 5 + 2 * (NEW - 1) and 0.2 < st["sparsity"] < 1.0
     assert torch.equal(out, hf_greedy(model, ids))
 
 
