@@ -631,10 +631,6 @@ def cpu_suite(args) -> list[dict]:
     prompt = _text_prompt(tok, args.prompt)
     max_len = args.prompt + args.new
     dec = Decoder(model, 1, max_len, mode=args.mode, record_stats=True)  # sparsity column
-    # the sparsity column comes from an eager decode of the same tokens: a compiled step's
-    # counter updates are not relied on
-    stat_dec = dec if args.mode in ("auto", "eager") else Decoder(model, 1, max_len, mode="eager",
-                                                                 record_stats=True)
     configs = [("dense", None)] + [(p, p) for p in presets]
     times = {name: [] for name, _ in configs}
     cpu_times = {name: [] for name, _ in configs}
@@ -654,6 +650,7 @@ def cpu_suite(args) -> list[dict]:
         for name, preset in configs:
             use(preset)
             dec.prefill(prompt, eos_token_id=[])
+            reset_stats(model)
             t0, c0 = time.perf_counter(), time.process_time()
             n = dec.decode(args.new)
             times[name].append((time.perf_counter() - t0) * 1e3 / max(n - 1, 1))
@@ -661,11 +658,7 @@ def cpu_suite(args) -> list[dict]:
             # excludes the time spent waiting for a core, which wall time does not
             cpu_times[name].append((time.process_time() - c0) * 1e3 / max(n - 1, 1))
             paths[name] = dec.last_path if preset is not None else "dense"
-            if rep == 0:
-                stat_dec.prefill(prompt, eos_token_id=[])
-                reset_stats(model)
-                stat_dec.decode(args.new)
-                sparsity[name] = stats(model, include_report=False)["cumulative"]["sparsity"]
+            sparsity[name] = stats(model, include_report=False)["cumulative"]["sparsity"]
             log(f"  rep {rep} {name:6s} {times[name][-1]:.2f} ms/token (process CPU time "
                 f"{cpu_times[name][-1]:.2f} ms/token) sparsity {sparsity[name]:.3f}")
     dense_ms = statistics.median(times["dense"])

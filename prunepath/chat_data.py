@@ -57,7 +57,10 @@ def instruction_prompts(texts: list[str], n: int, *, seed: int = 0, min_chars: i
     return [rng.choice(INSTRUCTIONS).format(passage=passages[order[i % len(order)]]) for i in range(n)]
 
 
-def _chat_ids(tokenizer, messages: list[dict], *, generation_prompt: bool) -> list[int]:
+def chat_token_ids(tokenizer, messages: list[dict], *, generation_prompt: bool) -> list[int]:
+    """Token ids of a chat (``[{"role", "content"}, ...]``) in the tokenizer's chat template,
+    with the assistant header appended when ``generation_prompt``; a tokenizer without a
+    template gets the messages' text joined by newlines."""
     if not getattr(tokenizer, "chat_template", None):
         text = "\n".join(m["content"] for m in messages)
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -65,6 +68,18 @@ def _chat_ids(tokenizer, messages: list[dict], *, generation_prompt: bool) -> li
     if isinstance(out, dict) or hasattr(out, "keys"):  # BatchEncoding in newer transformers
         out = out["input_ids"]
     return list(out)
+
+
+def left_padded(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)`` [B, L]: token-id lists right-aligned (left padding with
+    ``pad``), the layout batched ``generate`` needs."""
+    L = max(len(q) for q in seqs)
+    x = torch.full((len(seqs), L), pad, dtype=torch.long)
+    m = torch.zeros((len(seqs), L), dtype=torch.long)
+    for r, q in enumerate(seqs):
+        x[r, L - len(q):] = torch.tensor(q, dtype=torch.long)
+        m[r, L - len(q):] = 1
+    return x, m
 
 
 @torch.inference_mode()
@@ -102,21 +117,18 @@ def sample_chat_ids(model, tokenizer, prompts: list[str], *, seq_len: int = 512,
     with guard:
         for s in range(0, len(prompts), batch_size):
             chunk = prompts[s : s + batch_size]
-            enc = [_chat_ids(tokenizer, [{"role": "user", "content": p}], generation_prompt=True) for p in chunk]
-            L = max(len(e) for e in enc)
-            x = torch.full((len(enc), L), pad, dtype=torch.long)
-            m = torch.zeros((len(enc), L), dtype=torch.long)
-            for r, e in enumerate(enc):
-                x[r, L - len(e):] = torch.tensor(e, dtype=torch.long)
-                m[r, L - len(e):] = 1
+            x, m = left_padded([chat_token_ids(tokenizer, [{"role": "user", "content": p}], generation_prompt=True)
+                                for p in chunk], pad)
+            L = x.shape[1]
             out = model.generate(input_ids=x.to(dev), attention_mask=m.to(dev), do_sample=True,
                                  temperature=temperature, top_k=top_k, top_p=None, max_new_tokens=max_new_tokens,
                                  pad_token_id=pad)
             for r, p in enumerate(chunk):
                 text = tokenizer.decode(out[r, L:], skip_special_tokens=True).strip()
                 answers.append(text)
-                flat.extend(_chat_ids(tokenizer, [{"role": "user", "content": p},
-                                                  {"role": "assistant", "content": text}], generation_prompt=False))
+                flat.extend(chat_token_ids(tokenizer, [{"role": "user", "content": p},
+                                                       {"role": "assistant", "content": text}],
+                                           generation_prompt=False))
             bar.update(len(chunk))
     bar.close()
     rows = len(flat) // seq_len

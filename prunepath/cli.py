@@ -39,14 +39,23 @@ def _names(choices):
     return parse
 
 
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
+def _int_at_least(low: int, what: str):
+    """An argparse type: an int >= ``low`` (``what`` names it in the error)."""
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if v < low:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {v}")
+        return v
+
+    return parse
+
+
+_positive_int = _int_at_least(1, "a positive integer")
+_non_negative_int = _int_at_least(0, "an integer >= 0")
 
 
 def _limits(text: str) -> dict:
@@ -218,7 +227,7 @@ def add_finetune_parser(sub) -> None:
     p.add_argument("--data-dir", default=None, help="evaluation data folder (training text: wikitext-2/valid.txt); "
                    "default: the bundled copy")
     p.add_argument("--report", default=None, help="write the training report (JSON) here")
-    p.add_argument("--chat-sequences", type=int, default=0,
+    p.add_argument("--chat-sequences", type=_non_negative_int, default=0,
                    help="also train on this many chat conversations: the dense model's sampled answers to "
                    "instructions made from the training text (prunepath.chat_data; default: %(default)s = none)")
     p.add_argument("--chat-new-tokens", type=_positive_int, default=256,
@@ -250,8 +259,6 @@ def run_finetune(args) -> int:
     cfg = FinetuneConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
                          budget_min=args.budget_min, budget_max=args.budget_max,
                          dense_fraction=args.dense_fraction, params=args.params, seed=args.seed)
-    if args.chat_sequences < 0:
-        raise SystemExit(f"prunepath finetune: --chat-sequences must be >= 0, got {args.chat_sequences}")
     device = _device(args)
     if device.type == "cuda":  # TF32 matmuls: several times faster training; the KL is taken in fp32
         torch.set_float32_matmul_precision("high")

@@ -81,6 +81,9 @@ def test_resolve_device():
 def test_cli_rejects_a_missing_gpu(tmp_path):
     from prunepath import cli
 
+    with pytest.raises(SystemExit):  # argparse: --chat-sequences takes an integer >= 0
+        cli.main(["finetune", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "o"), "--chat-sequences", "-1"])
+
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     with pytest.raises(SystemExit, match="--device"):

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from ..chat_data import chat_token_ids, left_padded
 from .scoring import model_device
 
 
@@ -25,14 +26,7 @@ def chat_prompt_ids(tokenizer, user_message: str, *, max_prompt_tokens: int | No
         ids = tokenizer(user_message, add_special_tokens=False)["input_ids"]
         if len(ids) > max_prompt_tokens:
             user_message = tokenizer.decode(ids[:max_prompt_tokens])
-    if getattr(tokenizer, "chat_template", None):
-        out = tokenizer.apply_chat_template(
-            [{"role": "user", "content": user_message}], add_generation_prompt=True, tokenize=True
-        )
-        if isinstance(out, dict) or hasattr(out, "keys"):  # BatchEncoding in newer transformers
-            out = out["input_ids"]
-        return list(out)
-    return list(tokenizer(user_message, add_special_tokens=False)["input_ids"])
+    return chat_token_ids(tokenizer, [{"role": "user", "content": user_message}], generation_prompt=True)
 
 
 @dataclass
@@ -72,13 +66,8 @@ def generate_greedy(
     bar = tqdm(total=len(prompts), desc=desc, disable=not progress, leave=False)
     for s in range(0, len(order), batch_size):
         idx = order[s : s + batch_size]
-        L = max(len(prompts[i]) for i in idx)
-        x = torch.full((len(idx), L), pad, dtype=torch.long)
-        m = torch.zeros((len(idx), L), dtype=torch.long)
-        for r, i in enumerate(idx):
-            p = prompts[i]
-            x[r, L - len(p) :] = torch.tensor(p, dtype=torch.long)
-            m[r, L - len(p) :] = 1
+        x, m = left_padded([list(prompts[i]) for i in idx], pad)
+        L = x.shape[1]
         gen = model.generate(
             input_ids=x.to(dev),
             attention_mask=m.to(dev),
