@@ -578,7 +578,7 @@ def print_table(rows: list[dict], title: str) -> None:
     cols = ["model", "mode", "batch", "masks", "sparsity", "union", "ms_per_step", "tok_s",
             "speedup", "ceiling", "of_ceiling", "path", "ffn_backend", "ffn_share", "peak_gib"]
     if rows and "cpu_ms_per_step" in rows[0]:
-        cols[-1:] = ["cpu_ms_per_step", "cpu_speedup"]
+        cols[-1:] = ["speedup_paired", "cpu_ms_per_step", "cpu_speedup"]
     log(f"\n{title}")
     log(" | ".join(cols))
     for r in rows:
@@ -674,6 +674,10 @@ def cpu_suite(args) -> list[dict]:
         rows.append({"model": "smollm2-135m", "batch": 1, "masks": name, "sparsity": s,
                      "union": 1 - s, "ms_per_step": ms, "tok_s": 1e3 / ms,
                      "speedup": dense_ms / ms, "ceiling": ceiling,
+                     # the ratio rep by rep (each rep times every config back to back): holds
+                     # when a shared machine's speed drifts between reps
+                     "speedup_paired": statistics.median(
+                         [a / b for a, b in zip(times["dense"], times[name])]),
                      "of_ceiling": dense_ms / ms / ceiling, "path": paths[name], "ffn_share": None,
                      "peak_gib": 0.0, "all_ms": times[name],
                      "cpu_ms_per_step": statistics.median(cpu_times[name]),

@@ -18,4 +18,11 @@ TORCH_LIBRARY(prunepath, m) {
   m.def(
       "routed_ffn(Tensor x, Tensor? w_gate, Tensor w_up, Tensor w_down, Tensor mask, "
       "str activation, Tensor? b_up, Tensor? b_down) -> Tensor");
+  // router projection + route in one call (CPU kernel: csrc/cpu/router_route.cpp):
+  // x [T, d]; w_router [E or R, d] (dtype of x); low rank: w_router_out [E, R], act in
+  // {none, gelu, gelu_tanh, relu, silu}; budget [T] float32 -> bool mask [T, E]
+  m.def(
+      "router_route(Tensor x, Tensor w_router, Tensor? b_router, Tensor? w_router_out, "
+      "Tensor? b_router_out, str hidden_activation, Tensor budget, int min_experts, "
+      "int max_experts) -> Tensor");
 }

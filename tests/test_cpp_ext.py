@@ -8,8 +8,9 @@ import torch
 
 from prunepath import ops
 from prunepath.ops.reference import route_reference, routed_ffn_reference
+from prunepath.ops.router_route import router_logits_reference
 
-from .helpers import assert_close_rel
+from .helpers import assert_close_rel, assert_mask_equal_up_to_rounding
 from .test_ops import REQUIRED
 
 if "cpu" not in ops.available_backends("cpu"):
@@ -266,3 +267,124 @@ def test_public_api_accepts_non_contiguous_weights():
     out = ops.routed_ffn(x, wg, wu.T.contiguous().T, wd.T.contiguous().T, mask, b_up=bu,
                          b_down=bd, backend="cpu")
     assert_close_rel(out, reference(x, wg, wu, wd, mask, "silu", bu, bd), torch.float32)
+
+
+# ------------------------------------------------------------- fused router: router_route
+
+router_op = torch.ops.prunepath.router_route.default
+
+ROUTERS = {  # r=None: linear router ([E, d]); else low rank R with that activation
+    "linear": dict(r=None, act="none"),
+    "linear_bias": dict(r=None, act="gelu", b1=True),  # act is ignored by a linear router
+    "lowrank_gelu": dict(r=24, act="gelu", b1=True, b2=True),
+    "lowrank_gelu_tanh": dict(r=9, act="gelu_tanh", b2=True),
+    "lowrank_relu": dict(r=16, act="relu", b1=True),
+    "lowrank_silu": dict(r=5, act="silu"),
+    "lowrank_none": dict(r=16, act="none"),
+}
+
+
+def router_args(router, t, d, e, dtype, seed):
+    cfg = ROUTERS[router]
+    gen = torch.Generator().manual_seed(seed)
+    r = cfg["r"] or e
+    x = torch.randn(t, d, generator=gen).to(dtype)
+    w1 = (torch.randn(r, d, generator=gen) / d**0.5 * 3).to(dtype)
+    b1 = torch.randn(r, generator=gen) if cfg.get("b1") else None
+    w2 = torch.randn(e, r, generator=gen) / r**0.5 * 3 if cfg["r"] else None
+    b2 = torch.randn(e, generator=gen) if cfg.get("b2") else None
+    budget = torch.rand(t, generator=gen)
+    return x, w1, dict(b_router=b1, w_router_out=w2, b_router_out=b2, hidden_activation=cfg["act"]), budget
+
+
+@pytest.mark.parametrize("isa", ["native", "generic"])
+@pytest.mark.parametrize("router", list(ROUTERS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("t,d,e", [(1, 83, 16), (4, 64, 70), (300, 37, 48)])
+def test_router_route_matches_reference(monkeypatch, isa, router, dtype, t, d, e):
+    if isa == "generic":
+        monkeypatch.setenv("PRUNEPATH_CPU_ISA", "generic")
+    x, w1, kw, budget = router_args(router, t, d, e, dtype, seed=hash((router, t, e)) % 2**31)
+    budget[:3] = torch.tensor([0.0, 1.0, 0.999])[: min(3, t)]
+    poison = torch.ones(t, e, dtype=torch.bool)  # what an unwritten output would look like
+    out = ops.router_route(x, w1, budget, backend="cpu", **kw)
+    assert out.shape == (t, e) and out.dtype == torch.bool and not torch.equal(out, poison)
+    logits = router_logits_reference(x, w1, **kw)
+    ref = route_reference(logits, budget, 1, e)
+    assert_mask_equal_up_to_rounding(out, ref, logits, budget)
+    assert (out.sum(-1) >= 1).all()
+    if t >= 2:
+        assert out[1].all()  # budget 1: every expert
+
+
+@pytest.mark.parametrize("lo,hi", [(0, None), (2, 5), (3, 3)])
+def test_router_route_expert_bounds(lo, hi):
+    x, w1, kw, budget = router_args("lowrank_gelu", 40, 32, 12, torch.float32, seed=7)
+    out = ops.router_route(x, w1, budget, min_experts=lo, max_experts=hi, backend="cpu", **kw)
+    logits = router_logits_reference(x, w1, **kw)
+    ref = route_reference(logits, budget, lo, 12 if hi is None else hi)
+    assert_mask_equal_up_to_rounding(out, ref, logits, budget)
+    counts = out.sum(-1)
+    assert (counts >= lo).all() and (counts <= (12 if hi is None else hi)).all()
+
+
+def test_router_route_is_the_auto_choice_on_cpu_and_fp64_falls_back():
+    from prunepath.ops import cpp_backend
+
+    x, w1, kw, budget = router_args("lowrank_gelu", 6, 32, 8, torch.float32, seed=8)
+    calls = []
+    orig = cpp_backend.router_route
+    cpp_backend.router_route = lambda *a: calls.append(1) or orig(*a)
+    try:
+        ops.router_route(x, w1, budget, **kw)  # auto -> cpu on a CPU tensor
+        assert calls == [1]
+        x64, w64 = x.double(), w1.double()
+        out = ops.router_route(x64, w64, budget, backend="cpu", **kw)  # fp64: torch logits + cpu route
+        assert calls == [1]
+    finally:
+        cpp_backend.router_route = orig
+    assert torch.equal(out, route_reference(router_logits_reference(x64, w64, **kw), budget, 1, 8))
+
+
+@pytest.mark.parametrize("low_rank", [False, True])
+def test_opcheck_router_route(low_rank):
+    x, w1, kw, budget = router_args("lowrank_gelu" if low_rank else "linear_bias", 5, 16, 8,
+                                    torch.float32, seed=9)
+    torch.library.opcheck(router_op, (x, w1, kw["b_router"], kw["w_router_out"],
+                                      kw["b_router_out"], kw["hidden_activation"], budget, 1, 8))
+
+
+def test_router_route_traces_in_torch_compile():
+    x, w1, kw, budget = router_args("lowrank_gelu", 3, 16, 8, torch.float32, seed=10)
+
+    def fn(x, budget):
+        return ops.router_route(x, w1, budget, backend="cpu", **kw)
+
+    out = torch.compile(fn, fullgraph=True, backend="aot_eager")(x, budget)
+    assert torch.equal(out, fn(x, budget))
+
+
+def test_raw_router_route_rejects_bad_inputs():
+    x, w1, kw, budget = router_args("lowrank_gelu", 4, 16, 8, torch.float32, seed=11)
+    b1, w2, b2 = kw["b_router"], kw["w_router_out"], kw["b_router_out"]
+    router_op(x, w1, b1, w2, b2, "gelu", budget, 1, 8)  # the good call works
+    with pytest.raises(RuntimeError, match="w_router must have dtype"):
+        router_op(x, w1.bfloat16(), b1, w2, b2, "gelu", budget, 1, 8)
+    with pytest.raises(RuntimeError, match="w_router must have shape"):
+        router_op(x, w1[:, :15].contiguous(), b1, w2, b2, "gelu", budget, 1, 8)
+    with pytest.raises(RuntimeError, match="w_router_out must have shape"):
+        router_op(x, w1, b1, w2[:, :5].contiguous(), b2, "gelu", budget, 1, 8)
+    with pytest.raises(RuntimeError, match="b_router_out must have shape"):
+        router_op(x, w1, b1, w2, b2[:3], "gelu", budget, 1, 8)
+    with pytest.raises(RuntimeError, match="b_router_out needs w_router_out"):
+        router_op(x, w1, b1, None, b2, "gelu", budget, 1, 8)
+    with pytest.raises(RuntimeError, match="activation must be one of"):
+        router_op(x, w1, b1, w2, b2, "tanh", budget, 1, 8)
+    with pytest.raises(RuntimeError, match="budget must be"):
+        router_op(x, w1, b1, w2, b2, "gelu", budget.double(), 1, 8)
+    with pytest.raises(RuntimeError, match="min_experts"):
+        router_op(x, w1, b1, w2, b2, "gelu", budget, 3, 2)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        router_op(torch.randn(16, 4).t(), w1, b1, w2, b2, "gelu", budget, 1, 8)
+    empty = router_op(x[:0], w1, b1, w2, b2, "gelu", budget[:0], 1, 8)
+    assert empty.shape == (0, 8)

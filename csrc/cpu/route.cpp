@@ -10,15 +10,15 @@
 //   mask[ord[k]] = k < count
 // The softmax is computed by ATen itself: its vectorized exp differs in the last bit from
 // any hand-written one, and a last-bit difference can flip an expert at the budget boundary.
-// Sorting, the cumulative mass and the mask are fused into one pass per token.
+// Sorting, the cumulative mass and the mask are fused into one pass per token (route_row.h).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cmath>
-#include <numeric>
 #include <vector>
+
+#include "route_row.h"
 
 namespace prunepath {
 namespace cpu {
@@ -56,29 +56,9 @@ at::Tensor route_cpu(const at::Tensor& logits, const at::Tensor& budget, int64_t
   const int64_t grain = std::max<int64_t>(1, 16384 / E);
 
   at::parallel_for(0, T, grain, [&](int64_t t0, int64_t t1) {
-    std::vector<int32_t> order(E);
-    for (int64_t t = t0; t < t1; ++t) {
-      const float* p = p_all + t * E;
-      std::iota(order.begin(), order.end(), 0);
-      // torch.sort(descending=True, stable=True): NaN ranks above every number.
-      std::stable_sort(order.begin(), order.end(), [p](int32_t a, int32_t b) {
-        const float pa = p[a], pb = p[b];
-        return (std::isnan(pa) && !std::isnan(pb)) || pa > pb;
-      });
-      const float b = b_all[t];
-      const bool every = b >= 1.0f;
-      double cum = 0.0;
-      int64_t count = 0;
-      for (int64_t k = 0; k < E; ++k) {
-        const float pk = p[order[k]];
-        cum += pk;
-        const float mass_before = static_cast<float>(cum) - pk;
-        count += (every || mass_before < b) ? 1 : 0;
-      }
-      count = std::min(std::max(count, min_experts), max_experts);
-      bool* m = m_all + t * E;
-      for (int64_t k = 0; k < count; ++k) m[order[k]] = true;
-    }
+    std::vector<int32_t> order;
+    for (int64_t t = t0; t < t1; ++t)
+      route_row(p_all + t * E, E, b_all[t], min_experts, max_experts, order, m_all + t * E);
   });
   return mask;
 }

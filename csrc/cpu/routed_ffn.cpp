@@ -34,6 +34,7 @@
 #include <vector>
 
 #include "kernels.h"
+#include "op_utils.h"
 
 namespace prunepath {
 namespace cpu {
@@ -54,46 +55,15 @@ int64_t gather_min_tokens(at::ScalarType dtype) {
 // torch.get_num_threads()): about 100 us of reading on one core.
 constexpr int64_t kMinBytesPerThread = int64_t{1} << 20;
 
-enum class Act { Silu, Gelu, GeluTanh, Relu };
-
-Act parse_activation(c10::string_view name) {
-  if (name == "silu") return Act::Silu;
-  if (name == "gelu") return Act::Gelu;
-  if (name == "gelu_tanh") return Act::GeluTanh;
-  if (name == "relu") return Act::Relu;
-  TORCH_CHECK(false, "prunepath::routed_ffn: activation must be one of silu, gelu, gelu_tanh, relu; got '",
-              std::string(name), "'");
-}
-
-inline float activate(Act act, float v) {
-  switch (act) {
-    case Act::Silu: return v / (1.0f + std::exp(-v));
-    case Act::Gelu: return 0.5f * v * (1.0f + std::erf(v * 0.70710678118654752f));
-    case Act::GeluTanh: {
-      const float inner = 0.79788456080286536f * (v + 0.044715f * v * v * v);
-      return 0.5f * v * (1.0f + std::tanh(inner));
-    }
-    case Act::Relu: return v < 0.0f ? 0.0f : v;
-  }
-  return v;
-}
-
 at::Tensor activate(Act act, const at::Tensor& h) {
   switch (act) {
     case Act::Silu: return at::silu(h);
     case Act::Gelu: return at::gelu(h);
     case Act::GeluTanh: return at::gelu(h, "tanh");
     case Act::Relu: return at::relu(h);
+    case Act::None: return h;
   }
   return h;
-}
-
-// PRUNEPATH_CPU_ISA=generic forces the portable kernels (read per call so tests can toggle it).
-bool use_avx2() {
-  static const bool has_avx2 = cpu_has_avx2();
-  if (!has_avx2) return false;
-  const char* isa = std::getenv("PRUNEPATH_CPU_ISA");
-  return isa == nullptr || std::strcmp(isa, "generic") != 0;
 }
 
 void check_tensor(const at::Tensor& t, const char* name, at::ScalarType dtype,
@@ -118,21 +88,6 @@ struct Ffn {
   const std::optional<at::Tensor>& b_down;
   int64_t T, d, F, E, B;
 };
-
-std::vector<float> to_float_vector(const std::optional<at::Tensor>& t) {
-  if (!t.has_value()) return {};
-  const at::Tensor f = t->to(at::kFloat).contiguous();
-  return std::vector<float>(f.const_data_ptr<float>(), f.const_data_ptr<float>() + f.numel());
-}
-
-WType wtype_of(at::ScalarType s) {
-  switch (s) {
-    case at::kFloat: return WType::F32;
-    case at::kBFloat16: return WType::BF16;
-    case at::kHalf: return WType::F16;
-    default: TORCH_CHECK(false, "prunepath::routed_ffn: no decode kernel for dtype ", s);
-  }
-}
 
 // ------------------------------------------------------------------------------ decode path
 
@@ -182,9 +137,9 @@ Segments runs_of(const std::vector<int64_t>& active, int64_t k0, int64_t k1, int
 
 at::Tensor routed_ffn_decode(const Ffn& f) {
   const int64_t T = f.T, d = f.d, F = f.F, B = f.B;
-  const WType wt = wtype_of(f.x.scalar_type());
+  const WType wt = wtype_of(f.x.scalar_type(), "prunepath::routed_ffn");
   const int64_t esz = wtype_size(wt);
-  const auto segs_dot = use_avx2() ? segs_dot_avx2 : segs_dot_generic;
+  const auto segs_dot = segs_dot_kernel();
   const DecodePlan plan = plan_decode(f.mask);
   const int64_t n_active = static_cast<int64_t>(plan.active.size());
 
@@ -368,7 +323,7 @@ at::Tensor routed_ffn_cpu(const at::Tensor& x, const std::optional<at::Tensor>& 
                           const at::Tensor& w_up, const at::Tensor& w_down, const at::Tensor& mask,
                           c10::string_view activation, const std::optional<at::Tensor>& b_up,
                           const std::optional<at::Tensor>& b_down) {
-  const Act act = parse_activation(activation);
+  const Act act = parse_activation(activation, "prunepath::routed_ffn", /*allow_none=*/false);
   TORCH_CHECK(x.dim() == 2, "prunepath::routed_ffn: x must be 2-D [T, d], got shape ", x.sizes());
   const at::ScalarType dt = x.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf || dt == at::kDouble,

@@ -1,7 +1,8 @@
 """The "cpu" and "cuda" backends: the compiled extension ``prunepath._C``.
 
-The extension registers ``torch.ops.prunepath.route`` and ``torch.ops.prunepath.routed_ffn``
-(CPU kernels always; CUDA kernels when built with nvcc). Fake kernels for ``torch.compile``
+The extension registers ``torch.ops.prunepath.route``, ``torch.ops.prunepath.routed_ffn``
+(CPU kernels always; CUDA kernels when built with nvcc) and ``torch.ops.prunepath.router_route``
+(router projection + route; CPU kernel). Fake kernels for ``torch.compile``
 are registered here, once, when the extension is first loaded.
 """
 
@@ -34,6 +35,12 @@ def _register_fakes() -> None:
     def _(logits, budget, min_experts, max_experts):
         return torch.empty(logits.shape, dtype=torch.bool, device=logits.device)
 
+    @torch.library.register_fake("prunepath::router_route")
+    def _(x, w_router, b_router, w_router_out, b_router_out, hidden_activation, budget,
+          min_experts, max_experts):
+        e = (w_router if w_router_out is None else w_router_out).shape[0]
+        return torch.empty((x.shape[0], e), dtype=torch.bool, device=x.device)
+
     @torch.library.register_fake("prunepath::routed_ffn")
     def _(x, w_gate, w_up, w_down, mask, activation, b_up, b_down):
         return torch.empty_like(x)
@@ -60,6 +67,16 @@ def ensure_available(name: str) -> None:
 
 def route(logits, budget, min_experts, max_experts):
     return torch.ops.prunepath.route(logits, budget, min_experts, max_experts)
+
+
+def router_route(x, w_router, b_router, w_router_out, b_router_out, hidden_activation, budget,
+                 min_experts, max_experts):
+    """Router projection + route (CPU kernel; fp32/bf16/fp16 ``x``)."""
+    c = _contiguous
+    return torch.ops.prunepath.router_route(
+        x.contiguous(), w_router.contiguous(), c(b_router), c(w_router_out), c(b_router_out),
+        hidden_activation, budget, min_experts, max_experts,
+    )
 
 
 def _contiguous(t):

@@ -111,6 +111,9 @@ def router_route(
             c(b_router_out), hidden_activation, b, lo, hi, check_budget=kernel_check,
         )
     b = checks.budget_tensor(budget, t, x.device)
+    if name == "cpu" and x.dtype != torch.float64:
+        return mod.router_route(x, w_router, b_router, w_router_out, b_router_out,
+                                hidden_activation, b, lo, hi)
     logits = router_logits_reference(x, w_router, b_router, w_router_out, b_router_out,
                                      hidden_activation)
     return mod.route(logits.contiguous(), b, lo, hi)

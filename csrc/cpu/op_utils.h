@@ -1,0 +1,72 @@
+// Helpers shared by the CPU ops (routed_ffn.cpp, router_route.cpp): activations (semantics of
+// prunepath/ops/reference.py::activate; "gelu" is the exact erf form), the dot kernels'
+// weight type of a tensor, small optional tensors as fp32 vectors, and the kernel choice.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "kernels.h"
+
+namespace prunepath {
+namespace cpu {
+
+enum class Act { None, Silu, Gelu, GeluTanh, Relu };
+
+// `op` names the calling op in the error; "none" is accepted only where `allow_none`.
+inline Act parse_activation(c10::string_view name, const char* op, bool allow_none) {
+  if (name == "silu") return Act::Silu;
+  if (name == "gelu") return Act::Gelu;
+  if (name == "gelu_tanh") return Act::GeluTanh;
+  if (name == "relu") return Act::Relu;
+  if (allow_none && name == "none") return Act::None;
+  TORCH_CHECK(false, op, ": activation must be one of ", allow_none ? "none, " : "",
+              "silu, gelu, gelu_tanh, relu; got '", std::string(name), "'");
+}
+
+inline float activate(Act act, float v) {
+  switch (act) {
+    case Act::None: return v;
+    case Act::Silu: return v / (1.0f + std::exp(-v));
+    case Act::Gelu: return 0.5f * v * (1.0f + std::erf(v * 0.70710678118654752f));
+    case Act::GeluTanh: {
+      const float inner = 0.79788456080286536f * (v + 0.044715f * v * v * v);
+      return 0.5f * v * (1.0f + std::tanh(inner));
+    }
+    case Act::Relu: return v < 0.0f ? 0.0f : v;
+  }
+  return v;
+}
+
+inline WType wtype_of(at::ScalarType s, const char* op) {
+  switch (s) {
+    case at::kFloat: return WType::F32;
+    case at::kBFloat16: return WType::BF16;
+    case at::kHalf: return WType::F16;
+    default: TORCH_CHECK(false, op, ": no dot kernel for dtype ", s);
+  }
+}
+
+inline std::vector<float> to_float_vector(const std::optional<at::Tensor>& t) {
+  if (!t.has_value()) return {};
+  const at::Tensor f = t->to(at::kFloat).contiguous();
+  return std::vector<float>(f.const_data_ptr<float>(), f.const_data_ptr<float>() + f.numel());
+}
+
+// The AVX2 dot kernels where the CPU has them; PRUNEPATH_CPU_ISA=generic forces the portable
+// ones (read per call so tests can toggle it).
+inline void (*segs_dot_kernel())(const SegsDot&) {
+  static const bool has_avx2 = cpu_has_avx2();
+  const char* isa = std::getenv("PRUNEPATH_CPU_ISA");
+  const bool avx2 = has_avx2 && (isa == nullptr || std::strcmp(isa, "generic") != 0);
+  return avx2 ? segs_dot_avx2 : segs_dot_generic;
+}
+
+}  // namespace cpu
+}  // namespace prunepath
