@@ -207,6 +207,21 @@ def sweep_triton(copies, d, f, e, t, sparsity, dtype, gen, packed=True):
         variants.append((f"ks={ks}", {"ks": ks}))
     for s_ in (8, 32):
         variants.append((f"s={s_}", {"s": s_}))
+    if t <= 2:  # the up phase's tiles and occupancy, the down phase's tiles
+        variants += [("up_n=16", {"up_block_n": 16}), ("up_n=64", {"up_block_n": 64}),
+                     ("up_k=64", {"up_block_k": 64}), ("up_k=256", {"up_block_k": 256}),
+                     ("stages=2", {"num_stages": 2}), ("stages=4", {"num_stages": 4}),
+                     ("stages=5", {"num_stages": 5}), ("warps=2", {"num_warps": 2}),
+                     ("warps=8", {"num_warps": 8}), ("up_progs=2/SM", {"up_programs": 2 * sms}),
+                     ("up_progs=8/SM", {"up_programs": 8 * sms}),
+                     ("up_fill=0.5", {"up_fill": 0.5}), ("up_fill=1.5", {"up_fill": 1.5}),
+                     ("up_fill=2", {"up_fill": 2.0}), ("dn_n=32", {"down_block_n": 32}),
+                     ("dn_n=128", {"down_block_n": 128}), ("dn_d=64", {"down_block_d": 64}),
+                     ("dn_d=256", {"down_block_d": 256}),
+                     ("up_n=16,stages=4", {"up_block_n": 16, "num_stages": 4}),
+                     ("up_n=16,up_fill=1.5", {"up_block_n": 16, "up_fill": 1.5}),
+                     ("up_k=256,stages=4", {"up_block_k": 256, "num_stages": 4}),
+                     ("up_n=16,up_k=256", {"up_block_n": 16, "up_block_k": 256})]
     if t > 16:
         variants.append(("stages=4", {"num_stages": 4}))
         variants.append(("up_n=32", {"up_block_n": 32}))
@@ -338,6 +353,10 @@ def main(argv=None):
     ap.add_argument("--experts", default=None, help="e.g. 64,128")
     ap.add_argument("--tokens", default=None, help="e.g. 1,4,16,64")
     ap.add_argument("--sparsities", default=None, help="e.g. 0,0.5,0.7,0.9")
+    ap.add_argument("--sweep-cases", default="1:0.9,1:0.7,1:0.5,1:0.0,4:0.9,64:0.0",
+                    help="T:sparsity cases of --sweep (4096x11008 only)")
+    ap.add_argument("--sweep-only", action="store_true",
+                    help="with --sweep: skip the table rows and routing timings")
     args = ap.parse_args(argv)
     assert torch.cuda.is_available(), "needs a CUDA GPU"
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -387,25 +406,27 @@ def main(argv=None):
             ncopies = max(2, min(16, math.ceil(3 * l2 / (0.1 * full))))
             copies = make_copies(d, f, dtype, ncopies, gen)
             for e in experts:
-                for s in sparsities:
+                for s in ([] if args.sweep_only else sparsities):
                     k = max(1, round((1 - s) * e))
                     fs = k * (f // e)
                     sliced = [(c["wg"][:fs], c["wu"][:fs], c["wd"][:, :fs].contiguous())
                               for c in copies]
-                    for t in tokens:
+                    for t in ([] if args.sweep_only else tokens):
                         r = bench_case(copies, sliced, d, f, e, t, s, dtype, backends, gen,
                                        graphs=not args.no_graphs)
                         r["dtype"] = dname
                         rows.append(r)
                         print(json.dumps(r), flush=True)
                     del sliced
-                for t in ([] if args.no_route else tokens):
+                for t in ([] if args.no_route or args.sweep_only else tokens):
                     rr = bench_route(d, e, t, dtype, backends, gen)
                     rr.update({"d": d, "E": e, "T": t, "dtype": dname})
                     routes.append(rr)
                     print(json.dumps(rr), flush=True)
-                if args.sweep and (d, f) == (4096, 11008) and e == 64:
-                    for t, sp in ((1, 0.9), (1, 0.7), (1, 0.5), (1, 0.0), (4, 0.9), (64, 0.0)):
+                if args.sweep and (d, f) == (4096, 11008):
+                    cases = [(int(c.split(":")[0]), float(c.split(":")[1]))
+                             for c in args.sweep_cases.split(",")]
+                    for t, sp in cases:
                         sw = sweep_triton(copies, d, f, e, t, sp, dtype, gen)
                         sweeps.append({"d": d, "F": f, "E": e, "T": t, "sparsity": sp,
                                        "dtype": dname, "results": sw})

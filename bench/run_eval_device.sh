@@ -10,7 +10,8 @@
 #   STAGE=train  carry .pp/b (gguf.xz.part-b): rebuilds the GGUF, converts (E=48, router
 #                temperature 2), fine-tunes (FT_ARGS), then runs EVAL_ARGS on the fine-tuned
 #                checkpoint until END.
-#   STAGE=eval   resumes/continues sweeps (EVAL_ARGS, then BASE_EVAL_ARGS on the base checkpoint).
+#   STAGE=eval   resumes/continues sweeps (EVAL_ARGS on FT_NAME's checkpoint, then BASE_EVAL_ARGS, if
+#                given, on the base checkpoint).
 # Everything useful comes back in $OUT/results.tar.gz (run folders, reports, logs).
 # Prepare .pp/ here with bench/pack_eval_device.sh.
 set -uo pipefail
@@ -55,10 +56,10 @@ train)
   timeout $(( $(left) - 15 )) $PP eval --checkpoint /tmp/pp/ck/$FT_NAME --data-dir $DATA --device cuda --no-progress ${EVAL_ARGS}
   ;;
 eval)
-  [ -f /tmp/pp/ck/ft/prunepath_config.json ] || { echo "no fine-tuned checkpoint on this machine"; exit 3; }
-  timeout $(( $(left) - 15 )) $PP eval --checkpoint /tmp/pp/ck/ft --data-dir $DATA --device cuda --no-progress ${EVAL_ARGS}
-  [ $(left) -gt 60 ] && timeout $(( $(left) - 15 )) $PP eval --checkpoint /tmp/pp/ck/base --data-dir $DATA \
-      --device cuda --no-progress ${BASE_EVAL_ARGS}
+  [ -f /tmp/pp/ck/$FT_NAME/prunepath_config.json ] || { echo "no checkpoint $FT_NAME on this machine"; exit 3; }
+  timeout $(( $(left) - 15 )) $PP eval --checkpoint /tmp/pp/ck/$FT_NAME --data-dir $DATA --device cuda --no-progress ${EVAL_ARGS}
+  [ -n "${BASE_EVAL_ARGS:-}" ] && [ $(left) -gt 60 ] && timeout $(( $(left) - 15 )) $PP eval --checkpoint /tmp/pp/ck/base \
+      --data-dir $DATA --device cuda --no-progress ${BASE_EVAL_ARGS}
   ;;
 esac
 echo "stage $STAGE end after $(( $(date +%s) - T0 )) s"

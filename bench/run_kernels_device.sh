@@ -2,6 +2,8 @@
 # One device call for the Triton kernels (issue 7): env, GPU tests, then bench/ops_gpu.py.
 #   STAGE=1 bash bench/run_kernels_device.sh   # tests + 4096x11008 E=64 table + sweep + route/profile
 #   STAGE=2 bash bench/run_kernels_device.sh   # tests + the full table (+ 8192x28672 when time allows)
+#   STAGE=sweep bash bench/run_kernels_device.sh  # tests + block-config sweeps only (T=1 E=64, T=64 E=128)
+#   STAGE=t1 bash bench/run_kernels_device.sh     # tests + the T=1 and T=2 rows of every shape, bf16 and fp16
 # Logs and JSON go to $OUT (else ./out). TEST_TIMEOUT / END (seconds) bound the steps.
 set -u
 OUT=${OUT:-out}; mkdir -p "$OUT"
@@ -14,7 +16,19 @@ timeout ${TEST_TIMEOUT:-150} python3 -m pytest -q -n 8 -p no:cacheprovider --tb=
   --maxfail=20 tests/test_triton.py tests/test_gpu_ops.py > "$OUT/pytest.log" 2>&1
 echo "pytest rc=$? at $(( $(date +%s) - T0 ))s"; grep -E "FAILED|Error|passed|failed" "$OUT/pytest.log" | tail -25
 B="python3 bench/ops_gpu.py --backends triton"
-if [ "${STAGE:-1}" = 1 ]; then
+if [ "${STAGE:-1}" = sweep ]; then
+  timeout $(left) $B --shapes 4096x11008 --experts 64 --sweep --sweep-only \
+    --sweep-cases 1:0.5,1:0.7,1:0.9,1:0.0 --json "$OUT/sweep_t1.json" > "$OUT/bench_sweep1.log" 2>&1
+  [ $(left) -gt 30 ] && timeout $(left) $B --shapes 4096x11008 --experts 128 --sweep --sweep-only \
+    --sweep-cases 64:0.0,1:0.7 --json "$OUT/sweep_e128.json" > "$OUT/bench_sweep128.log" 2>&1
+elif [ "${STAGE:-1}" = t1 ]; then
+  timeout $(left) $B --shapes 4096x11008 --experts 64,128 --tokens 1,2 --sparsities 0,0.5,0.7,0.9 \
+    --no-route --json "$OUT/ops_gpu_t1_11008.json" > "$OUT/bench_t1.log" 2>&1
+  [ $(left) -gt 40 ] && timeout $(left) $B --shapes 4096x14336,8192x28672 --experts 64 --tokens 1 \
+    --sparsities 0,0.5,0.7,0.9 --no-route --json "$OUT/ops_gpu_t1_big.json" > "$OUT/bench_t1big.log" 2>&1
+  [ $(left) -gt 25 ] && timeout $(left) $B --dtypes fp16 --shapes 4096x11008 --experts 64 --tokens 1 \
+    --sparsities 0,0.5,0.7,0.9 --no-route --json "$OUT/ops_gpu_t1_fp16.json" > "$OUT/bench_t1fp16.log" 2>&1
+elif [ "${STAGE:-1}" = 1 ]; then
   timeout $(left) $B --shapes 4096x11008 --experts 64 --tokens 1,4,16,64 --sparsities 0,0.5,0.7,0.9 \
     --profile --sweep --json "$OUT/ops_gpu_s3_run1.json" > "$OUT/bench.log" 2>&1
 else
