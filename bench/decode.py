@@ -618,6 +618,7 @@ def _text_prompt(tok, length: int, offset: int = 0) -> torch.Tensor:
 
 def cpu_suite(args) -> list[dict]:
     import prunepath
+    from prunepath import fast_linear
     from prunepath.budget import reset_stats, set_routing, stats
     from prunepath.decode import Decoder
 
@@ -630,14 +631,19 @@ def cpu_suite(args) -> list[dict]:
     presets = [p for p in args.presets if p in model.prunepath_config.presets]
     prompt = _text_prompt(tok, args.prompt)
     max_len = args.prompt + args.new
-    dec = Decoder(model, 1, max_len, mode=args.mode, record_stats=True)  # sparsity column
+    dec = Decoder(model, 1, max_len, mode=args.mode, record_stats=True,  # sparsity column
+                  fast_linears=args.fast_linears)
     configs = [("dense", None)] + [(p, p) for p in presets]
+    if dec.fast_linears:  # also the dense model with torch's F.linear everywhere (stock HF)
+        configs.append(("dense_torch_linear", "torch_linear"))
     times = {name: [] for name, _ in configs}
     cpu_times = {name: [] for name, _ in configs}
     sparsity, paths = {}, {}
 
     def use(preset):
-        if preset is None:
+        if dec.fast_linears:
+            (fast_linear.disable if preset == "torch_linear" else fast_linear.enable)(model)
+        if preset in (None, "torch_linear"):
             set_routing(model, "dense")
         else:
             prunepath.set_budget(model, preset)
@@ -657,7 +663,7 @@ def cpu_suite(args) -> list[dict]:
             # CPU time of this process: on a shared, busy machine (and with 1 thread) it
             # excludes the time spent waiting for a core, which wall time does not
             cpu_times[name].append((time.process_time() - c0) * 1e3 / max(n - 1, 1))
-            paths[name] = dec.last_path if preset is not None else "dense"
+            paths[name] = dec.last_path if preset not in (None, "torch_linear") else "dense"
             sparsity[name] = stats(model, include_report=False)["cumulative"]["sparsity"]
             log(f"  rep {rep} {name:6s} {times[name][-1]:.2f} ms/token (process CPU time "
                 f"{cpu_times[name][-1]:.2f} ms/token) sparsity {sparsity[name]:.3f}")
@@ -669,7 +675,7 @@ def cpu_suite(args) -> list[dict]:
     rows = []
     for name, _ in configs:
         ms = statistics.median(times[name])
-        s = sparsity[name] if name != "dense" else 0.0
+        s = sparsity[name] if not name.startswith("dense") else 0.0
         ceiling = dense_bytes / step_bytes(cfg, 1, max_len, 1 - s, e, rank, 4) if s else 1.0
         rows.append({"model": "smollm2-135m", "batch": 1, "masks": name, "sparsity": s,
                      "union": 1 - s, "ms_per_step": ms, "tok_s": 1e3 / ms,
@@ -682,13 +688,12 @@ def cpu_suite(args) -> list[dict]:
                      "peak_gib": 0.0, "all_ms": times[name],
                      "cpu_ms_per_step": statistics.median(cpu_times[name]),
                      "cpu_speedup": dense_cpu_ms / statistics.median(cpu_times[name]),
-                     "all_cpu_ms": cpu_times[name]})
+                     "all_cpu_ms": cpu_times[name],
+                     "linears": "torch" if name == "dense_torch_linear" or not dec.fast_linears
+                     else "prunepath.ops.linear"})
     if args.profile:
         for row, (name, preset) in zip(rows, configs):
-            if preset is None:
-                set_routing(model, "dense")
-            else:
-                prunepath.set_budget(model, preset)
+            use(preset)
             dec.prefill(prompt, eos_token_id=[])
             p = profile_ffn_ms(dec, model, prompt, steps=5)
             row["ffn_share"] = p["ffn_ms"] / p["step_ms"]
@@ -799,6 +804,9 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint", default=str(SMOLLM2_CHECKPOINT))
     p.add_argument("--presets", default="s30,s50,s70,s90")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-fast-linears", dest="fast_linears", action="store_false",
+                   help="cpu: keep torch's F.linear in decode steps (default: prunepath.fast_linear, "
+                   "with a dense_torch_linear row for comparison)")
     a = p.parse_args(argv)
     a.models = a.models.split(",")
     a.batches = [int(b) for b in a.batches.split(",")]

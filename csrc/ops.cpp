@@ -25,4 +25,7 @@ TORCH_LIBRARY(prunepath, m) {
       "router_route(Tensor x, Tensor w_router, Tensor? b_router, Tensor? w_router_out, "
       "Tensor? b_router_out, str hidden_activation, Tensor budget, int min_experts, "
       "int max_experts) -> Tensor");
+  // x [T, d]; weight [N, d] (nn.Linear layout, dtype of x); bias [N] -> x weight^T + bias [T, N]
+  // (CPU kernel for decode steps: csrc/cpu/linear.cpp)
+  m.def("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
 }

@@ -33,6 +33,9 @@ when the union of a batch's experts is nearly everything. On a GPU the sparse ca
 are the kernel backends themselves ("triton", "cuda"), each timed on the live masks.
 ``mode="compile"`` skips the timing and runs "sparse".
 
+On the CPU the model's ``nn.Linear`` layers run decode steps through the C++ matrix-vector
+kernel (``fast_linears``, :mod:`prunepath.fast_linear`): dense and PrunePath steps alike.
+
 Decode steps do not update the routed layers' statistics (:func:`prunepath.stats`) unless
 ``record_stats=True``: the counters cost a few small kernels per layer per step.
 """
@@ -191,6 +194,12 @@ class Decoder:
             kernels per layer in every step (~0.3 ms of a 9 ms Llama-3-8B step on an H100).
             The prefill records as the layers are set (:func:`prunepath.set_stats_recording`);
             pass ``True`` to measure the sparsity of generated tokens.
+        fast_linears: route the model's ``nn.Linear`` layers through the C++
+            matrix-vector kernel in decode steps (:mod:`prunepath.fast_linear`; CPU only,
+            same results up to fp32 summation order). Default ``None``: on for a CPU model
+            (where ``torch.nn.functional.linear`` streams weights at about half the memory
+            rate), off on a GPU. It switches the model's layers in place;
+            ``prunepath.fast_linear.disable(model)`` switches them back.
     """
 
     def __init__(
@@ -203,8 +212,11 @@ class Decoder:
         ffn_path: str = "auto",
         check_every: int = 16,
         record_stats: bool = False,
+        fast_linears: bool | None = None,
     ):
         from transformers import StaticCache
+
+        from . import fast_linear
 
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -225,6 +237,11 @@ class Decoder:
         self.mode, self.batch_size, self.max_length = mode, batch_size, max_length
         self.check_every = check_every
         self.record_stats = bool(record_stats)
+        if fast_linears is None:
+            fast_linears = self.device.type == "cpu"
+        if fast_linears:
+            fast_linear.enable(model)
+        self.fast_linears = fast_linear.enabled(model) > 0  # (0 without the extension)
         self.layers = routed_layers(model)
         # with no routed layers there is nothing to choose
         self.ffn_path = ffn_path if self.layers else "dense"

@@ -388,3 +388,95 @@ def test_raw_router_route_rejects_bad_inputs():
         router_op(torch.randn(16, 4).t(), w1, b1, w2, b2, "gelu", budget, 1, 8)
     empty = router_op(x[:0], w1, b1, w2, b2, "gelu", budget[:0], 1, 8)
     assert empty.shape == (0, 8)
+
+
+# ------------------------------------------------------------- decode-step linear: linear
+
+linear_op = torch.ops.prunepath.linear.default
+
+
+@pytest.mark.parametrize("isa", ["native", "generic"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("t,d,n", [(1, 83, 37), (3, 64, 1000), (8, 20, 9), (9, 33, 17)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_matches_reference(monkeypatch, isa, dtype, t, d, n, bias):
+    if isa == "generic":
+        monkeypatch.setenv("PRUNEPATH_CPU_ISA", "generic")
+    gen = torch.Generator().manual_seed(hash((t, d, n, bias)) % 2**31)
+    x = torch.randn(t, d, generator=gen).to(dtype)
+    w = (torch.randn(n, d, generator=gen) / d**0.5).to(dtype)
+    b = torch.randn(n, generator=gen).to(dtype) if bias else None
+    out = ops.linear(x, w, b)  # t = 9: more than MAX_TOKENS, F.linear
+    assert out.shape == (t, n) and out.dtype == dtype
+    ref = x.double() @ w.double().t() + (0 if b is None else b.double())
+    assert_close_rel(out, ref, dtype)
+    if t <= 8:
+        assert torch.isfinite(linear_op(x, w, b)).all()
+        assert_close_rel(linear_op(x, w, b), ref, dtype)
+
+
+def test_linear_dispatch():
+    x, w = torch.randn(2, 16), torch.randn(5, 16)
+    calls = []
+    orig = torch.ops.prunepath.linear
+    try:
+        torch.ops.prunepath.linear = lambda *a: calls.append(1) or orig(*a)
+        ops.linear(x, w)
+        assert calls == [1]  # the C++ kernel for a decode-sized input
+        ops.linear(x, w, backend="torch")
+        ops.linear(torch.randn(9, 16), w)  # more rows: F.linear
+        ops.linear(x.double(), w.double())  # fp64: F.linear
+        wg = w.clone().requires_grad_()
+        y = ops.linear(x, wg)  # autograd: F.linear, differentiable
+        y.sum().backward()
+        assert calls == [1] and wg.grad is not None
+    finally:
+        torch.ops.prunepath.linear = orig
+    with pytest.raises(ValueError, match="weight must have shape"):
+        ops.linear(x, torch.randn(5, 15))
+    with pytest.raises(ValueError, match="bias must have shape"):
+        ops.linear(x, w, torch.randn(4))
+    with pytest.raises(ValueError, match="weight is torch.bfloat16"):
+        ops.linear(x, w.bfloat16())
+    with pytest.raises(ValueError, match="backend must be one of"):
+        ops.linear(x, w, backend="triton")
+    with pytest.raises(RuntimeError, match="weight must have dtype"):
+        linear_op(x, w.bfloat16(), None)
+    with pytest.raises(RuntimeError, match="bias must be"):
+        linear_op(x, w, torch.randn(4))
+    assert linear_op(x[:0], w, None).shape == (0, 5)
+    torch.library.opcheck(linear_op, (x, w, torch.randn(5)))
+    torch.library.opcheck(linear_op, (x.bfloat16(), w.bfloat16(), None))
+
+
+def test_fast_linear_enable_disable():
+    from prunepath import fast_linear
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(24, 40), torch.nn.GELU(), torch.nn.Linear(40, 7, bias=False))
+    keys = list(model.state_dict())
+    x = torch.randn(3, 1, 24)
+    with torch.no_grad():
+        ref = model(x)
+    assert fast_linear.enable(model) == 2 and fast_linear.enabled(model) == 2
+    assert fast_linear.enable(model) == 0  # already on
+    assert list(model.state_dict()) == keys  # parameters and keys untouched
+    calls = []
+    orig = torch.ops.prunepath.linear
+    try:
+        torch.ops.prunepath.linear = lambda *a: calls.append(1) or orig(*a)
+        with torch.no_grad():
+            out = model(x)  # 3 rows: the C++ kernel
+            assert len(calls) == 2
+            model(torch.randn(2, 5, 24))  # 10 rows: F.linear
+            assert len(calls) == 2
+        model(x).sum().backward()  # autograd: F.linear, gradients flow
+        assert len(calls) == 2 and model[0].weight.grad is not None
+    finally:
+        torch.ops.prunepath.linear = orig
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), ref, rtol=1e-5, atol=1e-5)
+    assert fast_linear.disable(model) == 2 and fast_linear.enabled(model) == 0
+    assert "forward" not in vars(model[0])

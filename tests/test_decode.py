@@ -325,6 +325,22 @@ def test_compiled_step_matches_hf_cpu():
     assert torch.equal(out, hf_greedy(model, ids))
 
 
+def test_fast_linears_on_cpu_by_default():
+    from prunepath import fast_linear
+
+    model = routed(seed=25)
+    prunepath.set_budget(model, 0.6)
+    ids, mask = prompts(2, 5, seed=26, padded=True)
+    assert fast_linear.enabled(model) == 0
+    ref = hf_greedy(model, ids, attention_mask=mask)  # torch's F.linear everywhere
+    dec = Decoder(model, 2, 5 + NEW, mode="eager")
+    assert dec.fast_linears and fast_linear.enabled(model) > 0
+    assert torch.equal(dec.generate(ids, NEW, attention_mask=mask, eos_token_id=[]), ref)
+    assert fast_linear.disable(model) > 0
+    assert not Decoder(model, 2, 5 + NEW, fast_linears=False).fast_linears
+    assert fast_linear.enabled(model) == 0
+
+
 # --------------------------------------------------------------------------- GPU
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

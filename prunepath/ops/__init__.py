@@ -5,7 +5,8 @@
 
 Also: :func:`router_route` (router projection + routing in one call, fused on GPU with
 backend="triton"), :func:`prepack_ffn` / :func:`routed_ffn_packed` (W_down^T stored
-[F, d] once, so every expert's block is contiguous; see :mod:`prunepath.ops.packed`).
+[F, d] once, so every expert's block is contiguous; see :mod:`prunepath.ops.packed`),
+:func:`linear` (a decode step's matrix-vector products; C++ kernel on the CPU).
 ``backend="auto"`` measures the GPU backends once per shape (:mod:`prunepath.ops.autotune`).
 """
 
@@ -15,6 +16,7 @@ import torch
 
 from . import backends, checks
 from .backends import BACKENDS, BackendUnavailable
+from .decode_linear import linear
 from .packed import PackedFFN, prepack_ffn, routed_ffn_packed
 from .reference import ACTIVATIONS
 from .router_route import router_route
@@ -92,6 +94,7 @@ __all__ = [
     "route",
     "routed_ffn",
     "router_route",
+    "linear",
     "prepack_ffn",
     "routed_ffn_packed",
     "PackedFFN",

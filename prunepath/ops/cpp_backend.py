@@ -2,7 +2,8 @@
 
 The extension registers ``torch.ops.prunepath.route``, ``torch.ops.prunepath.routed_ffn``
 (CPU kernels always; CUDA kernels when built with nvcc) and ``torch.ops.prunepath.router_route``
-(router projection + route; CPU kernel). Fake kernels for ``torch.compile``
+(router projection + route; CPU kernel) and ``torch.ops.prunepath.linear`` (decode-step
+matrix-vector products; CPU kernel). Fake kernels for ``torch.compile``
 are registered here, once, when the extension is first loaded.
 """
 
@@ -40,6 +41,10 @@ def _register_fakes() -> None:
           min_experts, max_experts):
         e = (w_router if w_router_out is None else w_router_out).shape[0]
         return torch.empty((x.shape[0], e), dtype=torch.bool, device=x.device)
+
+    @torch.library.register_fake("prunepath::linear")
+    def _(x, weight, bias):
+        return torch.empty((x.shape[0], weight.shape[0]), dtype=x.dtype, device=x.device)
 
     @torch.library.register_fake("prunepath::routed_ffn")
     def _(x, w_gate, w_up, w_down, mask, activation, b_up, b_down):
