@@ -615,6 +615,7 @@ def generate(
     ffn_path: str = "auto",
     check_every: int = 16,
     record_stats: bool = False,
+    fast_linears: bool | None = None,
 ) -> torch.Tensor:
     """Generate up to ``max_new_tokens`` tokens after ``input_ids`` ([B, T]) with a static KV
     cache and (on CUDA) a CUDA-graph decode step. Returns ``[B, T + n]`` token ids.
@@ -623,8 +624,9 @@ def generate(
     restricted to the ``top_k`` most likely tokens. ``budget`` (float, per-layer list or
     preset name, as :func:`prunepath.set_budget` takes) is set on the model first; ``None``
     keeps the current one. Left-padded batches pass ``attention_mask``. ``mode``,
-    ``ffn_path``, ``check_every`` and ``record_stats`` (decode steps update
-    :func:`prunepath.stats` only when True): see :class:`Decoder`. Builds a new :class:`Decoder` per
+    ``ffn_path``, ``check_every``, ``record_stats`` (decode steps update
+    :func:`prunepath.stats` only when True) and ``fast_linears`` (on by default for a CPU
+    model): see :class:`Decoder`. Builds a new :class:`Decoder` per
     call; keep one yourself to reuse the cache and the captured graphs.
     """
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -633,7 +635,7 @@ def generate(
         raise ValueError("input_ids must be a [batch, prompt_len] tensor of token ids")
     b, t = input_ids.shape
     dec = Decoder(model, b, t + max_new_tokens, mode=mode, ffn_path=ffn_path,
-                  check_every=check_every, record_stats=record_stats)
+                  check_every=check_every, record_stats=record_stats, fast_linears=fast_linears)
     return dec.generate(input_ids, max_new_tokens, attention_mask=attention_mask,
                         temperature=temperature, top_k=top_k, eos_token_id=eos_token_id,
                         pad_token_id=pad_token_id, budget=budget)
