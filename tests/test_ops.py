@@ -184,6 +184,15 @@ def test_bad_budget():
             ops.route(logits, bad)
     with pytest.raises(ValueError, match="budget"):
         ops.route(logits, torch.tensor([0.5, 1.5, 0.2]))
+    with pytest.raises(ValueError, match=r"lie in \[0, 1\]"):
+        ops.route(logits, torch.tensor([0.5, float("nan"), 0.2]))
+    long_logits = torch.randn(100, 4)  # more than 64 tokens: the check runs as tensor ops
+    for bad in (-0.5, float("nan")):
+        b = torch.rand(100)
+        b[77] = bad
+        with pytest.raises(ValueError, match=r"lie in \[0, 1\]"):
+            ops.route(long_logits, b)
+    ops.route(long_logits, torch.rand(100))  # in range: fine
     with pytest.raises(ValueError, match="budget"):
         ops.route(logits, torch.rand(4))
     with pytest.raises(ValueError, match="budget"):
