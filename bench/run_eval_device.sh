@@ -8,8 +8,8 @@
 #                deps; data.tar.xz: the needed parts of ../shared/data; gguf.xz.part-a):
 #                installs the wheels into /tmp/site, unpacks the data, runs the GPU tests.
 #   STAGE=train  carry .pp/b (gguf.xz.part-b): rebuilds the GGUF, converts (E=48, router
-#                temperature 2), fine-tunes (FT_ARGS), then runs EVAL_ARGS on the fine-tuned
-#                checkpoint until END.
+#                temperature 2; once per machine), fine-tunes FT_FROM (default: that conversion)
+#                with FT_ARGS into FT_NAME, then runs EVAL_ARGS (if given) on FT_NAME until END.
 #   STAGE=eval   resumes/continues sweeps (EVAL_ARGS on FT_NAME's checkpoint, then BASE_EVAL_ARGS, if
 #                given, on the base checkpoint).
 # Everything useful comes back in $OUT/results.tar.gz (run folders, reports, logs).
@@ -19,6 +19,7 @@ OUT=${OUT:-/tmp/out}
 END=${END:-540}
 STAGE=${STAGE:-prep}
 FT_NAME=${FT_NAME:-ft}   # the fine-tuned checkpoint's folder under /tmp/pp/ck
+FT_FROM=${FT_FROM:-base} # the checkpoint fine-tuning starts from (another FT_NAME: a second stage)
 T0=$(date +%s)
 left() { echo $(( END - ($(date +%s) - T0) )); }
 mkdir -p "$OUT" /tmp/pp/runs /tmp/pp/ck
@@ -50,10 +51,11 @@ train)
   [ -f /tmp/pp/ck/base/prunepath_config.json ] || $PP convert --out /tmp/pp/ck/base --experts 48 --router-temperature 2 \
       --train-tokens 32768 --data-dir $DATA --device cuda || { pack; exit 1; }
   echo "convert: $(( $(date +%s) - t )) s"; t=$(date +%s)
-  $PP finetune --checkpoint /tmp/pp/ck/base --out /tmp/pp/ck/$FT_NAME --data-dir $DATA --device cuda \
+  [ -f /tmp/pp/ck/$FT_FROM/prunepath_config.json ] || { echo "no checkpoint $FT_FROM on this machine"; exit 3; }
+  $PP finetune --checkpoint /tmp/pp/ck/$FT_FROM --out /tmp/pp/ck/$FT_NAME --data-dir $DATA --device cuda \
       --report /tmp/pp/reports/finetune_$FT_NAME.json --no-progress ${FT_ARGS} || { pack; exit 1; }
   echo "finetune: $(( $(date +%s) - t )) s"
-  timeout $(( $(left) - 15 )) $PP eval --checkpoint /tmp/pp/ck/$FT_NAME --data-dir $DATA --device cuda --no-progress ${EVAL_ARGS}
+  [ -n "${EVAL_ARGS:-}" ] && timeout $(( $(left) - 15 )) $PP eval --checkpoint /tmp/pp/ck/$FT_NAME --data-dir $DATA --device cuda --no-progress ${EVAL_ARGS}
   ;;
 eval)
   [ -f /tmp/pp/ck/$FT_NAME/prunepath_config.json ] || { echo "no checkpoint $FT_NAME on this machine"; exit 3; }
