@@ -82,6 +82,13 @@ def routed_layers(model) -> list[torch.nn.Module]:
     return [m for m in model.modules() if isinstance(m, RoutedFFN)]
 
 
+def frozen(layers):
+    """:func:`prunepath.layers.frozen`: the routed layers bind their ops once per block."""
+    from prunepath.layers import frozen as _frozen
+
+    return _frozen(layers)
+
+
 def _routing_key(layers) -> tuple:
     """The host-side routing state a captured step depends on (a change means a new capture).
     Budget *values* are not part of it: they live in device buffers the step reads. A
@@ -457,8 +464,12 @@ class Decoder:
     def decode(self, max_new_tokens: int) -> int:
         """Continue after :meth:`prefill` until ``max_new_tokens`` tokens exist (the prefill's
         token counts) or every sequence has ended. Returns the number of tokens emitted."""
-        limit = min(max_new_tokens, self.max_length - self._prompt_len)
         self._prepare_routers()
+        with frozen(self.layers):  # routed layers bind their ops once for the whole loop
+            return self._decode(max_new_tokens)
+
+    def _decode(self, max_new_tokens: int) -> int:
+        limit = min(max_new_tokens, self.max_length - self._prompt_len)
         path = self._decode_path()
         self.last_path, _, backend = path.partition(":")
         self.last_ffn_backend = backend or None
@@ -479,12 +490,13 @@ class Decoder:
     def step(self, *, eager: bool = False) -> None:
         """One decode step after :meth:`prefill` (the captured/compiled one unless ``eager``)."""
         self._prepare_routers()
-        path = self._decode_path()
-        if eager:
-            with self._ffn_path(path):
-                self._forward_step(self._greedy, self._top_k, self._padded)
-        else:
-            self._step_fn(self._greedy, self._top_k, path)()
+        with frozen(self.layers):
+            path = self._decode_path()
+            if eager:
+                with self._ffn_path(path):
+                    self._forward_step(self._greedy, self._top_k, self._padded)
+            else:
+                self._step_fn(self._greedy, self._top_k, path)()
 
     @contextlib.contextmanager
     def preserved_state(self):

@@ -20,6 +20,8 @@ per-layer expert keep-mask: static structured pruning) and "dense".
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -35,6 +37,25 @@ def _contiguous(t: torch.Tensor) -> torch.Tensor:
     # (non-contiguous); the compiled kernels want contiguous weights, so those are copied
     # per call (correct, slower; only the Conv1D family pays it).
     return t if t.is_contiguous() else t.contiguous()
+
+
+@contextlib.contextmanager
+def frozen(layers):
+    """Inside the block, each :class:`RoutedFFN` of ``layers`` binds its ops once
+    (:func:`prunepath.ops.bind_router_route` / :func:`~prunepath.ops.bind_routed_ffn` on its
+    folded router and its weights) and reuses them: per call only the input, the mask and the
+    budget are checked. For decode loops (eager steps on a CPU: ~60 us of Python per layer
+    saved). Seen inside the block: budget values and shapes, policy, backends, temperature.
+    Not seen: a router or weight *replaced* or updated in place -- leave the block first."""
+    layers = list(layers)
+    before = [m._frozen for m in layers]
+    for m in layers:
+        m._frozen, m._bound = True, None
+    try:
+        yield
+    finally:
+        for m, b in zip(layers, before):
+            m._frozen, m._bound = b, None
 
 
 class InlineFFN(nn.Module):
@@ -119,6 +140,8 @@ class RoutedFFN(nn.Module):
         self._fused = None  # (shape key, versions, (w1, b1, w2, b2, activation)) cache
         self._dense_budget = True  # host-side: every budget is exactly 1.0 (exact dense path)
         self._seq_shape: tuple[int, int] | None = None  # (B, S) for flattened-input families
+        self._frozen = False  # inside frozen(): reuse bound ops (see _bound_ops)
+        self._bound = None  # (settings key, (bound router, bound FFN) or None)
         dev = w.w_up.device
         self.register_buffer("budget", torch.ones((), device=dev), persistent=False)
         self.register_buffer("tau", torch.zeros((), device=dev), persistent=False)
@@ -176,6 +199,9 @@ class RoutedFFN(nn.Module):
         if policy == "static":
             return self.static_keep.unsqueeze(0).expand(t, -1)
         if policy in ("budget", "topk"):
+            router = self._bound_ops(x.dtype)[0]  # inside frozen(): bound once
+            if router is not None:
+                return router(x, self.token_budget(t, batch) if policy == "budget" else 1.0)
             fused = self.fused_router(x.dtype)
             if fused is not None:
                 w1, b1, w2, b2, act = fused
@@ -268,6 +294,36 @@ class RoutedFFN(nn.Module):
         self._fused = (key, versions, folded)
         return folded
 
+    # --- frozen: bound ops for decode loops ------------------------------------------------
+    def _bound_ops(self, dtype: torch.dtype):
+        """(bound router_route or None, bound routed_ffn or None) for the current settings:
+        made once per :func:`frozen` block and settings; (None, None) outside one or while
+        tracing. None where the general path is needed (another policy or router kind,
+        non-contiguous weights)."""
+        # is_compiling first: a traced step must not read (and so guard on) _frozen
+        if torch.compiler.is_compiling() or not self._frozen:
+            return (None, None)
+        key = (dtype, self.policy, self.backend, self.ffn_backend, self.temperature,
+               self.min_experts, self.topk, self.fuse_router)
+        cached = self._bound
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        router = ffn = None
+        fused = self.fused_router(dtype) if self.policy in ("budget", "topk") else None
+        if fused is not None:
+            w1, b1, w2, b2, act = fused
+            lo, hi = (self.min_experts, None) if self.policy == "budget" else (self.topk, self.topk)
+            router = ops.bind_router_route(w1, b_router=b1, w_router_out=w2, b_router_out=b2,
+                                           hidden_activation=act, min_experts=lo, max_experts=hi,
+                                           backend=self.backend)
+        w = self.weights()
+        if all(t is None or t.is_contiguous() for t in (w.w_gate, w.w_up, w.w_down)):
+            ffn = ops.bind_routed_ffn(w.w_gate, w.w_up, w.w_down, activation=self.activation,
+                                      b_up=w.b_up, b_down=w.b_down,
+                                      backend=self.ffn_backend or self.backend)
+        self._bound = (key, (router, ffn))
+        return router, ffn
+
     # --- forward ------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -286,12 +342,16 @@ class RoutedFFN(nn.Module):
             return self.base(x)
         x2 = x.reshape(-1, shape[-1])
         mask = self.expert_mask(x2, batch)
-        w = self.weights()
-        w_gate, w_up, w_down = (None if t is None else _contiguous(t)
-                                for t in (w.w_gate, w.w_up, w.w_down))
-        y = ops.routed_ffn(x2, w_gate, w_up, w_down, mask, activation=self.activation,
-                           b_up=w.b_up, b_down=w.b_down,
-                           backend=self.ffn_backend or self.backend)
+        ffn = self._bound_ops(x2.dtype)[1]
+        if ffn is not None:
+            y = ffn(x2, mask)
+        else:
+            w = self.weights()
+            w_gate, w_up, w_down = (None if t is None else _contiguous(t)
+                                    for t in (w.w_gate, w.w_up, w.w_down))
+            y = ops.routed_ffn(x2, w_gate, w_up, w_down, mask, activation=self.activation,
+                               b_up=w.b_up, b_down=w.b_down,
+                               backend=self.ffn_backend or self.backend)
         if self.record_stats:
             self._record(mask)
         if self.fam.dropout is not None:

@@ -6,7 +6,9 @@
 Also: :func:`router_route` (router projection + routing in one call, fused on GPU with
 backend="triton"), :func:`prepack_ffn` / :func:`routed_ffn_packed` (W_down^T stored
 [F, d] once, so every expert's block is contiguous; see :mod:`prunepath.ops.packed`),
-:func:`linear` (a decode step's matrix-vector products; C++ kernel on the CPU).
+:func:`linear` (a decode step's matrix-vector products; C++ kernel on the CPU),
+:func:`bind_routed_ffn` / :func:`bind_router_route` (the same ops bound to one layer's weights:
+checks and backend choice once, for decode loops; see :mod:`prunepath.ops.bound`).
 ``backend="auto"`` measures the GPU backends once per shape (:mod:`prunepath.ops.autotune`).
 """
 
@@ -16,6 +18,7 @@ import torch
 
 from . import backends, checks
 from .backends import BACKENDS, BackendUnavailable
+from .bound import BoundRoutedFFN, BoundRouterRoute, bind_routed_ffn, bind_router_route
 from .decode_linear import linear
 from .packed import PackedFFN, prepack_ffn, routed_ffn_packed
 from .reference import ACTIVATIONS
@@ -95,6 +98,10 @@ __all__ = [
     "routed_ffn",
     "router_route",
     "linear",
+    "bind_routed_ffn",
+    "bind_router_route",
+    "BoundRoutedFFN",
+    "BoundRouterRoute",
     "prepack_ffn",
     "routed_ffn_packed",
     "PackedFFN",

@@ -89,14 +89,53 @@ def check_ffn_args(x, w_gate, w_up, w_down, mask, activation, b_up, b_down) -> N
         raise ValueError(f"x must have shape [T, d] (2-D), got {tuple(x.shape)}")
     if x.dtype not in FLOAT_DTYPES:
         raise ValueError(f"x must be floating point, got dtype {x.dtype}")
-    t, d = x.shape
-    if w_up.dim() != 2 or w_up.shape[1] != d:
+    check_ffn_weights(w_gate, w_up, w_down, activation, b_up, b_down, d=x.shape[1],
+                      dtype=x.dtype, device=x.device, dtype_of="x")
+    check_ffn_inputs(x, mask, d=x.shape[1], f=w_up.shape[0], dtype=x.dtype, device=x.device)
+
+
+def check_ffn_weights(w_gate, w_up, w_down, activation, b_up, b_down, *, d=None, dtype=None,
+                      device=None, dtype_of="w_up") -> None:
+    """The FFN's weights against each other (and ``d``/``dtype``/``device`` when given)."""
+    if not isinstance(w_up, torch.Tensor) or w_up.dim() != 2:
+        raise ValueError(f"w_up must be a 2-D tensor [F, d], got {getattr(w_up, 'shape', w_up)!r}")
+    d = w_up.shape[1] if d is None else d
+    dtype = w_up.dtype if dtype is None else dtype
+    device = w_up.device if device is None else device
+    if dtype not in FLOAT_DTYPES:
+        raise ValueError(f"weights must be floating point, got dtype {dtype}")
+    if w_up.shape[1] != d:
         raise ValueError(f"w_up must have shape [F, d={d}], got {tuple(w_up.shape)}")
     f = w_up.shape[0]
     if w_gate is not None and tuple(w_gate.shape) != (f, d):
         raise ValueError(f"w_gate must have shape [F={f}, d={d}] like w_up, got {tuple(w_gate.shape)}")
     if tuple(w_down.shape) != (d, f):
         raise ValueError(f"w_down must have shape [d={d}, F={f}], got {tuple(w_down.shape)}")
+    if b_up is not None and tuple(b_up.shape) != (f,):
+        raise ValueError(f"b_up must have shape [F={f}], got {tuple(b_up.shape)}")
+    if b_down is not None and tuple(b_down.shape) != (d,):
+        raise ValueError(f"b_down must have shape [d={d}], got {tuple(b_down.shape)}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    for name, w in (("w_gate", w_gate), ("w_up", w_up), ("w_down", w_down), ("b_up", b_up),
+                    ("b_down", b_down)):
+        if w is None:
+            continue
+        if w.device != device:
+            raise ValueError(f"{name} is on {w.device} but {dtype_of} is on {device}")
+        if w.dtype != dtype:
+            raise ValueError(f"{name} has dtype {w.dtype} but {dtype_of} has {dtype}; use one dtype")
+
+
+def check_ffn_inputs(x, mask, *, d, f, dtype, device) -> None:
+    """A call's ``x`` [T, d] and ``mask`` [T, E] against already checked weights."""
+    if x.dim() != 2 or x.shape[1] != d:
+        raise ValueError(f"x must have shape [T, d={d}], got {tuple(x.shape)}")
+    if x.dtype != dtype:
+        raise ValueError(f"x has dtype {x.dtype} but the weights have {dtype}; use one dtype")
+    if x.device != device:
+        raise ValueError(f"x is on {x.device} but the weights are on {device}")
+    t = x.shape[0]
     if mask.dim() != 2 or mask.shape[0] != t:
         raise ValueError(f"mask must have shape [T={t}, E], got {tuple(mask.shape)}")
     if mask.dtype != torch.bool:
@@ -104,17 +143,5 @@ def check_ffn_args(x, w_gate, w_up, w_down, mask, activation, b_up, b_down) -> N
     e = mask.shape[1]
     if e < 1 or f % e != 0:
         raise ValueError(f"F={f} must be divisible by the number of experts E={e} (mask.shape[1])")
-    if b_up is not None and tuple(b_up.shape) != (f,):
-        raise ValueError(f"b_up must have shape [F={f}], got {tuple(b_up.shape)}")
-    if b_down is not None and tuple(b_down.shape) != (d,):
-        raise ValueError(f"b_down must have shape [d={d}], got {tuple(b_down.shape)}")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    for name, w in (("w_gate", w_gate), ("w_up", w_up), ("w_down", w_down), ("mask", mask),
-                    ("b_up", b_up), ("b_down", b_down)):
-        if w is None:
-            continue
-        if w.device != x.device:
-            raise ValueError(f"{name} is on {w.device} but x is on {x.device}")
-        if name != "mask" and w.dtype != x.dtype:
-            raise ValueError(f"{name} has dtype {w.dtype} but x has {x.dtype}; use one dtype")
+    if mask.device != device:
+        raise ValueError(f"mask is on {mask.device} but x is on {device}")

@@ -95,10 +95,17 @@ def router_route(
 ) -> torch.Tensor:
     """Bool mask [T, E]: :func:`prunepath.ops.route` of the router's logits for ``x`` [T, d]."""
     _check(x, w_router, b_router, w_router_out, b_router_out, hidden_activation)
-    t = x.shape[0]
     e = w_router.shape[0] if w_router_out is None else w_router_out.shape[0]
     lo, hi = checks.expert_count_bounds(min_experts, max_experts, e)
     name = backends.resolve(backend, x.device, "router_route", (x.dtype, x.shape[1], e))
+    return run(name, x, w_router, b_router, w_router_out, b_router_out, hidden_activation,
+               budget, lo, hi)
+
+
+def run(name, x, w_router, b_router, w_router_out, b_router_out, hidden_activation, budget,
+        lo, hi):
+    """:func:`router_route` on checked arguments with a concrete backend ``name``."""
+    t = x.shape[0]
     mod = backends.load(name)
     if name == "triton":
         from prunepath import triton_kernels
