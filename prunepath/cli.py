@@ -114,6 +114,9 @@ def add_quickstart_parser(sub) -> None:
     p.add_argument("--data-dir", default=None,
                    help="evaluation data folder (default: $PRUNEPATH_DATA or ../shared/data)")
     p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
+    p.add_argument("--decode-mode", choices=("compile", "eager"), default="compile",
+                   help="decode steps for the tokens/s column: compiled once per routing setup "
+                        "(~1 min the first time) or eager (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run_quickstart)
 
@@ -128,7 +131,7 @@ def run_quickstart(args) -> int:
     cfg = QuickstartConfig(
         model=args.model, out_dir=args.out, num_experts=args.experts, train_tokens=args.train_tokens,
         targets=args.targets, per_layer=args.per_layer, ppl_windows=args.ppl_windows,
-        prompt=args.prompt or DEFAULT_PROMPT, data_dir=args.data_dir,
+        prompt=args.prompt or DEFAULT_PROMPT, data_dir=args.data_dir, decode_mode=args.decode_mode,
     )
     run(cfg, progress=not args.no_progress)
     return 0

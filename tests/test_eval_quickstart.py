@@ -11,7 +11,7 @@ def _cfg(tmp_path, data_dir):
     return qs.QuickstartConfig(
         out_dir=str(tmp_path / "ckpt"), num_experts=8, router_rank=8, train_tokens=1024, train_seq_len=64,
         train_epochs=1, targets=[0.5], calib_tokens=512, ppl_window=32, ppl_stride=16, ppl_windows=2,
-        max_new_tokens=4, data_dir=str(data_dir) if data_dir else None,
+        max_new_tokens=4, data_dir=str(data_dir) if data_dir else None, decode_mode="eager",
     )
 
 
@@ -28,8 +28,10 @@ def test_quickstart_end_to_end_on_tiny_model(tmp_path):
     assert abs(ppl["s50"]["sparsity"] - 0.5) < 0.1
     assert set(res["decode"]) == {"dense", "s50"}
     assert all(d["tokens_per_s"] > 0 for d in res["decode"].values())
+    assert {d["mode"] for d in res["decode"].values()} == {"eager"}
     text = "\n".join(lines)
     assert "s50" in text and "decode tok/s" in text and "checkpoint:" in text
+    assert "eager steps" in text
     # the checkpoint loads with its preset
     loaded = prunepath.from_pretrained(res["checkpoint"], budget="s50")
     assert "s50" in loaded.prunepath_config.presets
@@ -71,6 +73,52 @@ def test_decode_speed_is_timed_even_when_the_answer_ends_at_once():
     ids = torch.tensor([[1, 5, 9, 3]])
     with torch.no_grad():
         first = int(model(ids).logits[0, -1].argmax())
-    out, tps = qs._timed_generate(model, ids, 6, eos=first)  # EOS = the very first token
+    out, tps, mode = qs._timed_generate(model, ids, 6, eos=first)  # EOS = the very first token
     assert out.shape[1] == ids.shape[1] + 6
     assert 0 < tps < 1e6
+    assert mode == "eager"
+
+
+def _converted_tiny(tmp_path):
+    import torch
+
+    tok = tiny_tokenizer()
+    model = tiny_llama(tok)
+    torch.manual_seed(0)
+    cfg = prunepath.PrunePathConfig(num_experts=8, router="linear")
+    ids = torch.randint(0, 50, (4, 32))
+    return prunepath.convert(model, cfg, ids, progress=False)
+
+
+def test_timed_generate_compiled_decoder_matches_eager_tokens(tmp_path):
+    """The quickstart's default decode column: a compiled Decoder, the same greedy tokens as
+    an eager one, at a budget below 1 (routed) and at 1.0 (dense)."""
+    import torch
+
+    from prunepath.decode import Decoder
+
+    model = _converted_tiny(tmp_path)
+    ids = torch.tensor([[1, 5, 9, 3]])
+    for budget in (0.5, 1.0):
+        prunepath.set_budget(model, budget)
+        compiled = Decoder(model, 1, max_length=16, mode="compile")
+        out_c, tps, mode = qs._timed_generate(model, ids, 6, eos=0, decoder=compiled)
+        out_e, _, mode_e = qs._timed_generate(model, ids, 6, eos=0,
+                                              decoder=Decoder(model, 1, max_length=16, mode="eager"))
+        assert (mode, mode_e) == ("compile", "eager")
+        assert tps > 0 and torch.equal(out_c, out_e)
+
+
+def test_timed_generate_falls_back_to_eager_when_the_compiled_decoder_fails(tmp_path):
+    import torch
+
+    model = _converted_tiny(tmp_path)
+
+    class Broken:
+        mode = "compile"
+
+        def generate(self, *a, **k):
+            raise RuntimeError("no C++ compiler")
+
+    out, tps, mode = qs._timed_generate(model, torch.tensor([[1, 5, 9, 3]]), 4, eos=0, decoder=Broken())
+    assert mode == "eager" and out.shape[1] == 8 and tps > 0

@@ -15,6 +15,7 @@ Steps (each a function taking the model/tokenizer, so tests can inject a tiny mo
 from __future__ import annotations
 
 import importlib.util
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -46,6 +47,8 @@ class QuickstartConfig:
     ppl_windows: int = 6
     prompt: str = DEFAULT_PROMPT
     max_new_tokens: int = 48
+    decode_mode: str = "compile"  # decode steps as served: "compile" (torch.compile) or "eager"
+    decode_repeats: int = 5  # timed runs per preset (median tokens/s)
     data_dir: str | None = None
     seed: int = 0
 
@@ -130,50 +133,83 @@ def step_perplexity(model, tokenizer, cfg: QuickstartConfig, presets: dict, *, p
 
 
 def step_decode(model, tokenizer, cfg: QuickstartConfig, presets: dict, *, progress=True) -> dict:
-    """Per preset: greedy answer to ``cfg.prompt`` and decode tokens/s (prefill excluded)."""
+    """Per preset: greedy answer to ``cfg.prompt`` and decode tokens/s (prefill excluded),
+    with one :class:`prunepath.Decoder` (static KV cache; ``cfg.decode_mode`` steps: compiled
+    once for the dense model and once for every routed preset, whose budgets are device
+    values). Each entry also says which mode ran (``"hf-generate"`` if no Decoder could)."""
     import prunepath
 
     from .generation import chat_prompt_ids
 
     ids = torch.tensor([chat_prompt_ids(tokenizer, cfg.prompt)], dtype=torch.long)
     eos = tokenizer.eos_token_id
+    decoder = _make_decoder(model, ids.shape[1] + cfg.max_new_tokens + 1, cfg.decode_mode)
     out = {}
     for name, p in presets_table_order(presets):
         prunepath.set_budget(model, p)
-        gen, tps = _timed_generate(model, ids, cfg.max_new_tokens, eos)
+        gen, tps, mode = _timed_generate(model, ids, cfg.max_new_tokens, eos, decoder=decoder,
+                                         repeats=cfg.decode_repeats)
+        if mode == "eager" and decoder is not None and decoder.mode != "eager":
+            decoder = _make_decoder(model, ids.shape[1] + cfg.max_new_tokens + 1, "eager")
         new = gen[0, ids.shape[1]:].tolist()
         if eos in new:
             new = new[: new.index(eos)]
-        out[name] = {"tokens_per_s": tps, "answer": tokenizer.decode(new, skip_special_tokens=True).strip()}
+        out[name] = {"tokens_per_s": tps, "mode": mode,
+                     "answer": tokenizer.decode(new, skip_special_tokens=True).strip()}
     return out
 
 
-def _timed_generate(model, ids, max_new_tokens, eos):
-    """(output ids, decode tokens/s): one-token prefill run subtracted from a full run.
+_DECODE_ERRORS = (ImportError, RuntimeError, ValueError, TypeError, NotImplementedError)
 
-    EOS does not stop the timed runs (an answer that ends at once would time nothing); the
-    caller cuts the greedy output at the first EOS, which is what an EOS-stopped run returns."""
+
+def _make_decoder(model, max_length: int, mode: str):
     try:
-        from prunepath.decode import generate as pp_generate
+        from prunepath.decode import Decoder
 
-        def gen(n):
-            return pp_generate(model, ids, n, eos_token_id=[])
+        return Decoder(model, 1, max_length=max_length, mode=mode)
+    except _DECODE_ERRORS:
+        return None
 
-        gen(2)  # warm-up (allocations, autotune)
-    except (ImportError, RuntimeError, ValueError, TypeError, NotImplementedError):
+
+def _timed_generate(model, ids, max_new_tokens, eos, *, decoder=None, repeats: int = 5):
+    """(output ids, decode tokens/s, mode that ran): the median over ``repeats`` full runs,
+    each less the fastest of two one-token (prefill) runs, after a warm-up run (compiles a
+    compiled decoder's step on first use).
+
+    ``decoder`` (a :class:`prunepath.Decoder` for ``model``): its steps; if its warm-up fails
+    (e.g. no C++ compiler for torch.compile), or without one, an eager Decoder, then HF's
+    ``generate``. EOS does not stop the timed runs (an answer that ends at once would time
+    nothing); the caller cuts the greedy output at the first EOS, which is what an
+    EOS-stopped run returns."""
+    tries = [decoder] if decoder is not None else []
+    if decoder is None or decoder.mode != "eager":
+        tries.append(_make_decoder(model, ids.shape[1] + max_new_tokens + 1, "eager"))
+    gen, mode = None, "hf-generate"
+    for dec in (d for d in tries if d is not None):
+        try:
+            dec.generate(ids, 2, eos_token_id=[])  # warm-up (compile, allocations, autotune)
+        except _DECODE_ERRORS:
+            continue
+        gen, mode = (lambda n, dec=dec: dec.generate(ids, n, eos_token_id=[])), dec.mode
+        break
+    if gen is None:
 
         def gen(n):
             return model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=eos,
                                   temperature=None, top_p=None, top_k=None)
 
-    t0 = time.perf_counter()
-    gen(1)
-    t_prefill = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    out = gen(max_new_tokens)
-    dt = max(time.perf_counter() - t0 - t_prefill, 1e-9)
-    n_new = out.shape[1] - ids.shape[1]
-    return out, (n_new - 1) / dt if n_new > 1 else float("nan")
+    def timed(n):
+        t0 = time.perf_counter()
+        out = gen(n)
+        return out, time.perf_counter() - t0
+
+    t_prefill = min(timed(1)[1] for _ in range(2))
+    rates = []
+    for _ in range(max(1, repeats)):
+        out, dt = timed(max_new_tokens)
+        n_new = out.shape[1] - ids.shape[1]
+        rates.append((n_new - 1) / max(dt - t_prefill, 1e-9) if n_new > 1 else float("nan"))
+    return out, statistics.median(rates), mode
 
 
 def step_save(model, tokenizer, cfg: QuickstartConfig) -> Path:
@@ -181,6 +217,9 @@ def step_save(model, tokenizer, cfg: QuickstartConfig) -> Path:
 
     prunepath.set_budget(model, 1.0)
     return prunepath.save(model, cfg.out_dir, tokenizer=tokenizer)
+
+
+_MODE_TEXT = {"compile": "compiled (torch.compile)", "eager": "eager", "hf-generate": "HF generate"}
 
 
 def _budget_text(p) -> str:
@@ -258,6 +297,9 @@ def run_quickstart(cfg: QuickstartConfig | None = None, *, model=None, tokenizer
         f"({cfg.train_tokens} training tokens), {torch.get_num_threads()} CPU threads")
     out(f"perplexity: {ppl['source']}, first {n_tok} scored tokens (window {cfg.ppl_window}, stride {cfg.ppl_stride})")
     out(format_table(ppl, dec, presets))
+    modes = sorted({d.get("mode", "?") for d in dec.values()})
+    out(f"decode: batch 1, {cfg.max_new_tokens} new tokens after the prompt, static KV cache, "
+        f"{' / '.join(_MODE_TEXT.get(m, m) for m in modes)} steps, median of {cfg.decode_repeats} runs")
     out("")
     for name, d in dec.items():
         out(f"[{name}] {cfg.prompt}\n  -> {d['answer']}")
