@@ -202,7 +202,7 @@ def sweep_triton(copies, d, f, e, t, sparsity, dtype, gen, packed=True):
                 ("plain(no pdl/fold)", {"pdl": False, "fold_reduce": False}),
                 ("pdl", {"pdl": True}), ("no_pdl", {"pdl": False}),
                 ("fold", {"fold_reduce": True}), ("no_fold", {"fold_reduce": False}),
-                ("pf=2", {"down_prefetch": 2}), ("up_fill=1", {"up_fill": 1.0})]
+                ("up_fill=1", {"up_fill": 1.0})]
     for ks in (1, 4):
         variants.append((f"ks={ks}", {"ks": ks}))
     for s_ in (8, 32):

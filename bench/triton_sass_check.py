@@ -56,12 +56,10 @@ def inspect(ck) -> dict:
     return out
 
 
-def ffn_kernels(t, d, f, e, dtype="bf16", packed=True, prefetch=None):
+def ffn_kernels(t, d, f, e, dtype="bf16", packed=True):
     """(config, ks, s, compiled up kernel, compiled down kernel) for the launcher's default
-    config (with PDL, and the folded reduce when s > 1); ``prefetch`` overrides
-    ``down_prefetch``."""
+    config (with PDL, and the folded reduce when s > 1)."""
     cfg = launch.default_config(t, d, f, 132, False)
-    pf = cfg.down_prefetch if prefetch is None else prefetch
     ks = max(1, min(cfg.ks, triton.cdiv(d, cfg.up_block_k)))
     h_ty = "fp32" if ks > 1 else dtype
     ne = f // e
@@ -77,7 +75,7 @@ def ffn_kernels(t, d, f, e, dtype="bf16", packed=True, prefetch=None):
         dict(GATED=True, HAS_BU=False, ACT=0, KS=ks, IEEE=dtype == "fp32",
              UPCAST=False, TWO_EXPERTS=ne >= cfg.up_block_n, BLOCK_T=cfg.block_t,
              BLOCK_N=cfg.up_block_n, BLOCK_K=cfg.up_block_k, LIST_T=list_t, BLOCK_E=block_e,
-             BLOCK_C=up_c, PDL=True, EVICT_FIRST=pf > 0, BLOCK_CNT=32),
+             BLOCK_C=up_c, PDL=True, BLOCK_CNT=32),
         div16=("x_ptr", "wg_ptr", "wu_ptr", "out_ptr", "hact_ptr", "mask_ptr", "D", "F",
                "stride_xt", "stride_wn", "stride_os", "stride_og", "stride_ot", "stride_at"),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -87,8 +85,7 @@ def ffn_kernels(t, d, f, e, dtype="bf16", packed=True, prefetch=None):
                   N_CONTIGUOUS=not packed, BLOCK_T=cfg.block_t, BLOCK_N=cfg.down_block_n,
                   BLOCK_D=cfg.down_block_d, UP_BLOCK_N=cfg.up_block_n,
                   UP_BLOCK_K=cfg.up_block_k, LIST_T=list_t, BLOCK_E=block_e, BLOCK_C=dn_c,
-                  PDL=True, FOLD=s > 1 and cfg.fold_reduce, PREFETCH=pf, PF_STEP=64,
-                  S_P2=triton.next_power_of_2(s))
+                  PDL=True, FOLD=s > 1 and cfg.fold_reduce, S_P2=triton.next_power_of_2(s))
     consts["stride_wd" if packed else "stride_wn"] = 1  # the runtime specializes 1s
     down = compile_for_sm90(
         ffn._ffn_down_kernel,

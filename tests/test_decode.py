@@ -382,7 +382,10 @@ def test_cuda_graph_bf16_sampling_and_eos():
     model = routed(seed=28, device="cuda").to(torch.bfloat16)
     prunepath.set_budget(model, 0.5)
     ids, _ = prompts(4, 8, seed=29, device="cuda")
-    dec = Decoder(model, 4, 8 + 32, mode="graph", check_every=4)
+    # the routed path pinned: with ffn_path="auto" the decoder times dense vs sparse, and on a
+    # busy GPU (pytest -n 8) may pick the masked-dense path, whose bf16 rounding differs from
+    # the kernels the eager HF path runs (seen once: a token flipped)
+    dec = Decoder(model, 4, 8 + 32, mode="graph", check_every=4, ffn_path="sparse")
     greedy = dec.generate(ids, 32, eos_token_id=[])
     assert torch.equal(greedy, hf_greedy(model, ids, new=32))
     eos = int(greedy[0, 10])

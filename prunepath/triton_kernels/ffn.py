@@ -30,8 +30,8 @@ host sync:
    time, so results are deterministic; the counter is the only atomic.
    With PDL (T <= 2 on sm_90+) the down kernel is a programmatic dependent launch of the
    up kernel: its launch and live-list prologue overlap the up phase, and it waits
-   (``gdc_wait``) before it reads ``h`` or the counters. An optional L2 prefetch of each
-   program's first W_down^T tiles before the wait is off by default (no gain measured).
+   (``gdc_wait``) before it reads ``h`` or the counters. (An L2 prefetch of each program's
+   first W_down^T tiles before the wait was tried: no gain, +0..2.5 us; removed.)
 
 Activations are computed in fp32: silu, gelu (erf), gelu_tanh, relu.
 """
@@ -185,14 +185,13 @@ def _ffn_up_kernel(
     IEEE: tl.constexpr, UPCAST: tl.constexpr, TWO_EXPERTS: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     LIST_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_C: tl.constexpr,
-    PDL: tl.constexpr = False, EVICT_FIRST: tl.constexpr = False,
-    BLOCK_CNT: tl.constexpr = 0,
+    PDL: tl.constexpr = False, BLOCK_CNT: tl.constexpr = 0,
 ):
     pid = tl.program_id(0)
     n_prog = tl.num_programs(0)
     pid_t = tl.program_id(1)
     if PDL:
-        # let the down kernel start (its list, weight prefetch) on SMs this grid leaves
+        # let the down kernel start (its launch, live list) on SMs this grid leaves
         # free; it waits for this grid to finish before it reads h
         tl.extra.cuda.gdc_launch_dependents()
     if BLOCK_CNT > 0:
@@ -228,17 +227,10 @@ def _ffn_up_kernel(
                          mask=t_ok[:, None] & k_ok[None, :], other=0.0)
             w_mask = live[:, None] & k_ok[None, :]
             w_off = offs_n[:, None] * stride_wn + offs_k[None, :]
-            if EVICT_FIRST:  # streamed once: keep L2 for the down phase's prefetched rows
-                wu = tl.load(wu_ptr + w_off, mask=w_mask, other=0.0, eviction_policy="evict_first")
-            else:
-                wu = tl.load(wu_ptr + w_off, mask=w_mask, other=0.0)
+            wu = tl.load(wu_ptr + w_off, mask=w_mask, other=0.0)
             acc_u = _dot(xk, tl.trans(wu), acc_u, IEEE, UPCAST)
             if GATED:
-                if EVICT_FIRST:
-                    wg = tl.load(wg_ptr + w_off, mask=w_mask, other=0.0,
-                                 eviction_policy="evict_first")
-                else:
-                    wg = tl.load(wg_ptr + w_off, mask=w_mask, other=0.0)
+                wg = tl.load(wg_ptr + w_off, mask=w_mask, other=0.0)
                 acc_g = _dot(xk, tl.trans(wg), acc_g, IEEE, UPCAST)
 
         out_mask = t_ok[:, None] & n_ok[None, :]
@@ -351,37 +343,6 @@ def _down_loop(acc, h_ptr, wd_ptr, bu_ptr, mask_ptr, lo, hi, pos, n_live, ks, pi
 
 
 @triton.jit
-def _prefetch_l2(ptrs, ok):
-    """Hint: fetch the cache lines at ``ptrs`` (where ``ok``) into L2, evict-last priority.
-    No result, no effect on the values any load returns."""
-    tl.inline_asm_elementwise(
-        "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2::evict_last [$1]; "
-        "mov.u32 $0, 0; }",
-        "=r,l,r", [ptrs.to(tl.int64), ok.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
-def _prefetch_down_rows(wd_ptr, lo, hi, pos, n_live, pid_s, d0, offs_d, d_ok, D, F,
-                        stride_wn, stride_wd, S: tl.constexpr, PREFETCH: tl.constexpr,
-                        PF_STEP: tl.constexpr, N_CONTIGUOUS: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """L2 prefetch of this program's first PREFETCH listed W_down^T tiles (one request per
-    ``PF_STEP`` elements = 128 bytes along the contiguous axis): the weights do not depend on
-    the up phase, so this runs while it still does."""
-    for i in range(pid_s, tl.minimum(n_live, pid_s + PREFETCH * S), S):
-        chunk_start, offs_n, in_range = _listed(lo, hi, pos, i, F, BLOCK_N)
-        if N_CONTIGUOUS:  # neurons contiguous: a chunk row per d
-            offs_c = chunk_start + tl.arange(0, BLOCK_N // PF_STEP) * PF_STEP
-            ptrs = wd_ptr + offs_c[:, None] * stride_wn + offs_d[None, :] * stride_wd
-            ok = (offs_c < F)[:, None] & d_ok[None, :]
-        else:  # packed W_down^T: live rows only
-            offs_c = d0 + tl.arange(0, BLOCK_D // PF_STEP) * PF_STEP
-            ptrs = wd_ptr + offs_n[:, None] * stride_wn + offs_c[None, :] * stride_wd
-            ok = in_range[:, None] & (offs_c < D)[None, :]
-        _prefetch_l2(ptrs, ok)
-
-
-@triton.jit
 def _ffn_down_kernel(
     h_ptr, hact_ptr, wd_ptr, bu_ptr, bd_ptr, mask_ptr, out_ptr, cnt_ptr, fin_ptr,
     T, D, F, NE, E, up_items,
@@ -393,8 +354,7 @@ def _ffn_down_kernel(
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UP_BLOCK_N: tl.constexpr, UP_BLOCK_K: tl.constexpr,
     LIST_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_C: tl.constexpr,
-    PDL: tl.constexpr = False, FOLD: tl.constexpr = False, PREFETCH: tl.constexpr = 0,
-    PF_STEP: tl.constexpr = 64, S_P2: tl.constexpr = 1,
+    PDL: tl.constexpr = False, FOLD: tl.constexpr = False, S_P2: tl.constexpr = 1,
 ):
     """FOLD (S > 1): each program writes its fp32 partial, then counts its arrival on the
     slab's counter (zeroed by the up kernel); the last of the slab's S programs sums the S
@@ -412,10 +372,6 @@ def _ffn_down_kernel(
     acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
     lo, hi, pos, n_live, n_exp = _live_chunks(mask_ptr, T, E, F, NE, stride_mt, BLOCK_N,
                                               TWO_EXPERTS, LIST_T, BLOCK_E, BLOCK_C)
-    if PREFETCH > 0:
-        _prefetch_down_rows(wd_ptr, lo, hi, pos, n_live, pid_s, pid_d * BLOCK_D, offs_d, d_ok,
-                            D, F, stride_wn,
-                            stride_wd, S, PREFETCH, PF_STEP, N_CONTIGUOUS, BLOCK_N, BLOCK_D)
     if PDL:
         tl.extra.cuda.gdc_wait()  # the up kernel's h (and zeroed counters) from here on
     if KS == 1:

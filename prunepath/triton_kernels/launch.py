@@ -149,11 +149,8 @@ class FFNConfig:
     # fixed at compile time) instead of a reduce launch
     fold_reduce: bool = True
     # launch the down kernel as a programmatic dependent of the up kernel (CUDA, sm_90+):
-    # its list and weight prefetch overlap the up phase; it waits before reading h
+    # its launch and live list overlap the up phase; it waits before reading h
     pdl: bool = True
-    # L2-prefetch each down program's first `down_prefetch` listed W_down^T tiles before the
-    # wait (0: off); with it the up phase loads its weights evict-first
-    down_prefetch: int = 0
 
 
 def default_config(t: int, d: int, f: int, sms: int, interpreted: bool) -> FFNConfig:
@@ -187,12 +184,11 @@ def default_config(t: int, d: int, f: int, sms: int, interpreted: bool) -> FFNCo
            and 2 * s * t <= 0.075 * f):
         s *= 2
     # T <= 2: the down kernel sums its split partials itself and is a programmatic dependent
-    # launch of the up kernel (H100, 4096 x 11008, T = 1: -0.7 to -2.4 us a step); the L2
-    # prefetch of W_down^T measured no gain (+0..2.5 us) and stays off. More tokens keep the
-    # reduce launch and plain launches (no gain measured at T = 4..64).
+    # launch of the up kernel (H100, 4096 x 11008, T = 1: -0.7 to -2.4 us a step). More tokens
+    # keep the reduce launch and plain launches (no gain measured at T = 4..64).
     one = t <= 2
     return FFNConfig(block_t, up_n, up_k, ks, dn_n, dn_d, s, up_programs=4 * sms // t_blocks,
-                     up_fill=0.75, fold_reduce=one, pdl=one, down_prefetch=0)
+                     up_fill=0.75, fold_reduce=one, pdl=one)
 
 
 def _list_blocks(t: int, e: int, f: int, block_n: int):
@@ -265,7 +261,7 @@ def routed_ffn(x, w_gate, w_up, w_down_t, mask, activation, b_up, b_down, config
         UPCAST=interp, TWO_EXPERTS=ne >= cfg.up_block_n,
         BLOCK_T=cfg.block_t, BLOCK_N=cfg.up_block_n, BLOCK_K=cfg.up_block_k,
         LIST_T=list_t, BLOCK_E=block_e, BLOCK_C=up_block_c,
-        PDL=pdl, EVICT_FIRST=cfg.down_prefetch > 0 and not interp,
+        PDL=pdl,
         BLOCK_CNT=triton.next_power_of_2(n_cnt) if n_cnt else 0,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -292,8 +288,7 @@ def routed_ffn(x, w_gate, w_up, w_down_t, mask, activation, b_up, b_down, config
         BLOCK_T=cfg.block_t, BLOCK_N=cfg.down_block_n, BLOCK_D=cfg.down_block_d,
         UP_BLOCK_N=cfg.up_block_n, UP_BLOCK_K=cfg.up_block_k,
         LIST_T=list_t, BLOCK_E=block_e, BLOCK_C=down_block_c,
-        PDL=pdl, FOLD=fold, PREFETCH=0 if interp else cfg.down_prefetch,
-        PF_STEP=max(1, 128 // w_down_t.element_size()), S_P2=triton.next_power_of_2(s),
+        PDL=pdl, FOLD=fold, S_P2=triton.next_power_of_2(s),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **down_extra,
     )
     if s > 1 and not fold:
