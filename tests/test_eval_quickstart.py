@@ -122,3 +122,10 @@ def test_timed_generate_falls_back_to_eager_when_the_compiled_decoder_fails(tmp_
 
     out, tps, mode = qs._timed_generate(model, torch.tensor([[1, 5, 9, 3]]), 4, eos=0, decoder=Broken())
     assert mode == "eager" and out.shape[1] == 8 and tps > 0
+
+
+def test_step_decode_rejects_an_unknown_decode_mode():
+    tok = tiny_tokenizer()
+    cfg = qs.QuickstartConfig(decode_mode="graph")
+    with pytest.raises(ValueError, match="decode_mode"):
+        qs.step_decode(tiny_llama(tok), tok, cfg, {}, progress=False)

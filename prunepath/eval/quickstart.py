@@ -141,6 +141,8 @@ def step_decode(model, tokenizer, cfg: QuickstartConfig, presets: dict, *, progr
 
     from .generation import chat_prompt_ids
 
+    if cfg.decode_mode not in ("compile", "eager"):
+        raise ValueError(f"QuickstartConfig.decode_mode must be 'compile' or 'eager', got {cfg.decode_mode!r}")
     ids = torch.tensor([chat_prompt_ids(tokenizer, cfg.prompt)], dtype=torch.long)
     eos = tokenizer.eos_token_id
     decoder = _make_decoder(model, ids.shape[1] + cfg.max_new_tokens + 1, cfg.decode_mode)
