@@ -20,6 +20,7 @@ END=${END:-540}
 STAGE=${STAGE:-prep}
 FT_NAME=${FT_NAME:-ft}   # the fine-tuned checkpoint's folder under /tmp/pp/ck
 FT_FROM=${FT_FROM:-base} # the checkpoint fine-tuning starts from (another FT_NAME: a second stage)
+FT_TEACHER=${FT_TEACHER:-} # a checkpoint under /tmp/pp/ck whose dense model teaches (default: FT_FROM's)
 T0=$(date +%s)
 left() { echo $(( END - ($(date +%s) - T0) )); }
 mkdir -p "$OUT" /tmp/pp/runs /tmp/pp/ck
@@ -53,7 +54,8 @@ train)
   echo "convert: $(( $(date +%s) - t )) s"; t=$(date +%s)
   [ -f /tmp/pp/ck/$FT_FROM/prunepath_config.json ] || { echo "no checkpoint $FT_FROM on this machine"; exit 3; }
   $PP finetune --checkpoint /tmp/pp/ck/$FT_FROM --out /tmp/pp/ck/$FT_NAME --data-dir $DATA --device cuda \
-      --report /tmp/pp/reports/finetune_$FT_NAME.json --no-progress ${FT_ARGS} || { pack; exit 1; }
+      --report /tmp/pp/reports/finetune_$FT_NAME.json --no-progress ${FT_TEACHER:+--teacher /tmp/pp/ck/$FT_TEACHER} \
+      ${FT_ARGS} || { pack; exit 1; }
   echo "finetune: $(( $(date +%s) - t )) s"
   [ -n "${EVAL_ARGS:-}" ] && timeout $(( $(left) - 15 )) $PP eval --checkpoint /tmp/pp/ck/$FT_NAME --data-dir $DATA --device cuda --no-progress ${EVAL_ARGS}
   ;;

@@ -213,6 +213,10 @@ def add_finetune_parser(sub) -> None:
     )
     p.add_argument("--checkpoint", required=True, help="PrunePath checkpoint to start from")
     p.add_argument("--out", required=True, help="checkpoint directory to write")
+    p.add_argument("--teacher", default=None,
+                   help="PrunePath checkpoint whose dense model is the teacher and writes the chat answers "
+                   "(default: --checkpoint's own dense model; pass the first stage's input for a second "
+                   "stage, so the dense model does not drift)")
     p.add_argument("--steps", type=_positive_int, default=d.steps, help="optimizer steps (default: %(default)s)")
     p.add_argument("--batch-size", type=_positive_int, default=d.batch_size, help="sequences per step (default: %(default)s)")
     p.add_argument("--seq-len", type=_positive_int, default=d.seq_len, help="tokens per sequence (default: %(default)s)")
@@ -267,6 +271,10 @@ def run_finetune(args) -> int:
         torch.set_float32_matmul_precision("high")
     model = prunepath.from_pretrained(args.checkpoint).to(device)
     tok = AutoTokenizer.from_pretrained(args.checkpoint)
+    teacher = None
+    if args.teacher:
+        teacher = prunepath.from_pretrained(args.teacher).to(device=device, dtype=next(model.parameters()).dtype)
+        prunepath.set_routing(teacher, "dense")
     if args.router_temperature is not None:
         with warnings.catch_warnings():  # presets are calibrated again below
             warnings.simplefilter("ignore")
@@ -280,16 +288,17 @@ def run_finetune(args) -> int:
         from prunepath.chat_data import instruction_prompts, sample_chat_ids
 
         prompts = instruction_prompts(train_texts, args.chat_sequences, seed=args.seed)
-        chat, answers = sample_chat_ids(model, tok, prompts, seq_len=cfg.seq_len, max_new_tokens=args.chat_new_tokens,
+        chat, answers = sample_chat_ids(teacher if teacher is not None else model, tok, prompts, seq_len=cfg.seq_len, max_new_tokens=args.chat_new_tokens,
                                         batch_size=args.chat_batch_size, seed=args.seed,
                                         progress=not args.no_progress)
         ids = torch.cat([ids, chat])
         source += f" + {chat.numel()} tokens of {len(prompts)} sampled chat conversations"
     print(f"fine-tuning {args.checkpoint} on {device}: {cfg.steps} steps x {cfg.batch_size} x {cfg.seq_len} tokens "
           f"({source}), budgets U[{cfg.budget_min}, {cfg.budget_max}], "
-          f"router temperature {model.prunepath_config.router_temperature}")
-    report = finetune(model, ids, cfg, progress=not args.no_progress)
-    report["data"] = {"source": source, "chat_sequences": args.chat_sequences,
+          f"router temperature {model.prunepath_config.router_temperature}"
+          + (f", teacher: the dense model of {args.teacher}" if teacher is not None else ""))
+    report = finetune(model, ids, cfg, teacher=teacher, progress=not args.no_progress)
+    report["data"] = {"source": source, "teacher": args.teacher or args.checkpoint, "chat_sequences": args.chat_sequences,
                       "chat_new_tokens": args.chat_new_tokens, "chat_answer_examples": answers[:8],
                       "device": str(device), "float32_matmul_precision": torch.get_float32_matmul_precision()}
     print(f"done in {report['seconds']:.0f} s; KL to the dense model over the last steps: "

@@ -4,7 +4,9 @@ Without training, zeroing half of an FFN's neurons costs a small model a lot (Sm
 WikiText-2 ppl x4 at 50% FFN sparsity, even with the oracle's true expert shares; EVAL.md).
 This stage trains the model with routing in the loop:
 
-* teacher: a frozen copy of the model at budget 1.0 (the dense model, exactly);
+* teacher: a frozen copy of the model at budget 1.0 (the dense model, exactly), or a given
+  ``teacher`` (for a second stage: the original dense model, so the dense model does not drift
+  from stage to stage);
 * student: the same model under a budget drawn at random for every step, uniformly in
   ``[budget_min, budget_max]`` (and budget 1.0 for ``dense_fraction`` of the steps, so the dense
   model stays the dense model); routing is the model's own (routers frozen, current router
@@ -116,6 +118,17 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     return (t.exp() * (t - s)).sum(-1).mean()
 
 
+def _check_teacher(teacher: nn.Module, model: nn.Module, device: torch.device) -> None:
+    if teacher is model:
+        raise ValueError("teacher must be another model than the one trained (default: a frozen dense copy)")
+    t_dev = next(teacher.parameters()).device
+    if t_dev != device:
+        raise ValueError(f"teacher is on {t_dev} but the model is on {device}; move it first")
+    vocab = [getattr(getattr(m, "config", None), "vocab_size", None) for m in (teacher, model)]
+    if None not in vocab and vocab[0] != vocab[1]:
+        raise ValueError(f"teacher has a vocabulary of {vocab[0]} tokens but the model has {vocab[1]}")
+
+
 def _lr_at(step: int, cfg: FinetuneConfig) -> float:
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
@@ -132,7 +145,7 @@ def _draw_budget(gen: torch.Generator, cfg: FinetuneConfig) -> float:
 
 
 def finetune(model: nn.Module, input_ids: torch.Tensor, config: FinetuneConfig | None = None, *,
-             progress: bool = True, log_every: int = 10) -> dict:
+             teacher: nn.Module | None = None, progress: bool = True, log_every: int = 10) -> dict:
     """Fine-tune a converted model in place on ``input_ids`` [N, S]; return a report.
 
     Windows of ``config.seq_len`` tokens are cut from the rows of ``input_ids`` and visited in
@@ -140,6 +153,10 @@ def finetune(model: nn.Module, input_ids: torch.Tensor, config: FinetuneConfig |
     the config, the loss (KL to the dense teacher) every ``log_every`` steps with the budget
     used, and the wall time. The model ends in eval mode with its routing state restored and
     its presets dropped (calibrate again).
+
+    ``teacher``: the model whose next-token distributions the student learns (same vocabulary,
+    same device; run dense if it is a converted model, its routing state restored after, its
+    weights untouched). Default: a frozen copy of ``model`` at budget 1.0.
     """
     from tqdm.auto import tqdm
 
@@ -156,9 +173,21 @@ def finetune(model: nn.Module, input_ids: torch.Tensor, config: FinetuneConfig |
     device = next(model.parameters()).device
 
     state = get_routing_state(model)  # policy, budgets, prefill, statistics: restored at the end
-    teacher = copy.deepcopy(model).eval()
-    set_routing(teacher, "dense")
-    set_stats_recording(teacher, False)
+    own_teacher = teacher is None
+    if own_teacher:
+        teacher = copy.deepcopy(model)
+    else:
+        _check_teacher(teacher, model, device)
+    from .layers import RoutedFFN
+
+    routed_teacher = any(isinstance(m, RoutedFFN) for m in teacher.modules())
+    teacher_state = get_routing_state(teacher) if routed_teacher else None
+    teacher_grad = {id(p): p.requires_grad for p in teacher.parameters()}
+    teacher_training = teacher.training
+    teacher.eval()
+    if teacher_state is not None:
+        set_routing(teacher, "dense")
+        set_stats_recording(teacher, False)
     for p in teacher.parameters():
         p.requires_grad_(False)
 
@@ -210,6 +239,12 @@ def finetune(model: nn.Module, input_ids: torch.Tensor, config: FinetuneConfig |
             p.requires_grad_(grad_before[id(p)])
         restore_routing_state(model, state)
         model.eval()
+        if not own_teacher:  # the caller's teacher as it was
+            if teacher_state is not None:
+                restore_routing_state(teacher, teacher_state)
+            for p in teacher.parameters():
+                p.requires_grad_(teacher_grad[id(p)])
+            teacher.train(teacher_training)
         del teacher
     report = {"config": cfg.to_dict(), "history": history, "seconds": time.perf_counter() - t0,
               "trained_parameters": int(sum(p.numel() for p in train)),

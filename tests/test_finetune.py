@@ -158,9 +158,47 @@ def test_cli_finetune_writes_a_calibrated_checkpoint(tmp_path):
     rc = cli.main(["finetune", "--checkpoint", str(tmp_path / "in"), "--out", str(tmp_path / "out"),
                    "--steps", "2", "--batch-size", "1", "--seq-len", "32", "--presets", "0.5",
                    "--router-temperature", "2", "--data-dir", str(data), "--report", str(tmp_path / "r.json"),
-                   "--no-progress"])
+                   "--teacher", str(tmp_path / "in"), "--no-progress"])
     assert rc == 0
     out = prunepath.checkpoint.read_config(tmp_path / "out")
     assert set(out.presets) == {"s50"} and out.router_temperature == 2.0
     assert out.finetune["config"]["steps"] == 2
     assert (tmp_path / "r.json").is_file()
+    import json
+
+    assert json.loads((tmp_path / "r.json").read_text())["data"]["teacher"] == str(tmp_path / "in")
+
+
+def test_given_teacher_is_used_and_left_as_it_was():
+    """A given teacher: the same run as the default when it is the model's dense copy; a different
+    teacher trains towards its outputs; the teacher's weights, routing and flags are untouched."""
+    import copy
+
+    cfg = FinetuneConfig(steps=3, batch_size=2, seq_len=16, lr=1e-2, dense_fraction=0.0, warmup_steps=1)
+    ids = random_ids(8, 32, seed=5)
+    a, b = _converted(), _converted()
+    teacher = copy.deepcopy(b)
+    prunepath.set_budget(teacher, 0.6)  # the teacher runs dense all the same
+    teacher.train()
+    before = {n: p.detach().clone() for n, p in teacher.named_parameters()}
+    rep_a = finetune(a, ids, cfg, progress=False, log_every=1)
+    rep_b = finetune(b, ids, cfg, teacher=teacher, progress=False, log_every=1)
+    assert [h["kl"] for h in rep_a["history"]] == pytest.approx([h["kl"] for h in rep_b["history"]], rel=1e-5)
+    assert all(torch.equal(p, before[n]) for n, p in teacher.named_parameters())
+    assert teacher.training and float(routed_layers(teacher)[0].budget) == pytest.approx(0.6)
+    # another teacher (other weights): the first step's loss differs
+    other = _converted(seed=11)
+    rep_c = finetune(_converted(), ids, cfg, teacher=other, progress=False, log_every=1)
+    assert abs(rep_c["history"][0]["kl"] - rep_a["history"][0]["kl"]) > 1e-3
+
+
+def test_teacher_is_checked():
+    model = _converted()
+    cfg = FinetuneConfig(steps=1, batch_size=1, seq_len=16)
+    ids = random_ids(4, 32, seed=5)
+    with pytest.raises(ValueError, match="another model"):
+        finetune(model, ids, cfg, teacher=model, progress=False)
+    other = tiny_model("llama", seed=3)
+    other.config.vocab_size += 1
+    with pytest.raises(ValueError, match="vocabulary"):
+        finetune(model, ids, cfg, teacher=other, progress=False)
