@@ -8,7 +8,7 @@ from prunepath import ops
 from prunepath.decode import routed_layers
 from prunepath.layers import frozen
 
-CPU_BACKENDS = [b for b in ("torch", "cpu") if b in ops.available_backends("cpu")]
+CPU_BACKENDS = [b for b in ("torch", "cpu", "triton") if b in ops.available_backends("cpu")]  # triton: interpreted
 
 
 def _ffn(d, f, dtype, gated=True, bias=False, seed=0):
