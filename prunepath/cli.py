@@ -274,7 +274,6 @@ def run_finetune(args) -> int:
     teacher = None
     if args.teacher:
         teacher = prunepath.from_pretrained(args.teacher).to(device=device, dtype=next(model.parameters()).dtype)
-        prunepath.set_routing(teacher, "dense")
     if args.router_temperature is not None:
         with warnings.catch_warnings():  # presets are calibrated again below
             warnings.simplefilter("ignore")

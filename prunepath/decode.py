@@ -47,6 +47,8 @@ import time
 
 import torch
 
+from .layers import RoutedFFN, frozen
+
 MODES = ("auto", "eager", "graph", "compile")
 _MAX_EOS = 16  # size of the device buffer of end-of-sequence ids
 FFN_PATHS = ("auto", "sparse", "dense")
@@ -75,18 +77,7 @@ def _model_device_dtype(model) -> tuple[torch.device, torch.dtype]:
 
 def routed_layers(model) -> list[torch.nn.Module]:
     """The PrunePath routed FFN modules of ``model`` (empty for a dense model)."""
-    try:
-        from prunepath.layers import RoutedFFN
-    except ImportError:
-        return []
     return [m for m in model.modules() if isinstance(m, RoutedFFN)]
-
-
-def frozen(layers):
-    """:func:`prunepath.layers.frozen`: the routed layers bind their ops once per block."""
-    from prunepath.layers import frozen as _frozen
-
-    return _frozen(layers)
 
 
 def _routing_key(layers) -> tuple:

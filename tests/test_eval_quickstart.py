@@ -73,7 +73,7 @@ def test_decode_speed_is_timed_even_when_the_answer_ends_at_once():
     ids = torch.tensor([[1, 5, 9, 3]])
     with torch.no_grad():
         first = int(model(ids).logits[0, -1].argmax())
-    out, tps, mode = qs._timed_generate(model, ids, 6, eos=first)  # EOS = the very first token
+    out, tps, mode, _ = qs._timed_generate(model, ids, 6, eos=first)  # EOS = the very first token
     assert out.shape[1] == ids.shape[1] + 6
     assert 0 < tps < 1e6
     assert mode == "eager"
@@ -102,8 +102,8 @@ def test_timed_generate_compiled_decoder_matches_eager_tokens(tmp_path):
     for budget in (0.5, 1.0):
         prunepath.set_budget(model, budget)
         compiled = Decoder(model, 1, max_length=16, mode="compile")
-        out_c, tps, mode = qs._timed_generate(model, ids, 6, eos=0, decoder=compiled)
-        out_e, _, mode_e = qs._timed_generate(model, ids, 6, eos=0,
+        out_c, tps, mode, _ = qs._timed_generate(model, ids, 6, eos=0, decoder=compiled)
+        out_e, _, mode_e, _ = qs._timed_generate(model, ids, 6, eos=0,
                                               decoder=Decoder(model, 1, max_length=16, mode="eager"))
         assert (mode, mode_e) == ("compile", "eager")
         assert tps > 0 and torch.equal(out_c, out_e)
@@ -120,7 +120,7 @@ def test_timed_generate_falls_back_to_eager_when_the_compiled_decoder_fails(tmp_
         def generate(self, *a, **k):
             raise RuntimeError("no C++ compiler")
 
-    out, tps, mode = qs._timed_generate(model, torch.tensor([[1, 5, 9, 3]]), 4, eos=0, decoder=Broken())
+    out, tps, mode, _ = qs._timed_generate(model, torch.tensor([[1, 5, 9, 3]]), 4, eos=0, decoder=Broken())
     assert mode == "eager" and out.shape[1] == 8 and tps > 0
 
 

@@ -149,10 +149,8 @@ def step_decode(model, tokenizer, cfg: QuickstartConfig, presets: dict, *, progr
     out = {}
     for name, p in presets_table_order(presets):
         prunepath.set_budget(model, p)
-        gen, tps, mode = _timed_generate(model, ids, cfg.max_new_tokens, eos, decoder=decoder,
-                                         repeats=cfg.decode_repeats)
-        if mode == "eager" and decoder is not None and decoder.mode != "eager":
-            decoder = _make_decoder(model, ids.shape[1] + cfg.max_new_tokens + 1, "eager")
+        gen, tps, mode, decoder = _timed_generate(model, ids, cfg.max_new_tokens, eos, decoder=decoder,
+                                                  repeats=cfg.decode_repeats)
         new = gen[0, ids.shape[1]:].tolist()
         if eos in new:
             new = new[: new.index(eos)]
@@ -173,28 +171,38 @@ def _make_decoder(model, max_length: int, mode: str):
         return None
 
 
+def _warmed(decoder, ids):
+    """``decoder`` after a warm-up run (compiles a compiled decoder's step on first use), or
+    None if there is none or the run fails."""
+    if decoder is None:
+        return None
+    try:
+        decoder.generate(ids, 2, eos_token_id=[])
+    except _DECODE_ERRORS:
+        return None
+    return decoder
+
+
 def _timed_generate(model, ids, max_new_tokens, eos, *, decoder=None, repeats: int = 5):
-    """(output ids, decode tokens/s, mode that ran): the median over ``repeats`` full runs,
-    each less the fastest of two one-token (prefill) runs, after a warm-up run (compiles a
-    compiled decoder's step on first use).
+    """(output ids, decode tokens/s, mode that ran, the Decoder that ran or None): the median
+    over ``repeats`` full runs, each less the fastest of two one-token (prefill) runs, after a
+    warm-up run (compiles a compiled decoder's step on first use).
 
     ``decoder`` (a :class:`prunepath.Decoder` for ``model``): its steps; if its warm-up fails
     (e.g. no C++ compiler for torch.compile), or without one, an eager Decoder, then HF's
     ``generate``. EOS does not stop the timed runs (an answer that ends at once would time
     nothing); the caller cuts the greedy output at the first EOS, which is what an
     EOS-stopped run returns."""
-    tries = [decoder] if decoder is not None else []
-    if decoder is None or decoder.mode != "eager":
-        tries.append(_make_decoder(model, ids.shape[1] + max_new_tokens + 1, "eager"))
-    gen, mode = None, "hf-generate"
-    for dec in (d for d in tries if d is not None):
-        try:
-            dec.generate(ids, 2, eos_token_id=[])  # warm-up (compile, allocations, autotune)
-        except _DECODE_ERRORS:
-            continue
-        gen, mode = (lambda n, dec=dec: dec.generate(ids, n, eos_token_id=[])), dec.mode
-        break
-    if gen is None:
+    dec = _warmed(decoder, ids)
+    if dec is None and (decoder is None or decoder.mode != "eager"):
+        dec = _warmed(_make_decoder(model, ids.shape[1] + max_new_tokens + 1, "eager"), ids)
+    if dec is not None:
+        mode = dec.mode
+
+        def gen(n):
+            return dec.generate(ids, n, eos_token_id=[])
+    else:
+        mode = "hf-generate"
 
         def gen(n):
             return model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=eos,
@@ -211,7 +219,7 @@ def _timed_generate(model, ids, max_new_tokens, eos, *, decoder=None, repeats: i
         out, dt = timed(max_new_tokens)
         n_new = out.shape[1] - ids.shape[1]
         rates.append((n_new - 1) / max(dt - t_prefill, 1e-9) if n_new > 1 else float("nan"))
-    return out, statistics.median(rates), mode
+    return out, statistics.median(rates), mode, dec
 
 
 def step_save(model, tokenizer, cfg: QuickstartConfig) -> Path:

@@ -74,17 +74,13 @@ def routed_ffn(
     kernels have no backward. Run inference under ``torch.no_grad()`` (as ``generate`` does).
     """
     checks.check_ffn_args(x, w_gate, w_up, w_down, mask, activation, b_up, b_down)
-    if _needs_grad(x, w_gate, w_up, w_down, b_up, b_down):
+    if checks.needs_grad(x, w_gate, w_up, w_down, b_up, b_down):
         backend = "torch"
     key = (x.dtype, x.shape[1], w_up.shape[0], mask.shape[1], w_gate is not None, x.shape[0])
     name = backends.resolve(backend, x.device, "routed_ffn", key)
     return backends.load(name).routed_ffn(
         x.contiguous(), w_gate, w_up, w_down, mask.contiguous(), activation, b_up, b_down
     )
-
-
-def _needs_grad(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def available_backends(device: str | torch.device = "cpu") -> list[str]:

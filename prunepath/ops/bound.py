@@ -43,8 +43,7 @@ class BoundRoutedFFN:
         checks.check_ffn_inputs(x, mask, d=self.d, f=self.f, dtype=self.dtype, device=self.device)
         w_gate, w_up, w_down, b_up, b_down = self.weights
         t = x.shape[0]
-        if torch.is_grad_enabled() and (x.requires_grad or any(
-                w is not None and w.requires_grad for w in self.weights)):
+        if checks.needs_grad(x, *self.weights):
             name = "torch"
         else:
             name = self._names.get(t)
