@@ -22,22 +22,21 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import json
 import os
 import platform
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
 
 import prunepath
-from prunepath.budget import routed_layers, set_budget, set_router_temperature, set_routing
+from prunepath.budget import set_budget, set_routing
 from prunepath.data import calibration_texts
 from prunepath.eval import suites
 from prunepath.eval.methods import measure_sparsity, nearest_count
-from prunepath.eval.sweep import SweepConfig, calibration_ids
+from prunepath.eval.sweep import SweepConfig, calibration_ids, write_json_atomic
+from routing_rules import set_temperature  # bench/ is on sys.path when run as a script
 
 
 def main(argv=None) -> int:
@@ -66,11 +65,8 @@ def main(argv=None) -> int:
                        "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
            "args": vars(args), "windows": args.windows, "window": 1024, "stride": 512, "points": []}
 
-    def dump():
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(args.out).with_suffix(".tmp")
-        tmp.write_text(json.dumps(out, indent=2))
-        os.replace(tmp, args.out)
+    out_path = Path(args.out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
 
     with torch.no_grad():
         out["dense_ppl"] = suites.wikitext2(base, tok, limit=args.windows, progress=False)["ppl"]
@@ -91,9 +87,7 @@ def main(argv=None) -> int:
         for target in args.targets:
             for rule in args.rules:
                 t0 = time.perf_counter()
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")  # "dropping the presets": none here
-                    set_router_temperature(model, 2.0 if rule.endswith("_T2") else 1.0)
+                set_temperature(model, 2.0 if rule.endswith("_T2") else 1.0)
                 if rule == "oracle_topk":
                     knob = nearest_count(target, e)
                     set_routing(model, "topk", k=knob)
@@ -109,7 +103,7 @@ def main(argv=None) -> int:
                       "ppl_vs_dense_pct": 100 * (ppl / out["dense_ppl"] - 1), "convert_s": convert_s,
                       "seconds": time.perf_counter() - t0}
                 out["points"].append(pt)
-                dump()
+                write_json_atomic(out_path, out)
                 print(f"E {e:5d} {clustering:16s} target {target:.2f} {rule:13s} sparsity {sparsity:.3f} "
                       f"ppl {ppl:9.2f} ({pt['ppl_vs_dense_pct']:+.0f}%)  {pt['seconds']:.0f}s", flush=True)
         del model
