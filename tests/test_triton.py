@@ -212,6 +212,29 @@ def test_router_route_kernel_budget_flag(low_rank):
             assert (mask == route_reference(logits, budget.to(DEV), 1, e)).float().mean() > 0.95
 
 
+@pytest.mark.parametrize("low_rank", [False, True])
+def test_router_route_strided_budgets(low_rank):
+    """A budget expanded to every token (stride 0, how a layer's one budget arrives) and a
+    strided per-token budget are read in place, with the same masks as contiguous copies;
+    the range check sees the strided values (one bad value expanded: not ok)."""
+    gen = torch.Generator().manual_seed(5)
+    t, d, e = 70, 40, 8
+    x = torch.randn(t, d, generator=gen).to(DEV)
+    w1 = torch.randn(6 if low_rank else e, d, generator=gen).to(DEV)
+    w2 = torch.randn(e, 6, generator=gen).to(DEV) if low_rank else None
+    act = "gelu" if low_rank else "none"
+    kw = dict(w_router_out=w2, hidden_activation=act, backend="triton")
+    one = torch.tensor([0.6], device=DEV)
+    wide = torch.rand(2 * t, generator=gen).to(DEV)
+    for strided in (one.expand(t), wide[::2]):
+        assert not strided.is_contiguous()
+        got = ops.router_route(x, w1, strided, **kw)
+        assert torch.equal(got, ops.router_route(x, w1, strided.contiguous(), **kw))
+    for bad in (1.5, float("nan")):
+        _, ok = launch.router_route(x, w1, None, w2, None, act, torch.tensor([bad], device=DEV).expand(t), 1, e)
+        assert not bool(ok)
+
+
 def test_router_route_bad_input():
     x = torch.randn(2, 8, device=DEV)
     with pytest.raises(ValueError, match="w_router"):

@@ -31,7 +31,10 @@ DEFAULT_PROMPT = "What are three tips for staying healthy? Answer briefly."
 class QuickstartConfig:
     model: str = "smollm2-135m-instruct"
     out_dir: str = "prunepath-smollm2"
-    num_experts: int = 48
+    # co-activation experts of 16 neurons: half the perplexity of 32-neuron k-means experts at
+    # 50-70% sparsity, the same CPU decode speed-ups (EVAL.md / BENCHMARKS.md, session 10)
+    num_experts: int = 96
+    clustering: str = "coactivation"
     router: str = "mlp"
     router_rank: int = 64
     router_temperature: float = 2.0  # the budget rule's softmax temperature (EVAL.md: 2 beats 1 on SmolLM2)
@@ -90,7 +93,7 @@ def step_convert(model, tokenizer, cfg: QuickstartConfig, *, progress=True):
     from prunepath.data import calibration_texts
 
     pcfg = prunepath.PrunePathConfig(
-        num_experts=cfg.num_experts, router=cfg.router, router_rank=cfg.router_rank,
+        num_experts=cfg.num_experts, clustering=cfg.clustering, router=cfg.router, router_rank=cfg.router_rank,
         train_tokens=cfg.train_tokens, train_seq_len=cfg.train_seq_len, train_epochs=cfg.train_epochs,
         router_temperature=cfg.router_temperature, seed=cfg.seed,
     )
@@ -303,7 +306,7 @@ def run_quickstart(cfg: QuickstartConfig | None = None, *, model=None, tokenizer
 
     n_tok = ppl[next(n for n in ppl if n != "source")]["tokens"]
     out("")
-    out(f"PrunePath quickstart: {cfg.model}, E={cfg.num_experts} experts/FFN, {cfg.router} routers "
+    out(f"PrunePath quickstart: {cfg.model}, E={cfg.num_experts} experts/FFN ({cfg.clustering}), {cfg.router} routers "
         f"({cfg.train_tokens} training tokens), {torch.get_num_threads()} CPU threads")
     out(f"perplexity: {ppl['source']}, first {n_tok} scored tokens (window {cfg.ppl_window}, stride {cfg.ppl_stride})")
     out(format_table(ppl, dec, presets))

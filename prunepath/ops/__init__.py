@@ -7,6 +7,8 @@ Also: :func:`router_route` (router projection + routing in one call, fused on GP
 backend="triton"), :func:`prepack_ffn` / :func:`routed_ffn_packed` (W_down^T stored
 [F, d] once, so every expert's block is contiguous; see :mod:`prunepath.ops.packed`),
 :func:`linear` (a decode step's matrix-vector products; C++ kernel on the CPU),
+:func:`masked_dense_ffn` (the same result as :func:`routed_ffn` at dense cost, the routing
+overlapped with the up projections on a side CUDA stream: for near-dense unions),
 :func:`bind_routed_ffn` / :func:`bind_router_route` (the same ops bound to one layer's weights:
 checks and backend choice once, for decode loops; see :mod:`prunepath.ops.bound`).
 ``backend="auto"`` measures the GPU backends once per shape (:mod:`prunepath.ops.autotune`).
@@ -20,6 +22,7 @@ from . import backends, checks
 from .backends import BACKENDS, BackendUnavailable
 from .bound import BoundRoutedFFN, BoundRouterRoute, bind_routed_ffn, bind_router_route
 from .decode_linear import linear
+from .masked_dense import masked_act, masked_dense_ffn
 from .packed import PackedFFN, prepack_ffn, routed_ffn_packed
 from .reference import ACTIVATIONS
 from .router_route import router_route
@@ -101,6 +104,8 @@ __all__ = [
     "prepack_ffn",
     "routed_ffn_packed",
     "PackedFFN",
+    "masked_dense_ffn",
+    "masked_act",
     "available_backends",
     "ACTIVATIONS",
     "BACKENDS",

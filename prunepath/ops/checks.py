@@ -36,11 +36,13 @@ def check_logits(logits: torch.Tensor) -> None:
 
 
 def budget_tensor(budget, num_tokens: int, device: torch.device, *,
-                  device_range_check: bool = True) -> torch.Tensor:
+                  device_range_check: bool = True, strided_ok: bool = False) -> torch.Tensor:
     """Validate ``budget`` (float in [0, 1] or a [T] tensor) and return it as fp32 [T].
 
     The [0, 1] range of a GPU tensor is checked by a device-side assert (no host sync), or
-    not here when ``device_range_check`` is False (a kernel that checks it itself)."""
+    not here when ``device_range_check`` is False (a kernel that checks it itself).
+    ``strided_ok``: a strided fp32 tensor (e.g. one budget expanded to every token, stride 0)
+    is returned as it is, not copied, for kernels that take the budget's stride."""
     if isinstance(budget, torch.Tensor):
         if budget.dim() == 0:
             budget = budget.reshape(1).expand(num_tokens)
@@ -69,7 +71,8 @@ def budget_tensor(budget, num_tokens: int, device: torch.device, *,
             torch._assert_async(
                 ((budget >= 0) & (budget <= 1)).all(), "budget values must lie in [0, 1]"
             )
-        return budget.float().contiguous()
+        budget = budget.float()
+        return budget if strided_ok else budget.contiguous()
     if isinstance(budget, bool) or not isinstance(budget, (int, float)):
         raise ValueError(f"budget must be a float in [0, 1] or a [T] tensor, got {budget!r}")
     if not 0.0 <= float(budget) <= 1.0:
@@ -140,7 +143,13 @@ def check_ffn_inputs(x, mask, *, d, f, dtype, device) -> None:
         raise ValueError(f"x has dtype {x.dtype} but the weights have {dtype}; use one dtype")
     if x.device != device:
         raise ValueError(f"x is on {x.device} but the weights are on {device}")
-    t = x.shape[0]
+    check_mask(mask, x.shape[0], f, device)
+
+
+def check_mask(mask, t: int, f: int, device) -> None:
+    """An expert mask for ``t`` tokens of an FFN ``f`` neurons wide: bool [t, E], E divides f."""
+    if not isinstance(mask, torch.Tensor):
+        raise ValueError(f"mask must be a bool tensor [T, E], got {type(mask).__name__}")
     if mask.dim() != 2 or mask.shape[0] != t:
         raise ValueError(f"mask must have shape [T={t}, E], got {tuple(mask.shape)}")
     if mask.dtype != torch.bool:
@@ -149,4 +158,4 @@ def check_ffn_inputs(x, mask, *, d, f, dtype, device) -> None:
     if e < 1 or f % e != 0:
         raise ValueError(f"F={f} must be divisible by the number of experts E={e} (mask.shape[1])")
     if mask.device != device:
-        raise ValueError(f"mask is on {mask.device} but x is on {device}")
+        raise ValueError(f"mask is on {mask.device} but the FFN's inputs are on {device}")

@@ -127,10 +127,11 @@ def run(name, x, w_router, b_router, w_router_out, b_router_out, hidden_activati
 
 
 def _budget_for_kernel(budget, t, device):
-    """(fp32 [T] budget, whether the Triton route kernel must check its range). A GPU budget
+    """(fp32 [T] budget, any stride -- one value expanded to every token is not copied --,
+    whether the Triton route kernel must check its range). A GPU budget
     tensor gets every host-side check of :func:`checks.budget_tensor`; its [0, 1] range is
     checked by the route kernel (one flag, one device assert) instead of a chain of
     comparison kernels -- and, as there, not while tracing or capturing a graph."""
     gpu_tensor = isinstance(budget, torch.Tensor) and budget.device.type != "cpu"
-    b = checks.budget_tensor(budget, t, device, device_range_check=not gpu_tensor)
+    b = checks.budget_tensor(budget, t, device, device_range_check=not gpu_tensor, strided_ok=True)
     return b, gpu_tensor and not checks._tracing()

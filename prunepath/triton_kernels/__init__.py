@@ -7,11 +7,14 @@
   ``w_down`` [d, F]
 * ``routed_ffn_packed(...)`` the same with a prepacked ``w_down_t`` = W_down^T [F, d]
   (contiguous expert blocks; what :func:`prunepath.ops.prepack_ffn` makes)
+* ``masked_act(g, u, mask, activation)``: ``act(g) * u`` (or ``act(u)``) with inactive
+  experts' neurons zeroed, the middle of :func:`prunepath.ops.masked_dense_ffn`
 
 The custom ops have fake (meta) kernels, so they trace under ``torch.compile`` and can be
 captured in CUDA graphs: no host synchronization, and every allocation depends on shapes
 only. Kernels run on CUDA GPUs, or on the CPU under ``TRITON_INTERPRET=1`` (tests).
-The kernels themselves are in :mod:`.route` and :mod:`.ffn`; block sizes in :mod:`.launch`.
+The kernels themselves are in :mod:`.route`, :mod:`.ffn` and :mod:`.masked_act`; block sizes
+in :mod:`.launch`.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Optional
 import torch
 
 from . import launch
+from . import masked_act as _masked_act
 from .launch import FFNConfig, default_config
 
 _NS = "prunepath_triton"
@@ -65,6 +69,22 @@ def _(x, w_gate, w_up, w_down_t, mask, activation, b_up, b_down):
     return torch.empty_like(x)
 
 
+@torch.library.custom_op(f"{_NS}::masked_act", mutates_args=())
+def _masked_act_op(g: Optional[torch.Tensor], u: torch.Tensor, mask: torch.Tensor,
+                   activation: str) -> torch.Tensor:
+    return _masked_act.masked_act(g, u, mask, activation)
+
+
+@_masked_act_op.register_fake
+def _(g, u, mask, activation):
+    return torch.empty(u.shape, dtype=u.dtype, device=u.device)
+
+
+def masked_act(g, u, mask, activation):
+    """``act(g) * u`` (``g`` None: ``act(u)``) [T, F], inactive experts' neurons zeroed."""
+    return _masked_act_op(g, u, mask, activation)
+
+
 def route(logits, budget, min_experts, max_experts):
     """Cumulative-mass routing mask [T, E] from logits [T, E]; ``budget`` fp32 [T]."""
     return _route_op(logits, budget, min_experts, max_experts)
@@ -94,5 +114,5 @@ def routed_ffn_packed(x, w_gate, w_up, w_down_t, mask, activation, b_up, b_down)
     return _routed_ffn_op(x, w_gate, w_up, w_down_t, mask, activation, b_up, b_down)
 
 
-__all__ = ["route", "router_route", "routed_ffn", "routed_ffn_packed", "FFNConfig",
+__all__ = ["route", "router_route", "routed_ffn", "routed_ffn_packed", "masked_act", "FFNConfig",
            "default_config"]

@@ -66,7 +66,7 @@ def route(logits: torch.Tensor, budget: torch.Tensor, min_experts: int, max_expe
     _route._route_kernel[(t,)](
         logits, budget, mask, logits, logits, logits, mask,
         t, e, e, min_experts, max_experts,
-        0, logits.stride(0), mask.stride(0), 0,
+        0, logits.stride(0), mask.stride(0), 0, budget.stride(0),
         KS=1, LOW_RANK=False, HAS_B1=False, HAS_B2=False, HIDDEN_ACT=-1,
         BLOCK_E=block_e, BLOCK_J=_route_block_j(block_e), BLOCK_R=1,
         num_warps=4 if block_e <= 64 else 8,
@@ -115,7 +115,7 @@ def router_route(x, w1, b1, w2, b2, hidden_activation, budget, min_experts, max_
         part, budget, mask, w2 if low else part, b1 if b1 is not None else part,
         b2 if b2 is not None else part, ok,
         t, e, r, min_experts, max_experts,
-        part.stride(0), part.stride(1), mask.stride(0), w2.stride(0) if low else 0,
+        part.stride(0), part.stride(1), mask.stride(0), w2.stride(0) if low else 0, budget.stride(0),
         KS=ks, LOW_RANK=low, HAS_B1=b1 is not None, HAS_B2=low and b2 is not None,
         HIDDEN_ACT=act if low else -1,
         BLOCK_E=block_e, BLOCK_J=_route_block_j(block_e), BLOCK_R=triton.next_power_of_2(r),

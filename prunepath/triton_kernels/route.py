@@ -68,7 +68,7 @@ def _route_tail(p, offs_i, valid_i, z_ptr_row, zmax, zsum, b, min_e, max_e, E,
 def _route_kernel(
     z_ptr, budget_ptr, mask_ptr, w2_ptr, b1_ptr, b2_ptr, ok_ptr,
     T, E, R, min_e, max_e,
-    stride_zs, stride_zt, stride_mt, stride_w2e,
+    stride_zs, stride_zt, stride_mt, stride_w2e, stride_b,
     KS: tl.constexpr, LOW_RANK: tl.constexpr, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr,
     HIDDEN_ACT: tl.constexpr,
     BLOCK_E: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -93,13 +93,13 @@ def _route_kernel(
     # fixed reduction tree: the same result on every run)
     offs_s = tl.arange(0, KS_P2)
     s_ok = offs_s < KS
-    b = tl.load(budget_ptr + t)
+    b = tl.load(budget_ptr + t * stride_b)  # stride 0: one budget broadcast to every token
     if CHECK:
         if t == 0:
             good = tl.zeros([BLOCK_B], dtype=tl.int32)
             for t0 in range(0, T, BLOCK_B):
                 offs_b = t0 + tl.arange(0, BLOCK_B)
-                bb = tl.load(budget_ptr + offs_b, mask=offs_b < T, other=0.5)
+                bb = tl.load(budget_ptr + offs_b * stride_b, mask=offs_b < T, other=0.5)
                 good += ((bb >= 0.0) & (bb <= 1.0)).to(tl.int32) - 1  # NaN fails both
             tl.store(ok_ptr, tl.sum(good, axis=0) == 0)
     if LOW_RANK:

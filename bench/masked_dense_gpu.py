@@ -1,0 +1,105 @@
+"""Where a routed decode step's FFN time goes when the union of the batch's experts is
+(nearly) every expert (issue 6: "auto must never be slower than dense").
+
+One FFN layer (gated, bf16), T tokens, a low-rank GELU router (rank 64, as PrunePath's
+trained routers) at budget ``--budget``, times under CUDA graphs (medians, weights rotated
+over copies larger than L2; bench/ops_gpu.py's timers):
+
+* ``dense``: the dense cuBLAS FFN (``silu(x Wg^T) * (x Wu^T)``, then ``W_down``), no routing;
+* ``router``: the fused router alone (``ops.router_route``);
+* ``masked_act_only``: :func:`prunepath.ops.masked_dense_ffn` on a precomputed mask (the
+  masked activation instead of silu and the product);
+* ``masked_serial``: routing, then the masked-dense FFN (one stream);
+* ``masked_overlap``: the same with the routing on a side stream beside the up projections
+  (what ``Decoder(ffn_path="dense")`` runs);
+* ``sparse_triton``: routing, then ``ops.routed_ffn(backend="triton")`` on the same masks.
+
+    python bench/masked_dense_gpu.py --out bench/results/masked_dense_gpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from ops_gpu import dense_ffn, make_copies, time_graph  # noqa: E402
+
+from prunepath import ops  # noqa: E402
+
+
+def case(copies, d, f, e, t, budget, gen, rank=64):
+    n = len(copies)
+    x = torch.randn(t, d, device="cuda", generator=gen).to(torch.bfloat16)
+    w1 = (torch.randn(rank, d, device="cuda", generator=gen) / d**0.5).to(torch.bfloat16)
+    b1 = torch.randn(rank, device="cuda", generator=gen) * 0.1
+    w2 = torch.randn(e, rank, device="cuda", generator=gen) / rank**0.5
+    b2 = torch.randn(e, device="cuda", generator=gen) * 0.1
+    b = torch.tensor([budget], device="cuda").expand(t)  # one budget, as a layer passes it
+    side = torch.cuda.Stream()
+
+    def route():
+        return ops.router_route(x, w1, b, b_router=b1, w_router_out=w2, b_router_out=b2,
+                                hidden_activation="gelu", backend="triton")
+
+    mask = route()
+    union = float(mask.any(0).float().mean())
+    k = float(mask.sum(1).float().mean())
+
+    def md(i, m, stream=None):
+        c = copies[i]
+        return ops.masked_dense_ffn(x, c["wg"], c["wu"], c["wd"], m, stream=stream)[0]
+
+    fns = {
+        "dense": lambda i: dense_ffn(x, copies[i]["wg"], copies[i]["wu"], copies[i]["wd"]),
+        "router": lambda i: route(),
+        "masked_act_only": lambda i: md(i, mask),
+        "masked_serial": lambda i: md(i, route),
+        "masked_overlap": lambda i: md(i, route, side),
+        "sparse_triton": lambda i: ops.routed_ffn(x, copies[i]["wg"], copies[i]["wu"],
+                                                  copies[i]["wd"], route(), backend="triton"),
+    }
+    row = {"d": d, "f": f, "e": e, "t": t, "budget": budget, "union": union, "experts_per_token": k}
+    for name, fn in fns.items():
+        row[name + "_us"] = time_graph(fn, n) * 1e3
+    return row
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="4096x14336")
+    p.add_argument("--experts", type=int, default=64)
+    p.add_argument("--tokens", default="1,4,8")
+    p.add_argument("--budget", type=float, default=0.5)
+    p.add_argument("--copies", type=int, default=4, help="weight copies rotated (each 3 d F bf16)")
+    p.add_argument("--out", default="bench/results/masked_dense_gpu.json")
+    a = p.parse_args(argv)
+    d, f = (int(v) for v in a.shape.split("x"))
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    copies = make_copies(d, f, torch.bfloat16, a.copies, gen)
+    rows = [case(copies, d, f, a.experts, int(t), a.budget, gen) for t in a.tokens.split(",")]
+    cols = ["dense", "router", "masked_act_only", "masked_serial", "masked_overlap", "sparse_triton"]
+    print(f"{torch.cuda.get_device_name()}, {a.shape} bf16, E={a.experts}, budget {a.budget}, CUDA graphs, us")
+    print("| T | union | " + " | ".join(cols) + " |")
+    print("|---|---|" + "---|" * len(cols))
+    for r in rows:
+        print(f"| {r['t']} | {r['union']:.2f} | " + " | ".join(f"{r[c + '_us']:.1f}" for c in cols) + " |")
+    out = {"command": "python " + " ".join(sys.argv), "date": datetime.datetime.now().isoformat(timespec="seconds"),
+           "device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}
+    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+    tmp = a.out + ".tmp"
+    with open(tmp, "w") as fh:
+        json.dump(out, fh, indent=1)
+    os.replace(tmp, a.out)
+    print("wrote", a.out)
+
+
+if __name__ == "__main__":
+    main()
