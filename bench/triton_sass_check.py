@@ -8,6 +8,9 @@ load/matrix instructions in the SASS: weight tiles should use 16-byte loads
 ``ptxas``/``cuobjdump``; relies on Triton's compiler API (tested with Triton 3.9).
 
     python bench/triton_sass_check.py
+
+It also reports the route kernel's registers and spills for E = 64 .. 896 (the sorting tail
+above 128 experts, session 10).
 """
 
 from __future__ import annotations
@@ -104,8 +107,32 @@ def ffn_kernels(t, d, f, e, dtype="bf16", packed=True):
     return cfg, ks, s, up, down
 
 
+def route_kernel(e, low_rank, rank=64, ks=2):
+    """The route kernel as ``launch.route`` (logits) or ``launch.router_route`` with a
+    low-rank router (``ks`` projection partials) would launch it for ``e`` experts."""
+    route = importlib.import_module("prunepath.triton_kernels.route")
+    block_e = triton.next_power_of_2(e)
+    sig = {n: "i32" for n in route._route_kernel.arg_names}
+    sig.update({n: "*fp32" for n in ("z_ptr", "budget_ptr", "w2_ptr", "b1_ptr", "b2_ptr")})
+    sig.update({"mask_ptr": "*i1", "ok_ptr": "*i1"})
+    consts = dict(KS=ks if low_rank else 1, LOW_RANK=low_rank, HAS_B1=low_rank, HAS_B2=low_rank,
+                  HIDDEN_ACT=1 if low_rank else -1, BLOCK_E=block_e,
+                  BLOCK_J=launch._route_block_j(block_e), BLOCK_R=rank if low_rank else 1,
+                  PDL=low_rank, CHECK=low_rank, BLOCK_B=64,
+                  KS_P2=triton.next_power_of_2(ks) if low_rank else 1)
+    return compile_for_sm90(route._route_kernel, sig, consts, num_warps=4 if block_e <= 64 else 8)
+
+
 def main():
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    print(f"{'route kernel':44} {'reg':>4} {'stack':>5} {'local':>5}")
+    for e in (64, 128, 448, 896):
+        for low in (False, True):
+            r = inspect(route_kernel(e, low))
+            flag = "" if r["local"] == 0 and r["stack"] == 0 else "  <-- spills"
+            print(f"{'E=' + str(e) + (' low-rank router' if low else ' from logits'):44} "
+                  f"{r['reg']:>4} {r['stack']:>5} {r['local']:>5}{flag}")
+    print()
     print(f"{'case':44} {'kernel':5} {'reg':>4} {'local':>5} {'smem':>6} "
           + " ".join(f"{k:>19}" for k in COUNT))
     bad = 0

@@ -138,7 +138,7 @@ def test_packed_bad_shape():
         ops.prepack_ffn(wg, wu, wd.t())
 
 
-@pytest.mark.parametrize("e", [5, 64, 100])  # 100: two comparison chunks (BLOCK_J = 64)
+@pytest.mark.parametrize("e", [5, 64, 100, 200, 448])  # > 128: the sorting tail
 @pytest.mark.parametrize("budget", [0.3, "per_token"])
 def test_route_large_and_odd_expert_counts(e, budget):
     gen = torch.Generator().manual_seed(e)
@@ -169,7 +169,7 @@ ROUTERS = {
 
 @pytest.mark.parametrize("router", list(ROUTERS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("t,e", [(1, 16), (9, 70)])
+@pytest.mark.parametrize("t,e", [(1, 16), (9, 70), (3, 300)])  # 300: the sorting tail
 def test_router_route_matches_reference(router, dtype, t, e):
     cfg = ROUTERS[router]
     gen = torch.Generator().manual_seed(hash((router, t, e)) % 2**31)

@@ -11,7 +11,9 @@ exactly the order of a stable descending sort. Then
     mask_i        = rank_i < count
 
 One program handles one token; the pairwise comparison is done in column chunks of
-``BLOCK_J`` experts so registers stay bounded for large E.
+``BLOCK_J`` experts. Above 128 experts (``BLOCK_E > 128``) the [E, chunk] comparison no longer
+fits in registers, and the tail sorts instead (:func:`_route_tail_sorted`: packed
+probability/index keys, a bitonic ``tl.sort``, a cumulative sum) -- the same rule.
 
 Two entry points share the tail of that computation:
 
@@ -30,9 +32,33 @@ from .ffn import _activate
 
 
 @triton.jit
+def _route_tail_sorted(p, offs_i, valid_i, b, min_e, max_e, E, BLOCK_E: tl.constexpr):
+    """The same mask by sorting (E > 128): the pairwise [E, chunk] comparison of
+    :func:`_route_tail` does not fit in registers there (an H200 took 631 us per token-batch
+    at E = 448). Each expert's key is ``(bits of p) << 32 | (E-1-i)``: p >= 0, so its bits
+    order like p, and equal p puts the lower index first -- a stable descending sort. The
+    cumulative mass runs over the sorted p; the selected experts are those whose key is at
+    least the ``count``-th largest."""
+    pbits = p.to(tl.int32, bitcast=True).to(tl.int64)
+    key = tl.where(valid_i, (pbits << 32) | (BLOCK_E - 1 - offs_i).to(tl.int64), -1)
+    sk = tl.sort(key, descending=True)
+    ps = (sk >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+    ps = tl.where(sk >= 0, ps, 0.0)
+    before = tl.cumsum(ps, axis=0) - ps  # mass of the experts ranked above
+    b_eff = tl.where(b >= 1.0, float("inf"), b)  # budget >= 1 takes every expert
+    take = (before < b_eff) & (offs_i < E)  # offs_i doubles as the sorted rank here
+    count = tl.sum(take.to(tl.int32), axis=0)
+    count = tl.minimum(tl.maximum(count, min_e), max_e)
+    thr = tl.sum(tl.where(offs_i == count - 1, sk, 0), axis=0)
+    return (key >= thr) & valid_i & (count > 0)
+
+
+@triton.jit
 def _route_tail(p, offs_i, valid_i, z_ptr_row, zmax, zsum, b, min_e, max_e, E,
                 BLOCK_E: tl.constexpr, BLOCK_J: tl.constexpr, FROM_VECTOR: tl.constexpr):
     """Given probabilities ``p`` [BLOCK_E] of one token, return the bool mask [BLOCK_E]."""
+    if BLOCK_E > 128:
+        return _route_tail_sorted(p, offs_i, valid_i, b, min_e, max_e, E, BLOCK_E)
     mass = tl.zeros([BLOCK_E], dtype=tl.float32)
     rank = tl.zeros([BLOCK_E], dtype=tl.int32)
     for j0 in tl.static_range(0, BLOCK_E, BLOCK_J):
@@ -102,7 +128,29 @@ def _route_kernel(
                 bb = tl.load(budget_ptr + offs_b * stride_b, mask=offs_b < T, other=0.5)
                 good += ((bb >= 0.0) & (bb <= 1.0)).to(tl.int32) - 1  # NaN fails both
             tl.store(ok_ptr, tl.sum(good, axis=0) == 0)
-    if LOW_RANK:
+    if LOW_RANK and BLOCK_E > 128:
+        # many experts: the [E, R] second layer in R-chunks of 16 (a whole [E, R] tile spills)
+        if HAS_B2:
+            b2 = tl.load(b2_ptr + offs_i, mask=valid_i, other=0.0).to(tl.float32)
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+        z = tl.zeros([BLOCK_E], dtype=tl.float32)
+        for r0 in tl.static_range(0, BLOCK_R, 16):
+            offs_r = r0 + tl.arange(0, 16)
+            r_ok = offs_r < R
+            zr = tl.sum(tl.load(z_ptr + offs_s[:, None] * stride_zs + t * stride_zt + offs_r[None, :],
+                                mask=s_ok[:, None] & r_ok[None, :], other=0.0), axis=0)
+            if HAS_B1:
+                zr += tl.load(b1_ptr + offs_r, mask=r_ok, other=0.0).to(tl.float32)
+            if HIDDEN_ACT >= 0:
+                zr = _activate(zr, HIDDEN_ACT)
+            zr = tl.where(r_ok, zr, 0.0)
+            w2 = tl.load(w2_ptr + offs_i[:, None] * stride_w2e + offs_r[None, :],
+                         mask=valid_i[:, None] & r_ok[None, :], other=0.0).to(tl.float32)
+            z += tl.sum(w2 * zr[None, :], axis=1)
+        if HAS_B2:
+            z += b2
+    elif LOW_RANK:
         offs_r = tl.arange(0, BLOCK_R)
         r_ok = offs_r < R
         w2 = tl.load(w2_ptr + offs_i[:, None] * stride_w2e + offs_r[None, :],
