@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import sys
+from pathlib import Path
 
 import torch
 
@@ -33,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from ops_gpu import dense_ffn, make_copies, time_graph  # noqa: E402
 
 from prunepath import ops  # noqa: E402
+from prunepath.eval.sweep import write_json_atomic  # noqa: E402
 
 
 def case(copies, d, f, e, t, budget, gen, rank=64):
@@ -93,12 +94,10 @@ def main(argv=None):
         print(f"| {r['t']} | {r['union']:.2f} | " + " | ".join(f"{r[c + '_us']:.1f}" for c in cols) + " |")
     out = {"command": "python " + " ".join(sys.argv), "date": datetime.datetime.now().isoformat(timespec="seconds"),
            "device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}
-    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-    tmp = a.out + ".tmp"
-    with open(tmp, "w") as fh:
-        json.dump(out, fh, indent=1)
-    os.replace(tmp, a.out)
-    print("wrote", a.out)
+    path = Path(a.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, out)
+    print("wrote", path)
 
 
 if __name__ == "__main__":

@@ -191,16 +191,21 @@ def test_router_route_matches_reference(router, dtype, t, e):
     assert torch.equal(ops.router_route(x, w1, budget, backend="torch", **kw), ref)
 
 
+def _budget_router_case(gen, low_rank):
+    """70 tokens (two budget-check blocks), d=40, E=8; a linear or a rank-6 GELU router."""
+    t, d, e = 70, 40, 8
+    x = torch.randn(t, d, generator=gen).to(DEV)
+    w1 = torch.randn(6 if low_rank else e, d, generator=gen).to(DEV)
+    w2 = torch.randn(e, 6, generator=gen).to(DEV) if low_rank else None
+    return t, e, x, w1, w2, "gelu" if low_rank else "none"
+
+
 @pytest.mark.parametrize("low_rank", [False, True])
 def test_router_route_kernel_budget_flag(low_rank):
     """The route kernel's budget check (used for GPU budget tensors, one device assert):
     ok only when every budget lies in [0, 1]; NaN is not ok. 70 tokens: two check blocks."""
     gen = torch.Generator().manual_seed(3)
-    t, d, e = 70, 40, 8
-    x = torch.randn(t, d, generator=gen).to(DEV)
-    w1 = torch.randn(6 if low_rank else e, d, generator=gen).to(DEV)
-    w2 = torch.randn(e, 6, generator=gen).to(DEV) if low_rank else None
-    act = "gelu" if low_rank else "none"
+    t, e, x, w1, w2, act = _budget_router_case(gen, low_rank)
     for bad, value in ((False, None), (True, 1.5), (True, -0.1), (True, float("nan"))):
         budget = torch.rand(t, generator=gen)
         if value is not None:
@@ -218,11 +223,7 @@ def test_router_route_strided_budgets(low_rank):
     strided per-token budget are read in place, with the same masks as contiguous copies;
     the range check sees the strided values (one bad value expanded: not ok)."""
     gen = torch.Generator().manual_seed(5)
-    t, d, e = 70, 40, 8
-    x = torch.randn(t, d, generator=gen).to(DEV)
-    w1 = torch.randn(6 if low_rank else e, d, generator=gen).to(DEV)
-    w2 = torch.randn(e, 6, generator=gen).to(DEV) if low_rank else None
-    act = "gelu" if low_rank else "none"
+    t, e, x, w1, w2, act = _budget_router_case(gen, low_rank)
     kw = dict(w_router_out=w2, hidden_activation=act, backend="triton")
     one = torch.tensor([0.6], device=DEV)
     wide = torch.rand(2 * t, generator=gen).to(DEV)

@@ -59,6 +59,11 @@ def masked_act(g: torch.Tensor | None, u: torch.Tensor, mask: torch.Tensor, *,
     if activation not in checks.ACTIVATIONS:
         raise ValueError(f"activation must be one of {checks.ACTIVATIONS}, got {activation!r}")
     checks.check_mask(mask, u.shape[0], u.shape[1], u.device)
+    return _masked_act_checked(g, u, mask, activation, backend)
+
+
+def _masked_act_checked(g, u, mask, activation, backend):
+    """:func:`masked_act` on arguments already checked."""
     if _masked_act_backend(backend, u.device) == "torch":
         return masked_act_reference(g, u, mask, activation)
     from prunepath import triton_kernels
@@ -101,10 +106,10 @@ def masked_dense_ffn(
         m = mask() if callable(mask) else mask
     g = None if w_gate is None else F.linear(x, w_gate)
     u = F.linear(x, w_up, b_up)
+    checks.check_mask(m, x.shape[0], w_up.shape[0], x.device)
     if overlap:
         main.wait_stream(stream)
         if not torch.cuda.is_current_stream_capturing():
             m.record_stream(main)  # made on the side stream, used (and freed) on this one
-    checks.check_mask(m, x.shape[0], w_up.shape[0], x.device)
-    h = masked_act(g, u, m, activation=activation, backend=backend)
+    h = _masked_act_checked(g, u, m, activation, backend)  # g, u from checked weights
     return F.linear(h, w_down, b_down), m
