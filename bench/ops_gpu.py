@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import math
 import os
@@ -187,9 +188,9 @@ def bench_route(d, e, t, dtype, backends, gen, rank=64):
     return out
 
 
-def sweep_triton(copies, d, f, e, t, sparsity, dtype, gen, packed=True):
+def sweep_triton(copies, d, f, e, t, sparsity, dtype, gen, packed=True, only=None):
     """Graph time of Triton block configs for one case (a tuning aid for launch.default_config):
-    variants of the default, one field changed at a time."""
+    variants of the default, one field changed at a time (``only``: these names)."""
     import dataclasses
 
     from prunepath.triton_kernels import launch
@@ -197,15 +198,25 @@ def sweep_triton(copies, d, f, e, t, sparsity, dtype, gen, packed=True):
     x = torch.randn(t, d, device="cuda", generator=gen).to(dtype)
     mask, _ = make_mask(t, e, sparsity, gen)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    default = launch.default_config(t, d, f, sms, False)
-    variants = [("default", {}),
+    default = launch.default_config(t, d, f, sms, False, f // e, linear_down=not packed,
+                                     elem_bytes=copies[0]["wu"].element_size())
+    variants = [("default", {}), ("chunks", {"compact": False}), ("compact", {"compact": True}),
+                ("compact+up_n=64", {"compact": True, "up_block_n": 64}),
+                ("compact+up_n=16", {"compact": True, "up_block_n": 16}),
+                ("compact+dn_n=32", {"compact": True, "down_block_n": 32}),
+                ("compact+dn_n=128", {"compact": True, "down_block_n": 128}),
                 ("plain(no pdl/fold)", {"pdl": False, "fold_reduce": False}),
                 ("pdl", {"pdl": True}), ("no_pdl", {"pdl": False}),
                 ("fold", {"fold_reduce": True}), ("no_fold", {"fold_reduce": False}),
+                ("pdl+fold", {"pdl": True, "fold_reduce": True}),
+                ("pdl+dn_d=256", {"pdl": True, "down_block_d": 256}),
                 ("up_fill=1", {"up_fill": 1.0})]
     for ks in (1, 4):
         variants.append((f"ks={ks}", {"ks": ks}))
-    for s_ in (8, 32):
+    if t > 2:
+        variants += [("dn_d=64", {"down_block_d": 64}), ("dn_d=256", {"down_block_d": 256}),
+                     ("dn_n=32", {"down_block_n": 32}), ("dn_n=128", {"down_block_n": 128})]
+    for s_ in (4, 8, 16, 32):
         variants.append((f"s={s_}", {"s": s_}))
     if t <= 2:  # the up phase's tiles and occupancy, the down phase's tiles
         variants += [("up_n=16", {"up_block_n": 16}), ("up_n=64", {"up_block_n": 64}),
@@ -229,6 +240,8 @@ def sweep_triton(copies, d, f, e, t, sparsity, dtype, gen, packed=True):
         variants.append(("up_progs=1/SM", {"up_programs": sms // -(-t // default.block_t)}))
     res = []
     for name, change in variants:
+        if only is not None and name not in only:
+            continue
         cfg = dataclasses.replace(default, **change)
 
         def fn(i, cfg=cfg):
@@ -347,14 +360,20 @@ def main(argv=None):
     ap.add_argument("--backends", default=None, help="comma list (default: available GPU ones)")
     ap.add_argument("--no-graphs", action="store_true")
     ap.add_argument("--profile", action="store_true",
-                    help="per-kernel device times (torch.profiler), 4096x11008 E=64")
+                    help="per-kernel device times (torch.profiler) of --profile-cases, every shape and E")
+    ap.add_argument("--profile-cases", default="1:0.0,1:0.5,1:0.7,1:0.9,16:0.9",
+                    help="T:sparsity cases of --profile")
     ap.add_argument("--no-route", action="store_true", help="skip the routing timings")
     ap.add_argument("--shapes", default=None, help="e.g. 4096x11008,8192x28672")
     ap.add_argument("--experts", default=None, help="e.g. 64,128")
     ap.add_argument("--tokens", default=None, help="e.g. 1,4,16,64")
     ap.add_argument("--sparsities", default=None, help="e.g. 0,0.5,0.7,0.9")
     ap.add_argument("--sweep-cases", default="1:0.9,1:0.7,1:0.5,1:0.0,4:0.9,64:0.0",
-                    help="T:sparsity cases of --sweep (4096x11008 only)")
+                    help="T:sparsity cases of --sweep (every shape and E of the run)")
+    ap.add_argument("--sweep-variants", default=None,
+                    help="comma list of sweep variant names (default: all)")
+    ap.add_argument("--sweep-layouts", default="packed",
+                    help="W_down layouts of --sweep: packed, linear or both (comma list)")
     ap.add_argument("--sweep-only", action="store_true",
                     help="with --sweep: skip the table rows and routing timings")
     args = ap.parse_args(argv)
@@ -423,25 +442,28 @@ def main(argv=None):
                     rr.update({"d": d, "E": e, "T": t, "dtype": dname})
                     routes.append(rr)
                     print(json.dumps(rr), flush=True)
-                if args.sweep and (d, f) == (4096, 11008):
+                if args.sweep:
                     cases = [(int(c.split(":")[0]), float(c.split(":")[1]))
                              for c in args.sweep_cases.split(",")]
-                    for t, sp in cases:
-                        sw = sweep_triton(copies, d, f, e, t, sp, dtype, gen)
+                    only = args.sweep_variants.split(",") if args.sweep_variants else None
+                    for (t, sp), layout in itertools.product(cases, args.sweep_layouts.split(",")):
+                        sw = sweep_triton(copies, d, f, e, t, sp, dtype, gen,
+                                          packed=layout == "packed", only=only)
                         sweeps.append({"d": d, "F": f, "E": e, "T": t, "sparsity": sp,
-                                       "dtype": dname, "results": sw})
+                                       "dtype": dname, "layout": layout, "results": sw})
                         save()
                         ok = [x for x in sw if isinstance(x["ms"], float)]
                         b = min(ok, key=lambda x: x["ms"]) if ok else None
-                        print(f"sweep E={e} T={t} s={sp}: " + " ".join(
+                        print(f"sweep {d}x{f} E={e} T={t} s={sp} {layout}: " + " ".join(
                             f"{x['name']}={1e3 * x['ms']:.1f}" if isinstance(x["ms"], float)
                             else f"{x['name']}=ERR" for x in sw)
                             + f" | best {b['name'] if b else None}", flush=True)
-                if args.profile and (d, f) == (4096, 11008) and e == 64:
+                if args.profile:
                     rp = profile_router(d, e, dtype, gen)
                     profiles.append({"d": d, "E": e, "T": 1, "router_route_lowrank_kernels_us": rp})
                     print(json.dumps(profiles[-1]), flush=True)
-                    for t, sp in ((1, 0.0), (1, 0.5), (1, 0.7), (1, 0.9), (16, 0.9)):
+                    for t, sp in [(int(c.split(":")[0]), float(c.split(":")[1]))
+                                  for c in args.profile_cases.split(",")]:
                         pr = profile_kernels(copies, d, f, e, t, sp, dtype, backends, gen)
                         profiles.append({"d": d, "F": f, "E": e, "T": t, "sparsity": sp,
                                          "dtype": dname, "kernels_us": pr})

@@ -10,7 +10,8 @@ load/matrix instructions in the SASS: weight tiles should use 16-byte loads
     python bench/triton_sass_check.py
 
 It also reports the route kernel's registers and spills for E = 64 .. 896 (the sorting tail
-above 128 experts, session 10).
+above 128 experts, session 10), and checks the compacted small-expert FFN (E = 448 and 896
+on 4096 x 14336, both W_down layouts; session 11).
 """
 
 from __future__ import annotations
@@ -62,11 +63,15 @@ def inspect(ck) -> dict:
 def ffn_kernels(t, d, f, e, dtype="bf16", packed=True):
     """(config, ks, s, compiled up kernel, compiled down kernel) for the launcher's default
     config (with PDL, and the folded reduce when s > 1)."""
-    cfg = launch.default_config(t, d, f, 132, False)
+    ne = f // e
+    cfg = launch.default_config(t, d, f, 132, False, ne, linear_down=not packed)
     ks = max(1, min(cfg.ks, triton.cdiv(d, cfg.up_block_k)))
     h_ty = "fp32" if ks > 1 else dtype
-    ne = f // e
     list_t, block_e, up_c = launch._list_blocks(t, e, f, cfg.up_block_n)
+    compact = launch.use_compact(cfg, ne)
+    log2_e = block_e.bit_length() - 1
+    ne_vec = (ne if compact and not packed and ne & (ne - 1) == 0 and cfg.down_block_n % ne == 0
+              else 0)
     _, _, dn_c = launch._list_blocks(t, e, f, cfg.down_block_n)
     up = compile_for_sm90(
         ffn._ffn_up_kernel,
@@ -78,7 +83,7 @@ def ffn_kernels(t, d, f, e, dtype="bf16", packed=True):
         dict(GATED=True, HAS_BU=False, ACT=0, KS=ks, IEEE=dtype == "fp32",
              UPCAST=False, TWO_EXPERTS=ne >= cfg.up_block_n, BLOCK_T=cfg.block_t,
              BLOCK_N=cfg.up_block_n, BLOCK_K=cfg.up_block_k, LIST_T=list_t, BLOCK_E=block_e,
-             BLOCK_C=up_c, PDL=True, BLOCK_CNT=32),
+             BLOCK_C=up_c, PDL=True, BLOCK_CNT=32, COMPACT=compact, LOG2_E=log2_e),
         div16=("x_ptr", "wg_ptr", "wu_ptr", "out_ptr", "hact_ptr", "mask_ptr", "D", "F",
                "stride_xt", "stride_wn", "stride_os", "stride_og", "stride_ot", "stride_at"),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -88,7 +93,8 @@ def ffn_kernels(t, d, f, e, dtype="bf16", packed=True):
                   N_CONTIGUOUS=not packed, BLOCK_T=cfg.block_t, BLOCK_N=cfg.down_block_n,
                   BLOCK_D=cfg.down_block_d, UP_BLOCK_N=cfg.up_block_n,
                   UP_BLOCK_K=cfg.up_block_k, LIST_T=list_t, BLOCK_E=block_e, BLOCK_C=dn_c,
-                  PDL=True, FOLD=s > 1 and cfg.fold_reduce, S_P2=triton.next_power_of_2(s))
+                  PDL=True, FOLD=s > 1 and cfg.fold_reduce, S_P2=triton.next_power_of_2(s),
+                  COMPACT=compact, LOG2_E=log2_e, NE_VEC=ne_vec)
     consts["stride_wd" if packed else "stride_wn"] = 1  # the runtime specializes 1s
     down = compile_for_sm90(
         ffn._ffn_down_kernel,
@@ -120,7 +126,21 @@ def route_kernel(e, low_rank, rank=64, ks=2):
                   BLOCK_J=launch._route_block_j(block_e), BLOCK_R=rank if low_rank else 1,
                   PDL=low_rank, CHECK=low_rank, BLOCK_B=64,
                   KS_P2=triton.next_power_of_2(ks) if low_rank else 1)
+    if low_rank and block_e > 128:  # the launcher: logits from _router_out_kernel first
+        consts.update(KS=1, LOW_RANK=False, HAS_B1=False, HAS_B2=False, HIDDEN_ACT=-1,
+                      BLOCK_R=1, KS_P2=1)
     return compile_for_sm90(route._route_kernel, sig, consts, num_warps=4 if block_e <= 64 else 8)
+
+
+def router_out_kernel(rank=64, ks=2):
+    """The low-rank router's second layer above 128 experts, as ``launch.router_route``
+    launches it."""
+    route = importlib.import_module("prunepath.triton_kernels.route")
+    sig = {n: "i32" for n in route._router_out_kernel.arg_names}
+    sig.update({n: "*fp32" for n in ("z_ptr", "w2_ptr", "b1_ptr", "b2_ptr", "out_ptr")})
+    consts = dict(KS=ks, HAS_B1=True, HAS_B2=True, HIDDEN_ACT=1, BLOCK_EO=64, BLOCK_R=rank,
+                  KS_P2=triton.next_power_of_2(ks), PDL=True)
+    return compile_for_sm90(route._router_out_kernel, sig, consts, num_warps=4)
 
 
 def main():
@@ -130,18 +150,24 @@ def main():
         for low in (False, True):
             r = inspect(route_kernel(e, low))
             flag = "" if r["local"] == 0 and r["stack"] == 0 else "  <-- spills"
-            print(f"{'E=' + str(e) + (' low-rank router' if low else ' from logits'):44} "
+            print(f"{'E=' + str(e) + ((' low-rank: route' if e > 128 else ' low-rank router') if low else ' from logits'):44} "
                   f"{r['reg']:>4} {r['stack']:>5} {r['local']:>5}{flag}")
+    r = inspect(router_out_kernel())
+    flag = "" if r["local"] == 0 and r["stack"] == 0 else "  <-- spills"
+    print(f"{'E>128 low-rank second layer (_router_out)':44} {r['reg']:>4} {r['stack']:>5} "
+          f"{r['local']:>5}{flag}")
     print()
     print(f"{'case':44} {'kernel':5} {'reg':>4} {'local':>5} {'smem':>6} "
           + " ".join(f"{k:>19}" for k in COUNT))
     bad = 0
-    for (d, f) in ((4096, 11008), (4096, 14336), (8192, 28672)):
-        for e in (64, 128):
+    for (d, f, es) in ((4096, 11008, (64, 128)), (4096, 14336, (64, 128, 448, 896)),
+                       (8192, 28672, (64, 128))):
+        for e in es:
             for t in (1, 4, 16, 64):
                 for packed in (True, False):
                     cfg, ks, s, up, down = ffn_kernels(t, d, f, e, packed=packed)
-                    name = f"{d}x{f} E={e} T={t} {'packed' if packed else 'linear'} ks={ks} s={s}"
+                    name = (f"{d}x{f} E={e} T={t} {'packed' if packed else 'linear'} ks={ks} s={s}"
+                            + (" cmp" if launch.use_compact(cfg, f // e) else ""))
                     for kname, ck in (("up", up), ("down", down)):
                         r = inspect(ck)
                         wide = r["LDGSTS.E.BYPASS.128"] + r["LDG.E.128"]
@@ -151,7 +177,8 @@ def main():
                         print(f"{name:44} {kname:5} {r['reg']:>4} {r['local']:>5} "
                               f"{r['smem_dyn']:>6} " + " ".join(f"{r[k]:>19}" for k in COUNT)
                               + flag)
-                    if (d, f, e) != (4096, 11008, 64):
+                    if (d, f, e) not in ((4096, 11008, 64), (4096, 14336, 448),
+                                         (4096, 14336, 896)):
                         break  # both layouts once; one layout for the other shapes
     print(f"\n{bad} kernels flagged")
 

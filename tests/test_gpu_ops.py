@@ -88,11 +88,12 @@ def test_route_ties(backend):
 
 # ------------------------------------------------------------------------ routed_ffn
 
-SHAPES = [  # (d, F, E): expert sizes 86, 43, 3 and 9 (odd d: scalar code paths)
-    (256, 688, 8),
+SHAPES = [  # (d, F, E): expert sizes 86, 43, 3 and 9 (odd d: scalar code paths), and 16
+    (256, 688, 8),  # with d >= 2048 (the compacted list's T >= 3 config: 256-wide slabs, PDL)
     (512, 2752, 64),
     (130, 384, 128),
     (72, 288, 32),
+    (2048, 1536, 96),
 ]
 
 

@@ -5,6 +5,8 @@ On the CPU these run under TRITON_INTERPRET=1 (tests/conftest.py), so sizes are 
 On a GPU the same tests run on CUDA tensors.
 """
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -40,7 +42,7 @@ def _ref(x, wg, wu, wd, mask, act, bu, bd):
     return routed_ffn_reference(up(x), up(wg), up(wu), up(wd), mask, act, up(bu), up(bd))
 
 
-CONFIGS = {
+_CHUNKED = {
     # (block_t, up_n, up_k, ks, down_n, down_d, s): each phase's single- and multi-split paths
     "plain": launch.FFNConfig(16, 16, 32, 1, 16, 32, 1),
     "split_d": launch.FFNConfig(16, 16, 16, 4, 16, 32, 1),
@@ -49,6 +51,9 @@ CONFIGS = {
     # the separate reduce launch instead of the down kernel's folded last-program sum
     "split_f_reduce": launch.FFNConfig(16, 16, 32, 1, 16, 16, 4, fold_reduce=False),
 }
+# every path twice: on aligned chunks and on the compacted live-neuron list
+CONFIGS = {**{k: dataclasses.replace(c, compact=False) for k, c in _CHUNKED.items()},
+           **{k + "+compact": dataclasses.replace(c, compact=True) for k, c in _CHUNKED.items()}}
 
 
 FFN_KINDS = [(True, False, "silu"), (False, True, "gelu_tanh"), (True, True, "relu"),
@@ -56,13 +61,14 @@ FFN_KINDS = [(True, False, "silu"), (False, True, "gelu_tanh"), (True, True, "re
 
 
 @pytest.mark.parametrize("config", list(CONFIGS))
-@pytest.mark.parametrize("d,f,e", [(72, 60, 12), (40, 120, 3)])
+@pytest.mark.parametrize("d,f,e", [(72, 60, 12), (40, 120, 3), (48, 136, 17)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_ffn_code_paths(config, d, f, e, dtype):
-    """Each block config (single/multi split of each phase) on two expert sizes: 5 neurons
-    per expert (many experts per chunk) and 40 (at most two per chunk); T = 1 and 20 (two
-    token blocks); both W_down layouts; gated and not, with and without biases."""
-    i = list(CONFIGS).index(config) + (f == 120) * 2 + (dtype == torch.bfloat16)
+    """Each block config (single/multi split of each phase, chunked and compacted) on three
+    expert sizes: 5 neurons per expert (many experts per chunk), 40 (at most two per chunk)
+    and 8 (a power of two: the compacted path's vectorized nn.Linear W_down loads); T = 1
+    and 20 (two token blocks); both W_down layouts; gated and not, with and without biases."""
+    i = list(CONFIGS).index(config) + (f == 120) * 2 + (f == 136) + (dtype == torch.bfloat16)
     gated, bias, act = FFN_KINDS[i % len(FFN_KINDS)]
     gen = torch.Generator().manual_seed(hash((config, f, str(dtype))) % 2**31)
     for t in (1, 20):
@@ -96,12 +102,13 @@ def test_live_chunk_lists_match_reference(f, e, t):
         assert got["ks"] == -(-3 // -(-3 // ks)) and got["k_blocks_per_split"] == -(-3 // ks)
 
 
-def test_ffn_up_programs_loop_and_empty_mask():
+@pytest.mark.parametrize("compact", [False, True])
+def test_ffn_up_programs_loop_and_empty_mask(compact):
     """Fewer up programs than work items (each loops over several), and an all-false mask
     (nothing live: the output is b_down)."""
     gen = torch.Generator().manual_seed(21)
     x, wg, wu, wd, bu, bd = _ffn(3, 40, 120, torch.float32, True, True, gen)
-    cfg = launch.FFNConfig(16, 16, 16, 4, 16, 16, 2, up_programs=3)
+    cfg = launch.FFNConfig(16, 16, 16, 4, 16, 16, 2, up_programs=3, compact=compact)
     for mask in (torch.rand(3, 3, generator=gen) < 0.6, torch.ones(3, 3, dtype=torch.bool),
                  torch.zeros(3, 3, dtype=torch.bool)):
         mask = mask.to(DEV)
@@ -109,6 +116,25 @@ def test_ffn_up_programs_loop_and_empty_mask():
         launch.routed_ffn(x, wg, wu, wd.t().contiguous(), mask, "silu", bu, bd, config=cfg,
                           out=out, poison=True)
         assert_close_rel(out, _ref(x, wg, wu, wd, mask, "silu", bu, bd), torch.float32)
+
+
+def test_compact_mode_is_chosen_for_experts_smaller_than_a_chunk():
+    cfg = launch.FFNConfig(16, 32, 128, 1, 64, 128, 1)
+    assert [launch.use_compact(cfg, ne) for ne in (16, 32, 63, 64, 128)] == [
+        True, True, True, False, False]
+    assert not launch.use_compact(dataclasses.replace(cfg, compact=False), 16)
+    assert launch.use_compact(dataclasses.replace(cfg, compact=True), 128)
+
+
+def test_default_config_keeps_fp32_tiles_within_shared_memory():
+    # 256-wide down slabs for small experts at T >= 3 need 240 KB of shared memory in fp32
+    # (an H200 SM has 227 KB): only 2-byte weights get them
+    wide = launch.default_config(4, 4096, 14336, 132, False, 16, elem_bytes=2)
+    fp32 = launch.default_config(4, 4096, 14336, 132, False, 16, elem_bytes=4)
+    assert (wide.down_block_d, fp32.down_block_d) == (256, 128)
+    # and the 16-neuron nn.Linear W_down layout keeps plain launches (PDL measured slower)
+    assert launch.default_config(4, 4096, 14336, 132, False, 32, linear_down=True).pdl
+    assert not launch.default_config(4, 4096, 14336, 132, False, 16, linear_down=True).pdl
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -191,9 +217,9 @@ def test_router_route_matches_reference(router, dtype, t, e):
     assert torch.equal(ops.router_route(x, w1, budget, backend="torch", **kw), ref)
 
 
-def _budget_router_case(gen, low_rank):
+def _budget_router_case(gen, low_rank, e=8, t=70):
     """70 tokens (two budget-check blocks), d=40, E=8; a linear or a rank-6 GELU router."""
-    t, d, e = 70, 40, 8
+    d = 40
     x = torch.randn(t, d, generator=gen).to(DEV)
     w1 = torch.randn(6 if low_rank else e, d, generator=gen).to(DEV)
     w2 = torch.randn(e, 6, generator=gen).to(DEV) if low_rank else None
@@ -234,6 +260,21 @@ def test_router_route_strided_budgets(low_rank):
     for bad in (1.5, float("nan")):
         _, ok = launch.router_route(x, w1, None, w2, None, act, torch.tensor([bad], device=DEV).expand(t), 1, e)
         assert not bool(ok)
+
+
+def test_router_route_many_experts_low_rank_budgets():
+    """Above 128 experts the low-rank router's second layer is its own kernel: the route
+    kernel still checks the budgets (a bad one: not ok) and reads them strided."""
+    gen = torch.Generator().manual_seed(6)
+    t, e, x, w1, w2, act = _budget_router_case(gen, True, e=200, t=3)
+    one = torch.tensor([0.6], device=DEV).expand(t)
+    mask, ok = launch.router_route(x, w1, None, w2, None, act, one, 1, e)
+    logits = router_logits_reference(x, w1, None, w2, None, act)
+    assert bool(ok)
+    assert_mask_equal_up_to_rounding(mask, route_reference(logits, one, 1, e), logits, one)
+    _, ok = launch.router_route(x, w1, None, w2, None, act,
+                                torch.tensor([0.5, float("nan"), 0.5], device=DEV), 1, e)
+    assert not bool(ok)
 
 
 def test_router_route_bad_input():

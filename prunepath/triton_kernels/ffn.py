@@ -10,6 +10,16 @@ host sync:
    and weight loads stay vector-aligned) -> a prefix sum gives each live chunk its place in
    the ascending list, and the neuron range [lo, hi) of its live neurons (exact when an
    expert has >= BLOCK_N neurons, else the whole chunk). Deterministic: the order is fixed.
+   **COMPACT** mode (``launch.use_compact``: experts smaller than a chunk, e.g. 16 or 32
+   neurons at E = 896 / 448 of F = 14336): a chunk would mostly hold dead neurons, so the
+   list is instead the ascending live *experts* (:func:`_live_experts`: a prefix count of
+   the union and a binary search of LOG2_E register gathers, no scratch memory), and work
+   items are ``BLOCK_N``-neuron tiles of the compacted live-neuron list (the live experts'
+   neurons back to back, :func:`_compact_tile`). The up kernel stores h (or its partials)
+   at the compacted positions, so h stays dense and the down phase reads only live rows;
+   with nn.Linear's W_down and a power-of-two expert size the down loads are shaped
+   [experts, NE_VEC, d] (:func:`_compact_rows3`) so each expert's neurons stay a
+   vectorized run. Positions past the list's end are masked, never stored.
 1. ``_ffn_up_kernel``, grid ``(P, cdiv(T, BLOCK_T))``: the P programs loop over the work
    items (live chunk, d-split) of the list; rows of dead neurons are never loaded. With
    ``KS == 1`` it writes the activated, token-masked ``h`` [T, F] in the compute dtype;
@@ -94,6 +104,20 @@ def _token_neuron_mask(mask_ptr, offs_t, chunk_start, t_ok, n_ok, NE, F, stride_
 
 
 @triton.jit
+def _union(mask_ptr, T, E, stride_mt, LIST_T: tl.constexpr, BLOCK_E: tl.constexpr):
+    """[BLOCK_E] int32: 1 where some token chose the expert (the union over tokens)."""
+    offs_e = tl.arange(0, BLOCK_E)
+    e_ok = offs_e < E
+    union = tl.zeros([BLOCK_E], dtype=tl.int32)
+    for t0 in range(0, T, LIST_T):
+        offs_t = t0 + tl.arange(0, LIST_T)
+        m = tl.load(mask_ptr + offs_t[:, None] * stride_mt + offs_e[None, :],
+                    mask=(offs_t < T)[:, None] & e_ok[None, :], other=0)
+        union = tl.maximum(union, tl.max((m != 0).to(tl.int32), axis=0))
+    return union
+
+
+@triton.jit
 def _live_chunks(mask_ptr, T, E, F, NE, stride_mt,
                  BN: tl.constexpr, TWO_EXPERTS: tl.constexpr, LIST_T: tl.constexpr,
                  BLOCK_E: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -104,14 +128,7 @@ def _live_chunks(mask_ptr, T, E, F, NE, stride_mt,
     ``pos[c]``-th live chunk in ascending order (``pos = -1`` when dead) and [lo, hi) its
     live neurons: exact when experts have >= BN neurons (TWO_EXPERTS: a chunk spans at most
     two experts, its live neurons are contiguous), else the whole chunk."""
-    offs_e = tl.arange(0, BLOCK_E)
-    e_ok = offs_e < E
-    union = tl.zeros([BLOCK_E], dtype=tl.int32)
-    for t0 in range(0, T, LIST_T):
-        offs_t = t0 + tl.arange(0, LIST_T)
-        m = tl.load(mask_ptr + offs_t[:, None] * stride_mt + offs_e[None, :],
-                    mask=(offs_t < T)[:, None] & e_ok[None, :], other=0)
-        union = tl.maximum(union, tl.max((m != 0).to(tl.int32), axis=0))
+    union = _union(mask_ptr, T, E, stride_mt, LIST_T, BLOCK_E)
     c = tl.arange(0, BLOCK_C)
     c_ok = c < tl.cdiv(F, BN)
     start = c * BN
@@ -133,6 +150,48 @@ def _live_chunks(mask_ptr, T, E, F, NE, stride_mt,
     live_i = live.to(tl.int32)
     pos = tl.where(live, tl.cumsum(live_i, axis=0) - 1, -1)
     return lo, hi, pos, tl.sum(live_i, axis=0), tl.sum(union, axis=0)
+
+
+@triton.jit
+def _live_experts(mask_ptr, T, E, stride_mt, LIST_T: tl.constexpr, BLOCK_E: tl.constexpr,
+                  LOG2_E: tl.constexpr):
+    """COMPACT mode's list, in registers: ``live_e[k]`` is the k-th live expert of the union
+    (ascending; entries k >= n_exp are in range but meaningless) and ``n_exp``.
+
+    live_e[k] = #{e : incl[e] <= k} for the inclusive prefix count ``incl`` (nondecreasing),
+    found by a binary search of LOG2_E register gathers."""
+    union = _union(mask_ptr, T, E, stride_mt, LIST_T, BLOCK_E)
+    incl = tl.cumsum(union, axis=0)
+    k = tl.arange(0, BLOCK_E)
+    pos = tl.zeros([BLOCK_E], dtype=tl.int32)
+    for i in tl.static_range(LOG2_E):
+        probe = pos + (BLOCK_E >> (i + 1))
+        pos = tl.where(tl.gather(incl, probe - 1, axis=0) <= k, probe, pos)
+    return pos, tl.sum(union, axis=0)
+
+
+@triton.jit
+def _compact_tile(live_e, i, NE, n_neur, BLOCK_N: tl.constexpr):
+    """Tile i of the compacted list of live neurons (the live experts' neurons, in expert
+    order): the positions ``c`` where its h is stored, which exist (``c < n_neur``), their
+    neurons (rows of the weights) and experts (mask columns)."""
+    c = i * BLOCK_N + tl.arange(0, BLOCK_N)
+    c_ok = c < n_neur
+    k = tl.where(c_ok, c // NE, 0)
+    ex = tl.gather(live_e, k, axis=0)
+    return c, c_ok, ex * NE + (c - k * NE), ex
+
+
+@triton.jit
+def _compact_rows3(live_e, i, n_exp, NE_VEC: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Tile i's neurons as [experts, NE_VEC] (NE_VEC = experts' size, a power of two that
+    divides BLOCK_N): keeps each expert's run of neurons visibly contiguous, so loads along
+    the neuron axis of nn.Linear's W_down [d, F] stay vectorized."""
+    KPT: tl.constexpr = BLOCK_N // NE_VEC
+    ke = i * KPT + tl.arange(0, KPT)
+    ke_ok = ke < n_exp
+    ex = tl.gather(live_e, tl.where(ke_ok, ke, 0), axis=0)
+    return ex[:, None] * NE_VEC + tl.arange(0, NE_VEC)[None, :], ke_ok
 
 
 @triton.jit
@@ -186,7 +245,10 @@ def _ffn_up_kernel(
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     LIST_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_C: tl.constexpr,
     PDL: tl.constexpr = False, BLOCK_CNT: tl.constexpr = 0,
+    COMPACT: tl.constexpr = False, LOG2_E: tl.constexpr = 0,
 ):
+    """COMPACT: work items are tiles of the compacted live-neuron list, and h (or the
+    partials) is stored at the compacted position; else aligned chunks, stored in place."""
     pid = tl.program_id(0)
     n_prog = tl.num_programs(0)
     pid_t = tl.program_id(1)
@@ -201,22 +263,37 @@ def _ffn_up_kernel(
             tl.store(cnt_ptr + offs_c, tl.zeros([BLOCK_CNT], dtype=tl.int32), mask=offs_c < n_cnt)
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     t_ok = offs_t < T
-    lo, hi, pos, n_live, n_exp = _live_chunks(mask_ptr, T, E, F, NE, stride_mt, BLOCK_N,
-                                              TWO_EXPERTS, LIST_T, BLOCK_E, BLOCK_C)
+    if COMPACT:
+        live_e, n_exp = _live_experts(mask_ptr, T, E, stride_mt, LIST_T, BLOCK_E, LOG2_E)
+        n_neur = n_exp * NE
+        n_live = tl.cdiv(n_neur, BLOCK_N)
+    else:
+        lo, hi, pos, n_live, n_exp = _live_chunks(mask_ptr, T, E, F, NE, stride_mt, BLOCK_N,
+                                                  TWO_EXPERTS, LIST_T, BLOCK_E, BLOCK_C)
     ks, kpb = _up_splits(n_exp, NE, D, up_items, KS, BLOCK_K, BLOCK_N)
-    # work items: (live chunk j, d-split s), item = j * ks + s
+    # work items: (live chunk or tile j, d-split s), item = j * ks + s
     for item in range(pid, n_live * ks, n_prog):
         j = item // ks
         s = item - j * ks
-        chunk_start, offs_n, in_range = _listed(lo, hi, pos, j, F, BLOCK_N)
-        n_ok = offs_n < F
-        if TWO_EXPERTS:
-            live = in_range
-            tok = t_ok[:, None] & in_range[None, :]  # placeholder: the epilogue loads it
+        if COMPACT:
+            # rows = the tile's neurons, all live; cols = where its h goes. The last tile's
+            # tail (cols >= n_neur) computes and stores zeros: its weight loads are masked
+            # and no token chose it (a store predicate of cols < F keeps the stores wide)
+            cols, live, rows, ex = _compact_tile(live_e, j, NE, n_neur, BLOCK_N)
+            n_ok = cols < F
+            tok = tl.load(mask_ptr + offs_t[:, None] * stride_mt + ex[None, :],
+                          mask=t_ok[:, None] & live[None, :], other=0) != 0
         else:
-            tok = _token_neuron_mask(mask_ptr, offs_t, chunk_start, t_ok, n_ok, NE, F,
-                                     stride_mt, BLOCK_N, TWO_EXPERTS)
-            live = tl.max(tok.to(tl.int32), axis=0) > 0
+            chunk_start, rows, in_range = _listed(lo, hi, pos, j, F, BLOCK_N)
+            cols = rows
+            n_ok = rows < F
+            if TWO_EXPERTS:
+                live = in_range
+                tok = t_ok[:, None] & in_range[None, :]  # placeholder: the epilogue loads it
+            else:
+                tok = _token_neuron_mask(mask_ptr, offs_t, chunk_start, t_ok, n_ok, NE, F,
+                                         stride_mt, BLOCK_N, TWO_EXPERTS)
+                live = tl.max(tok.to(tl.int32), axis=0) > 0
         acc_u = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
         acc_g = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
         k_start = (s * kpb) * BLOCK_K
@@ -226,41 +303,38 @@ def _ffn_up_kernel(
             xk = tl.load(x_ptr + offs_t[:, None] * stride_xt + offs_k[None, :],
                          mask=t_ok[:, None] & k_ok[None, :], other=0.0)
             w_mask = live[:, None] & k_ok[None, :]
-            w_off = offs_n[:, None] * stride_wn + offs_k[None, :]
+            w_off = rows[:, None] * stride_wn + offs_k[None, :]
             wu = tl.load(wu_ptr + w_off, mask=w_mask, other=0.0)
             acc_u = _dot(xk, tl.trans(wu), acc_u, IEEE, UPCAST)
             if GATED:
                 wg = tl.load(wg_ptr + w_off, mask=w_mask, other=0.0)
                 acc_g = _dot(xk, tl.trans(wg), acc_g, IEEE, UPCAST)
 
+        if not COMPACT:
+            if TWO_EXPERTS:  # loaded after the k-loop (its registers are free by now)
+                tok = _token_neuron_mask(mask_ptr, offs_t, chunk_start, t_ok, n_ok, NE, F,
+                                         stride_mt, BLOCK_N, TWO_EXPERTS)
         out_mask = t_ok[:, None] & n_ok[None, :]
         if KS == 1:
-            _store_activated(acc_u, acc_g, out_ptr + offs_t[:, None] * stride_ot + offs_n[None, :],
-                             out_mask, bu_ptr, mask_ptr, offs_t, offs_n, chunk_start, t_ok, n_ok,
-                             tok, NE, F, stride_mt, GATED, HAS_BU, ACT, TWO_EXPERTS, BLOCK_N)
+            _store_activated(acc_u, acc_g, out_ptr + offs_t[:, None] * stride_ot + cols[None, :],
+                             out_mask, bu_ptr, rows, n_ok, tok, GATED, HAS_BU, ACT)
         elif ks == 1:  # this step needs no split: write h activated, as with KS == 1
-            _store_activated(acc_u, acc_g, hact_ptr + offs_t[:, None] * stride_at + offs_n[None, :],
-                             out_mask, bu_ptr, mask_ptr, offs_t, offs_n, chunk_start, t_ok, n_ok,
-                             tok, NE, F, stride_mt, GATED, HAS_BU, ACT, TWO_EXPERTS, BLOCK_N)
+            _store_activated(acc_u, acc_g, hact_ptr + offs_t[:, None] * stride_at + cols[None, :],
+                             out_mask, bu_ptr, rows, n_ok, tok, GATED, HAS_BU, ACT)
         else:
-            base = out_ptr + s * stride_os + offs_t[:, None] * stride_ot + offs_n[None, :]
+            base = out_ptr + s * stride_os + offs_t[:, None] * stride_ot + cols[None, :]
             tl.store(base, acc_u, mask=out_mask)
             if GATED:
                 tl.store(base + stride_og, acc_g, mask=out_mask)
 
 
 @triton.jit
-def _store_activated(acc_u, acc_g, ptrs, out_mask, bu_ptr, mask_ptr, offs_t, offs_n,
-                     chunk_start, t_ok, n_ok, tok, NE, F, stride_mt, GATED: tl.constexpr,
-                     HAS_BU: tl.constexpr, ACT: tl.constexpr, TWO_EXPERTS: tl.constexpr,
-                     BLOCK_N: tl.constexpr):
+def _store_activated(acc_u, acc_g, ptrs, out_mask, bu_ptr, rows, n_ok, tok,
+                     GATED: tl.constexpr, HAS_BU: tl.constexpr, ACT: tl.constexpr):
     """h = act(gate) * (up + b_up) (or act(up + b_up)), zero where the token did not choose
-    the neuron's expert, stored in the pointers' dtype."""
-    if TWO_EXPERTS:  # (else ``tok`` was computed before the k-loop)
-        tok = _token_neuron_mask(mask_ptr, offs_t, chunk_start, t_ok, n_ok, NE, F,
-                                 stride_mt, BLOCK_N, TWO_EXPERTS)
+    the neuron's expert (``tok``), stored in the pointers' dtype; ``rows``: the neurons."""
     if HAS_BU:
-        acc_u += tl.load(bu_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        acc_u += tl.load(bu_ptr + rows, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if GATED:
         h = _activate(acc_g, ACT) * acc_u
     else:
@@ -270,40 +344,55 @@ def _store_activated(acc_u, acc_g, ptrs, out_mask, bu_ptr, mask_ptr, offs_t, off
 
 
 @triton.jit
-def _down_loop(acc, h_ptr, wd_ptr, bu_ptr, mask_ptr, lo, hi, pos, n_live, ks, pid_s,
-               offs_t, t_ok, offs_d, d_ok, F, NE,
+def _down_loop(acc, h_ptr, wd_ptr, bu_ptr, mask_ptr, lo, hi, pos, n_live, live_e, n_exp, ks,
+               pid_s, offs_t, t_ok, offs_d, d_ok, F, NE,
                stride_hs, stride_hg, stride_ht, stride_wn, stride_wd, stride_mt,
                PARTIAL: tl.constexpr, GATED: tl.constexpr, HAS_BU: tl.constexpr,
                ACT: tl.constexpr, S: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
                TWO_EXPERTS: tl.constexpr, N_CONTIGUOUS: tl.constexpr,
-               BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
+               BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+               COMPACT: tl.constexpr, NE_VEC: tl.constexpr):
     """acc += h[:, chunk] @ W_down^T[chunk, d-slab] over this program's share of the listed
-    (live) chunks: the trip count follows the mask's union, not F. PARTIAL: h is the sum of
-    ``ks`` fp32 partial pre-activations, activated here (a nested loop: not pipelined);
-    else the activated h (a flat loop, software-pipelined)."""
+    (live) chunks, or with COMPACT of the compacted list's tiles (``n_live`` of them): the
+    trip count follows the mask's union, not F. PARTIAL: h is the sum of ``ks`` fp32
+    partial pre-activations, activated here (a nested loop: not pipelined); else the
+    activated h (a flat loop, software-pipelined)."""
     for i in range(pid_s, n_live, S):
-        chunk_start, offs_n, in_range = _listed(lo, hi, pos, i, F, BLOCK_N)
-        n_ok = offs_n < F
-        if TWO_EXPERTS:
-            live = in_range
+        if COMPACT:
+            # h is stored compacted: every position < n_exp * NE was written, none is dead;
+            # the loads are predicated on cols < F (wide loads) and the tail dropped by a select
+            cols, live, rows, ex = _compact_tile(live_e, i, NE, n_exp * NE, BLOCK_N)
+            n_ok = cols < F
             if PARTIAL:
+                tok = tl.load(mask_ptr + offs_t[:, None] * stride_mt + ex[None, :],
+                              mask=t_ok[:, None] & live[None, :], other=0) != 0
+        else:
+            chunk_start, rows, in_range = _listed(lo, hi, pos, i, F, BLOCK_N)
+            cols = rows
+            n_ok = rows < F
+            if TWO_EXPERTS:
+                live = in_range
+                if PARTIAL:
+                    tok = _token_neuron_mask(mask_ptr, offs_t, chunk_start, t_ok, n_ok, NE, F,
+                                             stride_mt, BLOCK_N, TWO_EXPERTS)
+            else:
                 tok = _token_neuron_mask(mask_ptr, offs_t, chunk_start, t_ok, n_ok, NE, F,
                                          stride_mt, BLOCK_N, TWO_EXPERTS)
-        else:
-            tok = _token_neuron_mask(mask_ptr, offs_t, chunk_start, t_ok, n_ok, NE, F,
-                                     stride_mt, BLOCK_N, TWO_EXPERTS)
-            live = tl.max(tok.to(tl.int32), axis=0) > 0
-        # h is only written in the up phase's live chunks: a neuron outside this chunk's
-        # live range may hold garbage, which a select (not a multiply) drops; the loads stay
-        # full-width (one predicate per token row)
+                live = tl.max(tok.to(tl.int32), axis=0) > 0
+        # chunks: h is only written in the up phase's live chunks, so a neuron outside this
+        # chunk's live range may hold garbage, which a select (not a multiply) drops; the
+        # loads stay full-width (one predicate per token row)
         h_mask = t_ok[:, None] & n_ok[None, :]
-        h_off = offs_t[:, None] * stride_ht + offs_n[None, :]
+        h_off = offs_t[:, None] * stride_ht + cols[None, :]
         if not PARTIAL:
             h = tl.load(h_ptr + h_off, mask=h_mask, other=0.0)
-            if TWO_EXPERTS:
-                h = tl.where(in_range[None, :], h, 0.0)
-            else:  # tok implies live (and avoids a Triton 3.6 layout bug with live[None, :])
-                h = tl.where(tok, h, 0.0)
+            if COMPACT:
+                h = tl.where(live[None, :], h, 0.0)
+            else:
+                if TWO_EXPERTS:
+                    h = tl.where(in_range[None, :], h, 0.0)
+                else:  # tok implies live (and avoids a Triton 3.6 layout bug with live[None, :])
+                    h = tl.where(tok, h, 0.0)
         else:
             u = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
             g = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
@@ -317,26 +406,37 @@ def _down_loop(acc, h_ptr, wd_ptr, bu_ptr, mask_ptr, lo, hi, pos, n_live, ks, pi
                     g += tl.load(h_ptr + s * stride_hs + stride_hg + h_off, mask=h_mask,
                                  other=0.0)
             if HAS_BU:
-                u += tl.load(bu_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+                u += tl.load(bu_ptr + rows, mask=n_ok, other=0.0).to(tl.float32)[None, :]
             if GATED:
                 hf = _activate(g, ACT) * u
             else:
                 hf = _activate(u, ACT)
-            if TWO_EXPERTS:
+            if TWO_EXPERTS and not COMPACT:
                 h = tl.where(tok & in_range[None, :], hf, 0.0)
             else:
                 h = tl.where(tok, hf, 0.0)  # tok implies live
             h = h.to(wd_ptr.dtype.element_ty)
-        if N_CONTIGUOUS:
-            # nn.Linear W_down [d, F]: neurons are the contiguous axis, so a per-neuron
-            # predicate would split the loads into 2-byte ones; load the whole listed chunk
-            # (its dead neurons meet h = 0)
-            w_mask = n_ok[:, None] & d_ok[None, :]
+        if COMPACT and NE_VEC > 0:
+            # nn.Linear W_down [d, F] with power-of-two experts: load [experts, NE_VEC, d]
+            # so each expert's neurons are one contiguous (vectorized) run, then flatten
+            rows3, ke_ok = _compact_rows3(live_e, i, n_exp, NE_VEC, BLOCK_N)
+            w3 = tl.load(wd_ptr + rows3[:, :, None] * stride_wn
+                         + offs_d[None, None, :] * stride_wd,
+                         mask=ke_ok[:, None, None] & d_ok[None, None, :], other=0.0)
+            w = tl.reshape(w3, [BLOCK_N, w3.shape[2]])
         else:
-            # packed W_down^T [F, d]: rows of dead neurons are skipped, loads stay wide
-            w_mask = (live & n_ok)[:, None] & d_ok[None, :]
-        w = tl.load(wd_ptr + offs_n[:, None] * stride_wn + offs_d[None, :] * stride_wd,
-                    mask=w_mask, other=0.0)
+            if COMPACT:
+                w_mask = live[:, None] & d_ok[None, :]
+            elif N_CONTIGUOUS:
+                # nn.Linear W_down [d, F]: neurons are the contiguous axis, so a per-neuron
+                # predicate would split the loads into 2-byte ones; load the whole listed
+                # chunk (its dead neurons meet h = 0)
+                w_mask = n_ok[:, None] & d_ok[None, :]
+            else:
+                # packed W_down^T [F, d]: rows of dead neurons are skipped, loads stay wide
+                w_mask = (live & n_ok)[:, None] & d_ok[None, :]
+            w = tl.load(wd_ptr + rows[:, None] * stride_wn + offs_d[None, :] * stride_wd,
+                        mask=w_mask, other=0.0)
         acc = _dot(h, w, acc, IEEE, UPCAST)
 
     return acc
@@ -355,13 +455,15 @@ def _ffn_down_kernel(
     UP_BLOCK_N: tl.constexpr, UP_BLOCK_K: tl.constexpr,
     LIST_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_C: tl.constexpr,
     PDL: tl.constexpr = False, FOLD: tl.constexpr = False, S_P2: tl.constexpr = 1,
+    COMPACT: tl.constexpr = False, LOG2_E: tl.constexpr = 0, NE_VEC: tl.constexpr = 0,
 ):
     """FOLD (S > 1): each program writes its fp32 partial, then counts its arrival on the
     slab's counter (zeroed by the up kernel); the last of the slab's S programs sums the S
     partials with a reduction fixed at compile time (deterministic whichever program is
     last) and writes the output: no reduce launch. PDL: launched as a programmatic
     dependent of the up kernel; everything before ``gdc_wait`` reads only the mask and the
-    weights."""
+    weights. COMPACT: h holds the compacted live neurons (as the up kernel wrote them);
+    NE_VEC > 0: vectorized loads of nn.Linear's W_down by whole experts of NE_VEC neurons."""
     pid_d = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_t = tl.program_id(2)
@@ -370,28 +472,39 @@ def _ffn_down_kernel(
     t_ok = offs_t < T
     d_ok = offs_d < D
     acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
-    lo, hi, pos, n_live, n_exp = _live_chunks(mask_ptr, T, E, F, NE, stride_mt, BLOCK_N,
-                                              TWO_EXPERTS, LIST_T, BLOCK_E, BLOCK_C)
+    if COMPACT:
+        live_e, n_exp = _live_experts(mask_ptr, T, E, stride_mt, LIST_T, BLOCK_E, LOG2_E)
+        n_live = tl.cdiv(n_exp * NE, BLOCK_N)
+        lo = live_e  # unused in this mode
+        hi = live_e
+        pos = live_e
+    else:
+        lo, hi, pos, n_live, n_exp = _live_chunks(mask_ptr, T, E, F, NE, stride_mt, BLOCK_N,
+                                                  TWO_EXPERTS, LIST_T, BLOCK_E, BLOCK_C)
+        live_e = lo  # unused in this mode
     if PDL:
         tl.extra.cuda.gdc_wait()  # the up kernel's h (and zeroed counters) from here on
     if KS == 1:
-        acc = _down_loop(acc, h_ptr, wd_ptr, bu_ptr, mask_ptr, lo, hi, pos, n_live, 1, pid_s,
-                         offs_t, t_ok, offs_d, d_ok, F, NE, stride_hs, stride_hg, stride_ht,
-                         stride_wn, stride_wd, stride_mt, False, GATED, HAS_BU, ACT, S, IEEE,
-                         UPCAST, TWO_EXPERTS, N_CONTIGUOUS, BLOCK_T, BLOCK_N)
+        acc = _down_loop(acc, h_ptr, wd_ptr, bu_ptr, mask_ptr, lo, hi, pos, n_live, live_e,
+                         n_exp, 1, pid_s, offs_t, t_ok, offs_d, d_ok, F, NE, stride_hs,
+                         stride_hg, stride_ht, stride_wn, stride_wd, stride_mt, False, GATED,
+                         HAS_BU, ACT, S, IEEE, UPCAST, TWO_EXPERTS, N_CONTIGUOUS, BLOCK_T,
+                         BLOCK_N, COMPACT, NE_VEC)
     else:
         # the up phase's split count (same formula, same inputs)
         ks, _kpb = _up_splits(n_exp, NE, D, up_items, KS, UP_BLOCK_K, UP_BLOCK_N)
         if ks == 1:  # the up phase wrote h activated (dense-ish steps): the pipelined loop
-            acc = _down_loop(acc, hact_ptr, wd_ptr, bu_ptr, mask_ptr, lo, hi, pos, n_live, 1,
-                             pid_s, offs_t, t_ok, offs_d, d_ok, F, NE, 0, 0, stride_at,
-                             stride_wn, stride_wd, stride_mt, False, GATED, HAS_BU, ACT, S,
-                             IEEE, UPCAST, TWO_EXPERTS, N_CONTIGUOUS, BLOCK_T, BLOCK_N)
+            acc = _down_loop(acc, hact_ptr, wd_ptr, bu_ptr, mask_ptr, lo, hi, pos, n_live,
+                             live_e, n_exp, 1, pid_s, offs_t, t_ok, offs_d, d_ok, F, NE, 0, 0,
+                             stride_at, stride_wn, stride_wd, stride_mt, False, GATED, HAS_BU,
+                             ACT, S, IEEE, UPCAST, TWO_EXPERTS, N_CONTIGUOUS, BLOCK_T, BLOCK_N,
+                             COMPACT, NE_VEC)
         else:
-            acc = _down_loop(acc, h_ptr, wd_ptr, bu_ptr, mask_ptr, lo, hi, pos, n_live, ks,
-                             pid_s, offs_t, t_ok, offs_d, d_ok, F, NE, stride_hs, stride_hg,
-                             stride_ht, stride_wn, stride_wd, stride_mt, True, GATED, HAS_BU,
-                             ACT, S, IEEE, UPCAST, TWO_EXPERTS, N_CONTIGUOUS, BLOCK_T, BLOCK_N)
+            acc = _down_loop(acc, h_ptr, wd_ptr, bu_ptr, mask_ptr, lo, hi, pos, n_live,
+                             live_e, n_exp, ks, pid_s, offs_t, t_ok, offs_d, d_ok, F, NE,
+                             stride_hs, stride_hg, stride_ht, stride_wn, stride_wd, stride_mt,
+                             True, GATED, HAS_BU, ACT, S, IEEE, UPCAST, TWO_EXPERTS,
+                             N_CONTIGUOUS, BLOCK_T, BLOCK_N, COMPACT, NE_VEC)
 
     o_mask = t_ok[:, None] & d_ok[None, :]
     o_off = offs_t[:, None] * stride_ot + offs_d[None, :]

@@ -111,16 +111,31 @@ def router_route(x, w1, b1, w2, b2, hidden_activation, budget, min_experts, max_
     block_e = triton.next_power_of_2(e)
     low = w2 is not None
     act = -1 if hidden_activation in (None, "none") else _ffn.ACT_IDS[hidden_activation]
+    launch_pdl = {} if interp else {"launch_pdl": pdl}
+    if low and block_e > 128:
+        # many experts: the second layer in its own kernel, many programs (the route
+        # kernel's one program per token was latency bound there), then route the logits
+        logits = torch.empty((t, e), dtype=torch.float32, device=x.device)
+        block_eo = 64
+        _route._router_out_kernel[(triton.cdiv(e, block_eo), t)](
+            part, w2, b1 if b1 is not None else part, b2 if b2 is not None else part, logits,
+            t, e, r, part.stride(0), part.stride(1), w2.stride(0), logits.stride(0),
+            KS=ks, HAS_B1=b1 is not None, HAS_B2=b2 is not None, HIDDEN_ACT=act,
+            BLOCK_EO=block_eo, BLOCK_R=triton.next_power_of_2(r),
+            KS_P2=triton.next_power_of_2(ks), PDL=pdl, num_warps=4, **launch_pdl,
+        )
+        part, ks, low, b1, r = logits[None], 1, False, None, e
     _route._route_kernel[(t,)](
         part, budget, mask, w2 if low else part, b1 if b1 is not None else part,
-        b2 if b2 is not None else part, ok,
+        b2 if low and b2 is not None else part, ok,
         t, e, r, min_experts, max_experts,
-        part.stride(0), part.stride(1), mask.stride(0), w2.stride(0) if low else 0, budget.stride(0),
+        part.stride(0), part.stride(1), mask.stride(0), w2.stride(0) if low else 0,
+        budget.stride(0),
         KS=ks, LOW_RANK=low, HAS_B1=b1 is not None, HAS_B2=low and b2 is not None,
         HIDDEN_ACT=act if low else -1,
         BLOCK_E=block_e, BLOCK_J=_route_block_j(block_e), BLOCK_R=triton.next_power_of_2(r),
         PDL=pdl, CHECK=True, BLOCK_B=64, KS_P2=triton.next_power_of_2(ks),
-        num_warps=4 if block_e <= 64 else 8, **({} if interp else {"launch_pdl": pdl}),
+        num_warps=4 if block_e <= 64 else 8, **launch_pdl,
     )
     return mask, ok
 
@@ -151,21 +166,50 @@ class FFNConfig:
     # launch the down kernel as a programmatic dependent of the up kernel (CUDA, sm_90+):
     # its launch and live list overlap the up phase; it waits before reading h
     pdl: bool = True
+    # the compacted live-neuron list instead of aligned chunks (see ffn.py): None = when the
+    # experts are smaller than a chunk of either phase (a chunk then mixes live and dead
+    # experts, and whole chunks were streamed)
+    compact: bool | None = None
 
 
-def default_config(t: int, d: int, f: int, sms: int, interpreted: bool) -> FFNConfig:
-    """Shape-only heuristic (no data dependence): fill the GPU in both phases."""
+def use_compact(cfg: FFNConfig, neurons_per_expert: int) -> bool:
+    """Whether the kernels run on the compacted live-neuron list for this config."""
+    if cfg.compact is not None:
+        return cfg.compact
+    return neurons_per_expert < max(cfg.up_block_n, cfg.down_block_n)
+
+
+def default_config(t: int, d: int, f: int, sms: int, interpreted: bool,
+                   neurons_per_expert: int | None = None, linear_down: bool = False,
+                   elem_bytes: int = 2) -> FFNConfig:
+    """Shape-only heuristic (no data dependence): fill the GPU in both phases.
+
+    ``neurons_per_expert``: the experts' size (small experts run on the compacted list);
+    ``linear_down``: W_down comes in nn.Linear's [d, F] layout (else a packed W_down^T);
+    ``elem_bytes``: the weights' element size (fp32 tiles need twice the shared memory)."""
     block_t = 16 if t <= 16 else 32 if t <= 32 else 64
     t_blocks = triton.cdiv(t, block_t)
+    compact_list = neurons_per_expert is not None and neurons_per_expert < 64
     if interpreted:  # tiny tiles keep the CPU interpreter fast
         up_n, up_k, dn_n, dn_d = 16, 32, 16, 32
     else:
-        up_n = 32 if t <= 16 else 64
+        # 32-neuron up tiles at T <= 16 keep a chunk's dead neurons few; on the compacted
+        # list (experts < 64 neurons) every tile is live, and at T >= 3 64-neuron tiles were
+        # faster (H200, 4096 x 14336, T = 4, 32- and 16-neuron experts: -3 to -5 us of
+        # ~105 us); at T = 1 they were not (0.7 sparsity: +9 to +17 us)
+        # More tokens, chunk mode: 32 too (H200, T = 64, E = 128: 116 -> 108 us at 4096 x
+        # 11008, 139 -> 130 us at 4096 x 14336; E = 64 within 1 us; the H100 saw no change)
+        up_n = 64 if compact_list and t > 2 else 32
         # T <= 2: 256-wide d-tiles put twice the weight bytes in flight per program (H100,
         # 4096 x 11008, T = 1 sweep: 0.7 sparsity 41.2 -> 38.4 us, dense 101.7 -> 100.4 us,
         # 0.5 and 0.9 within 0.3 us); more tokens keep 128 (their tiles are taller already)
         up_k = 256 if t <= 2 and d >= 2048 else 128
         dn_n, dn_d = 64, 128 if d >= 2048 else 64
+        if compact_list and t > 2 and d >= 2048 and elem_bytes <= 2:
+            # compacted list, T >= 3: 256-wide output slabs (H200, 4096 x 14336, 16- and
+            # 32-neuron experts, T = 4 / 16 / 64: -1 to -30 us; chunk mode, E = 64: no gain;
+            # fp32 tiles of that width need 240 KB of shared memory, more than an SM has)
+            dn_d = 256
     # up to 8 splits of d for T <= 2: each step uses the fewest that give every SM a work item
     # (1 at full density, 4 with 10% of the experts live; measured on an H100, 4096 x 11008).
     # Not for more tokens: every down program re-reads the fp32 partial pre-activations
@@ -186,15 +230,30 @@ def default_config(t: int, d: int, f: int, sms: int, interpreted: bool) -> FFNCo
     # T <= 2: the down kernel sums its split partials itself and is a programmatic dependent
     # launch of the up kernel (H100, 4096 x 11008, T = 1: -0.7 to -2.4 us a step). More tokens
     # keep the reduce launch and plain launches (no gain measured at T = 4..64).
+    # On the compacted list PDL pays at T >= 3 too (H200, 4096 x 14336, with 256-wide slabs,
+    # T = 4 / 16: -1 to -5 us), except with 16-neuron experts in nn.Linear's W_down (T = 4:
+    # +15 us); in chunk mode it does not (E = 64, T = 4 / 16: +8 to +14 us)
     one = t <= 2
-    return FFNConfig(block_t, up_n, up_k, ks, dn_n, dn_d, s, up_programs=4 * sms // t_blocks,
-                     up_fill=0.75, fold_reduce=one, pdl=one)
+    compact_pdl = (not interpreted and compact_list
+                   and not (linear_down and neurons_per_expert < 32))
+    # 64-token up tiles take 147 KB of shared memory, one program per SM: on the compacted
+    # list, programs past the first round pay the list prologue again (H200, 4096 x 14336,
+    # T = 64, E = 448 / 896: 170 -> 149 us, 235 -> 190 us with one program per SM; E = 64,
+    # chunk mode: 111.4 vs 112.2 us, left as it was)
+    per_sm = 1 if compact_list and block_t == 64 else 4
+    return FFNConfig(block_t, up_n, up_k, ks, dn_n, dn_d, s, up_programs=per_sm * sms // t_blocks,
+                     up_fill=0.75, fold_reduce=one, pdl=one or compact_pdl)
 
 
 def _list_blocks(t: int, e: int, f: int, block_n: int):
-    """Tile sizes of the in-kernel live-chunk list: (tokens per union step, E block, chunks)."""
+    """Tile sizes of the in-kernel live-chunk list: (tokens per union step, E block, chunks).
+
+    Few wide union steps: each step of the token loop cost ~2.5 us per program on the H200
+    whatever its width (bench/list_prologue_gpu.py, T = 64, E = 896, 132 programs: 4-token
+    steps 40.6 us, 16-token steps 12.0 us, one 64-token step 4.8 us); 16K mask bytes a step
+    keep the FFN kernels free of spills (64K spilled 1.6-2 KB at E = 896, T = 64)."""
     block_e = triton.next_power_of_2(e)
-    list_t = max(1, min(triton.next_power_of_2(t), 4096 // block_e))
+    list_t = max(1, min(triton.next_power_of_2(t), 16384 // block_e))
     return list_t, block_e, triton.next_power_of_2(triton.cdiv(f, block_n))
 
 
@@ -218,7 +277,9 @@ def routed_ffn(x, w_gate, w_up, w_down_t, mask, activation, b_up, b_down, config
         w_gate = w_gate.contiguous()
         w_up = w_up.contiguous()
     interp = _interpreted(x)
-    cfg = config or default_config(t, d, f, _sms(x), interp)
+    n_contiguous = w_down_t.stride(0) == 1 and w_down_t.stride(1) != 1
+    cfg = config or default_config(t, d, f, _sms(x), interp, f // e, linear_down=n_contiguous,
+                                   elem_bytes=w_up.element_size())
     ieee = x.dtype == torch.float32
     gated = w_gate is not None
     act = _ffn.ACT_IDS[activation]
@@ -253,6 +314,11 @@ def routed_ffn(x, w_gate, w_up, w_down_t, mask, activation, b_up, b_down, config
     n_cnt = d_slabs * t_blocks if fold else 0
     cnt = torch.empty((max(n_cnt, 1),), dtype=torch.int32, device=x.device)
     pdl = cfg.pdl and not interp and _pdl_supported(x)
+    compact = use_compact(cfg, ne)
+    log2_e = block_e.bit_length() - 1
+    # nn.Linear's W_down in compact mode: whole power-of-two experts keep vectorized loads
+    ne_vec = (ne if compact and n_contiguous and ne & (ne - 1) == 0
+              and cfg.down_block_n % ne == 0 else 0)
     _ffn._ffn_up_kernel[(up_programs, t_blocks)](
         x, w_gate if gated else w_up, w_up, b_up if b_up is not None else dummy, mask_u8, h,
         h_act, cnt, t, d, f, ne, e, up_items, n_cnt,
@@ -263,6 +329,7 @@ def routed_ffn(x, w_gate, w_up, w_down_t, mask, activation, b_up, b_down, config
         LIST_T=list_t, BLOCK_E=block_e, BLOCK_C=up_block_c,
         PDL=pdl,
         BLOCK_CNT=triton.next_power_of_2(n_cnt) if n_cnt else 0,
+        COMPACT=compact, LOG2_E=log2_e,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
@@ -284,11 +351,12 @@ def routed_ffn(x, w_gate, w_up, w_down_t, mask, activation, b_up, b_down, config
         os_, ot, out.stride(0),
         GATED=gated, HAS_BU=b_up is not None, HAS_BD=b_down is not None, ACT=act,
         KS=ks_max, S=s, IEEE=ieee, UPCAST=interp, TWO_EXPERTS=ne >= cfg.down_block_n,
-        N_CONTIGUOUS=w_down_t.stride(0) == 1 and w_down_t.stride(1) != 1,
+        N_CONTIGUOUS=n_contiguous,
         BLOCK_T=cfg.block_t, BLOCK_N=cfg.down_block_n, BLOCK_D=cfg.down_block_d,
         UP_BLOCK_N=cfg.up_block_n, UP_BLOCK_K=cfg.up_block_k,
         LIST_T=list_t, BLOCK_E=block_e, BLOCK_C=down_block_c,
         PDL=pdl, FOLD=fold, S_P2=triton.next_power_of_2(s),
+        COMPACT=compact, LOG2_E=log2_e, NE_VEC=ne_vec,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **down_extra,
     )
     if s > 1 and not fold:
