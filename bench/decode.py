@@ -618,7 +618,7 @@ def _text_prompt(tok, length: int, offset: int = 0) -> torch.Tensor:
 
 def cpu_suite(args) -> list[dict]:
     import prunepath
-    from prunepath import fast_linear
+    from prunepath import fast_linear, packed_down
     from prunepath.budget import reset_stats, set_routing, stats
     from prunepath.decode import Decoder
 
@@ -636,11 +636,14 @@ def cpu_suite(args) -> list[dict]:
     configs = [("dense", None)] + [(p, p) for p in presets]
     if dec.fast_linears:  # also the dense model with torch's F.linear everywhere (stock HF)
         configs.append(("dense_torch_linear", "torch_linear"))
+    if args.packed_down:  # the same presets with W_down stored transposed (packed_down)
+        configs += [("dense_packed", None)] + [(p + "_packed", p) for p in presets]
     times = {name: [] for name, _ in configs}
     cpu_times = {name: [] for name, _ in configs}
     sparsity, paths = {}, {}
 
-    def use(preset):
+    def use(name, preset):
+        (packed_down.pack if name.endswith("_packed") else packed_down.unpack)(model)
         if dec.fast_linears:
             (fast_linear.disable if preset == "torch_linear" else fast_linear.enable)(model)
         if preset in (None, "torch_linear"):
@@ -649,12 +652,12 @@ def cpu_suite(args) -> list[dict]:
             prunepath.set_budget(model, preset)
 
     for name, preset in configs:  # warm-up: compiles (mode="compile") and path timing stay out of the timed reps
-        use(preset)
+        use(name, preset)
         dec.prefill(prompt, eos_token_id=[])
         dec.decode(4)
     for rep in range(args.repeats):  # interleaved: a busy machine slows every config alike
         for name, preset in configs:
-            use(preset)
+            use(name, preset)
             dec.prefill(prompt, eos_token_id=[])
             reset_stats(model)
             t0, c0 = time.perf_counter(), time.process_time()
@@ -693,7 +696,7 @@ def cpu_suite(args) -> list[dict]:
                      else "prunepath.ops.linear"})
     if args.profile:
         for row, (name, preset) in zip(rows, configs):
-            use(preset)
+            use(name, preset)
             dec.prefill(prompt, eos_token_id=[])
             p = profile_ffn_ms(dec, model, prompt, steps=5)
             row["ffn_share"] = p["ffn_ms"] / p["step_ms"]
@@ -807,6 +810,9 @@ def parse_args(argv=None):
     p.add_argument("--no-fast-linears", dest="fast_linears", action="store_false",
                    help="cpu: keep torch's F.linear in decode steps (default: prunepath.fast_linear, "
                    "with a dense_torch_linear row for comparison)")
+    p.add_argument("--packed-down", action="store_true",
+                   help="cpu: also time every config with W_down stored transposed "
+                   "(prunepath.packed_down; rows named <config>_packed)")
     a = p.parse_args(argv)
     a.models = a.models.split(",")
     a.batches = [int(b) for b in a.batches.split(",")]

@@ -8,6 +8,8 @@ neurons), each repeat draws a fresh mask with exactly round((1 - s) * E) active 
 token, then times, in alternating order,
   * dense:  F.silu(x @ Wg.T) * (x @ Wu.T) @ Wd.T      (plain torch matmuls, all experts)
   * cpu:    prunepath.ops.routed_ffn(..., backend="cpu")  (reads only the active experts)
+  * cpu_packed (--packed): prunepath.ops.routed_ffn_packed(..., backend="cpu") on W_down^T
+    [F, d] (each active expert's down block is contiguous rows, not d short segments)
 Weights are random normal (never zero) and each call uses the next of --copies weight sets
 (the dense and cpu calls of a repeat never share one), so no call finds its weights in cache:
 one fp32 set is 201 MB (bf16: 101 MB), already far over a 32 MB L3; by default enough sets
@@ -118,13 +120,18 @@ def bench_case(dtype, sparsity, args, weights, gen):
     x = torch.randn(t, args.d, generator=gen).to(dtype)
     copies = len(weights)
     calls = {
-        "dense": lambda w, m: dense_ffn(x, *w),
-        "cpu": lambda w, m: ops.routed_ffn(x, *w, m, backend="cpu"),
+        "dense": lambda w, m: dense_ffn(x, *w[:3]),
+        "cpu": lambda w, m: ops.routed_ffn(x, *w[:3], m, backend="cpu"),
     }
+    if args.packed:  # w[3] = W_down^T [F, d], contiguous
+        calls["cpu_packed"] = lambda w, m: ops.routed_ffn_packed(x, w[0], w[1], w[3], m,
+                                                                 backend="cpu")
     # correctness guard: the cpu result equals the masked dense FFN (not only fast)
     m0 = random_mask(t, e, active, gen)
-    ref = ops.routed_ffn(x.float(), *(w.float() for w in weights[0]), m0, backend="torch")
-    err = float((calls["cpu"](weights[0], m0).float() - ref).norm() / ref.norm().clamp_min(1e-30))
+    ref = ops.routed_ffn(x.float(), *(w.float() for w in weights[0][:3]), m0, backend="torch")
+    errs = {n: float((calls[n](weights[0], m0).float() - ref).norm() / ref.norm().clamp_min(1e-30))
+            for n in calls if n != "dense"}
+    err = errs["cpu"]
     for name in calls:  # warm-up
         for i in range(2):
             calls[name](weights[i % copies], m0)
@@ -155,6 +162,12 @@ def bench_case(dtype, sparsity, args, weights, gen):
         "dense_GBps": dense_bytes / stats["dense"]["median_ms"] / 1e6,
         "cpu_GBps": cpu_bytes / stats["cpu"]["median_ms"] / 1e6 if t == 1 else None,
         "cpu_rel_err_vs_fp32_reference": err,
+        **({"cpu_packed": stats["cpu_packed"],
+            "speedup_packed": stats["dense"]["median_ms"] / stats["cpu_packed"]["median_ms"],
+            "cpu_packed_GBps": (cpu_bytes / stats["cpu_packed"]["median_ms"] / 1e6
+                                if t == 1 else None),
+            "cpu_packed_rel_err_vs_fp32_reference": errs["cpu_packed"]}
+           if "cpu_packed" in stats else {}),
         "times_ms": {k: [round(s * 1e3, 4) for s in v] for k, v in times.items()},
     }
 
@@ -176,6 +189,12 @@ def print_table(info, rows):
               f"{cp['median_ms']:9.2f} ({cp['p10_ms']:5.2f}-{cp['p90_ms']:6.2f}) "
               f"{r['speedup']:7.2f}x {r['dense_GBps']:10.1f} {gbps} "
               f"{dn['min_ms']:10.2f} {cp['min_ms']:6.2f} {dn['min_ms'] / cp['min_ms']:6.2f}x")
+        if "cpu_packed" in r:
+            pk = r["cpu_packed"]
+            gb = f"{r['cpu_packed_GBps']:9.1f}" if r["cpu_packed_GBps"] is not None else f"{'-':>9}"
+            print(f"{'  packed':8} {'':8} {'':7}{'':24} {pk['median_ms']:9.2f} "
+                  f"({pk['p10_ms']:5.2f}-{pk['p90_ms']:6.2f}) {r['speedup_packed']:7.2f}x "
+                  f"{'':10} {gb} {'':10} {pk['min_ms']:6.2f} {dn['min_ms'] / pk['min_ms']:6.2f}x")
 
 
 def check_targets(rows):
@@ -217,6 +236,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads (default: leave torch's default)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--packed", action="store_true",
+                   help="also time routed_ffn_packed (W_down^T [F, d]) on the cpu backend")
     args = p.parse_args(argv)
     if args.copies is not None and args.copies < 2:
         p.error("--copies must be >= 2 so that no call finds its weights in cache")
@@ -242,11 +263,15 @@ def main(argv=None):
         copies = args.copies or default_copies(set_bytes, l3_bytes(info["l3"]))
         info.setdefault("copies", {})[name] = copies
         weights = make_weights(args.d, args.f, dtype, copies, gen)
+        if args.packed:  # + W_down^T per set (the packed layout's copy of W_down)
+            weights = [(wg, wu, wd, wd.t().contiguous()) for wg, wu, wd in weights]
         for s in (float(v) for v in args.sparsities.split(",")):
             rows.append(bench_case(dtype, s, args, weights, gen))
             r = rows[-1]
             print(f"  {r['dtype']} s={s:.2f}: dense {r['dense']['median_ms']:.2f} ms, "
-                  f"cpu {r['cpu']['median_ms']:.2f} ms ({r['speedup']:.2f}x)", flush=True)
+                  f"cpu {r['cpu']['median_ms']:.2f} ms ({r['speedup']:.2f}x)"
+                  + (f", packed {r['cpu_packed']['median_ms']:.2f} ms ({r['speedup_packed']:.2f}x)"
+                     if "cpu_packed" in r else ""), flush=True)
         del weights
     info["loadavg_after"] = os.getloadavg()
     print_table(info, rows)

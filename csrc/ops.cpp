@@ -18,6 +18,10 @@ TORCH_LIBRARY(prunepath, m) {
   m.def(
       "routed_ffn(Tensor x, Tensor? w_gate, Tensor w_up, Tensor w_down, Tensor mask, "
       "str activation, Tensor? b_up, Tensor? b_down) -> Tensor");
+  // the same with w_down_t = W_down^T [F, d] contiguous (expert blocks are contiguous rows)
+  m.def(
+      "routed_ffn_packed(Tensor x, Tensor? w_gate, Tensor w_up, Tensor w_down_t, Tensor mask, "
+      "str activation, Tensor? b_up, Tensor? b_down) -> Tensor");
   // router projection + route in one call (CPU kernel: csrc/cpu/router_route.cpp):
   // x [T, d]; w_router [E or R, d] (dtype of x); low rank: w_router_out [E, R], act in
   // {none, gelu, gelu_tanh, relu, silu}; budget [T] float32 -> bool mask [T, E]

@@ -200,6 +200,10 @@ class Decoder:
             (where ``torch.nn.functional.linear`` streams weights at about half the memory
             rate), off on a GPU. It switches the model's layers in place;
             ``prunepath.fast_linear.disable(model)`` switches them back.
+        packed_down: store the routed layers' ``W_down`` transposed
+            (:mod:`prunepath.packed_down`: same values, no extra memory) so the FFN kernels
+            read each active expert's down block as contiguous rows. Default ``False``;
+            ``prunepath.packed_down.unpack(model)`` restores the layout.
     """
 
     def __init__(
@@ -213,10 +217,12 @@ class Decoder:
         check_every: int = 16,
         record_stats: bool = False,
         fast_linears: bool | None = None,
+        packed_down: bool = False,
     ):
         from transformers import StaticCache
 
         from . import fast_linear
+        from . import packed_down as _packed_down
 
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -242,6 +248,8 @@ class Decoder:
         if fast_linears:
             fast_linear.enable(model)
         self.fast_linears = fast_linear.enabled(model) > 0  # (0 without the extension)
+        if packed_down:
+            _packed_down.pack(model)
         self.layers = routed_layers(model)
         # with no routed layers there is nothing to choose
         self.ffn_path = ffn_path if self.layers else "dense"

@@ -21,6 +21,14 @@ if "cpu" not in ops.available_backends("cpu"):
 
 route_op = torch.ops.prunepath.route.default
 ffn_op = torch.ops.prunepath.routed_ffn.default
+packed_op = torch.ops.prunepath.routed_ffn_packed.default
+
+
+def run_ffn(packed, x, wg, wu, wd, mask, act, bu, bd):
+    """routed_ffn with nn.Linear's W_down [d, F], or routed_ffn_packed with W_down^T [F, d]."""
+    if packed:
+        return packed_op(x, wg, wu, wd.t().contiguous(), mask, act, bu, bd)
+    return ffn_op(x, wg, wu, wd, mask, act, bu, bd)
 
 
 def ffn_args(t, d, f, e, dtype, gated=True, bias=False, density=0.5, seed=0):
@@ -57,6 +65,7 @@ def test_opcheck_route(dtype):
 def test_opcheck_routed_ffn(dtype, gated, act, t):
     x, wg, wu, wd, mask, bu, bd = ffn_args(t, 12, 16, 4, dtype, gated, bias=not gated)
     torch.library.opcheck(ffn_op, (x, wg, wu, wd, mask, act, bu, bd))
+    torch.library.opcheck(packed_op, (x, wg, wu, wd.t().contiguous(), mask, act, bu, bd))
 
 
 def test_torch_compile_fullgraph():
@@ -129,6 +138,16 @@ def test_raw_routed_ffn_rejects_bad_inputs():
             call(**change)
 
 
+def test_raw_routed_ffn_packed_rejects_bad_w_down_t():
+    x, wg, wu, wd, mask, _, _ = ffn_args(3, 8, 12, 4, torch.float32)
+    packed_op(x, wg, wu, wd.t().contiguous(), mask, "silu", None, None)  # the good call works
+    for bad, message in [(wd, "w_down_t must have shape"),  # nn.Linear's [d, F], not [F, d]
+                         (torch.randn(8, 12).t(), "w_down_t must be contiguous"),
+                         (wd.t().contiguous().bfloat16(), "w_down_t must have dtype")]:
+        with pytest.raises(RuntimeError, match=message):
+            packed_op(x, wg, wu, bad, mask, "silu", None, None)
+
+
 # ------------------------------------------------------------------------- kernel paths
 
 
@@ -136,14 +155,16 @@ def test_raw_routed_ffn_rejects_bad_inputs():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("t", [1, 2, 5, 9])
 @pytest.mark.parametrize("gated", [True, False])
-def test_decode_kernels_match_reference(monkeypatch, isa, dtype, t, gated):
-    """Both ISA variants, every weight dtype, token tiles of 1..4 and row tails (d, B odd)."""
+@pytest.mark.parametrize("packed", [False, True])
+def test_decode_kernels_match_reference(monkeypatch, isa, dtype, t, gated, packed):
+    """Both ISA variants, every weight dtype, token tiles of 1..4 and row tails (d, B odd),
+    both W_down layouts."""
     if isa == "generic":
         monkeypatch.setenv("PRUNEPATH_CPU_ISA", "generic")
     act = "silu" if gated else "gelu_tanh"
-    for d, f, e in [(45, 35, 7), (64, 128, 8), (19, 96, 32)]:
+    for d, f, e in [(45, 35, 7), (64, 128, 8), (19, 96, 32), (13, 54, 6)]:
         x, wg, wu, wd, mask, bu, bd = ffn_args(t, d, f, e, dtype, gated, bias=True, seed=d + t)
-        out = ffn_op(x, wg, wu, wd, mask, act, bu, bd)
+        out = run_ffn(packed, x, wg, wu, wd, mask, act, bu, bd)
         assert out.dtype == dtype and out.shape == (t, d)
         assert_close_rel(out, reference(x, wg, wu, wd, mask, act, bu, bd),
                          torch.float32 if dtype == torch.float32 else dtype)
@@ -151,24 +172,26 @@ def test_decode_kernels_match_reference(monkeypatch, isa, dtype, t, gated):
 
 @pytest.mark.parametrize("t", [9, 10, 31, 32, 70])  # gather from 10 (fp32) / 32 tokens
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
-def test_both_sides_of_the_gather_switch(t, dtype):
+@pytest.mark.parametrize("packed", [False, True])
+def test_both_sides_of_the_gather_switch(t, dtype, packed):
     x, wg, wu, wd, mask, bu, bd = ffn_args(t, 33, 48, 12, dtype, True, bias=True, seed=t)
     mask[:, 5:8] = True  # a run of experts chosen by every token (merged matmul)
     mask[:, 9] = False
-    out = ffn_op(x, wg, wu, wd, mask, "relu", bu, bd)
+    out = run_ffn(packed, x, wg, wu, wd, mask, "relu", bu, bd)
     tol = torch.float32 if dtype in (torch.float32, torch.float64) else dtype
     assert out.dtype == dtype
     assert_close_rel(out, reference(x, wg, wu, wd, mask, "relu", bu, bd), tol)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decode_and_gather_paths_agree(monkeypatch, dtype):
+@pytest.mark.parametrize("packed", [False, True])
+def test_decode_and_gather_paths_agree(monkeypatch, dtype, packed):
     """The same call through both paths (PRUNEPATH_CPU_GATHER_MIN_TOKENS forces one)."""
     x, wg, wu, wd, mask, bu, bd = ffn_args(12, 40, 64, 8, dtype, True, bias=True, seed=3)
     outs = []
     for threshold in ("1000", "1"):
         monkeypatch.setenv("PRUNEPATH_CPU_GATHER_MIN_TOKENS", threshold)
-        outs.append(ffn_op(x, wg, wu, wd, mask, "gelu", bu, bd).float())
+        outs.append(run_ffn(packed, x, wg, wu, wd, mask, "gelu", bu, bd).float())
     ref = reference(x, wg, wu, wd, mask, "gelu", bu, bd)
     assert_close_rel(outs[0], ref, dtype)
     assert_close_rel(outs[1], ref, dtype)
@@ -177,7 +200,8 @@ def test_decode_and_gather_paths_agree(monkeypatch, dtype):
 
 
 @pytest.mark.parametrize("t", [1, 4, 40])
-def test_reads_only_active_experts(t):
+@pytest.mark.parametrize("packed", [False, True])
+def test_reads_only_active_experts(t, packed):
     """NaN in the weights of experts that no token chose must not reach the output."""
     e, f, d = 8, 64, 24
     x, wg, wu, wd, mask, bu, bd = ffn_args(t, d, f, e, torch.float32, True, bias=True, seed=t)
@@ -189,19 +213,20 @@ def test_reads_only_active_experts(t):
             w[ex * b:(ex + 1) * b] = float("nan")
         poisoned[2][:, ex * b:(ex + 1) * b] = float("nan")
         poisoned[3][ex * b:(ex + 1) * b] = float("nan")
-    out = ffn_op(x, poisoned[0], poisoned[1], poisoned[2], mask, "silu", poisoned[3], bd)
+    out = run_ffn(packed, x, poisoned[0], poisoned[1], poisoned[2], mask, "silu", poisoned[3], bd)
     assert_close_rel(out, reference(x, wg, wu, wd, mask, "silu", bu, bd), torch.float32)
 
 
-def test_thread_count_does_not_change_result():
+@pytest.mark.parametrize("packed", [False, True])
+def test_thread_count_does_not_change_result(packed):
     x, wg, wu, wd, mask, _, _ = ffn_args(3, 64, 256, 16, torch.float32, seed=5)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = ffn_op(x, wg, wu, wd, mask, "silu", None, None)
+        one = run_ffn(packed, x, wg, wu, wd, mask, "silu", None, None)
     finally:
         torch.set_num_threads(threads)
-    many = ffn_op(x, wg, wu, wd, mask, "silu", None, None)
+    many = run_ffn(packed, x, wg, wu, wd, mask, "silu", None, None)
     torch.testing.assert_close(one, many, rtol=1e-5, atol=1e-6)
 
 

@@ -43,9 +43,31 @@ struct SegsDot {
 
 void segs_dot_generic(const SegsDot& a);
 
+// Segmented row-weighted sums (the down projection with a packed W_down^T [F, d]):
+//   out[k * ldo + c] += sum_s sum_{j < seg_len[s]} h[k][seg_off[s] + j] * w[(seg_row[s] + j) * ldw + c]
+// for c < ncols, k < nt. Each active expert is seg_len contiguous rows of w, read front to
+// back once for all tokens (4 rows at a time); out (fp32, L1-resident) accumulates.
+struct SegsAxpy {
+  WType wtype;
+  const void* w;
+  int64_t ldw;
+  int64_t ncols;
+  const int64_t* seg_row;
+  const int64_t* seg_len;
+  const int64_t* seg_off;
+  int64_t nseg;
+  const float* const* h;  // nt pointers to fp32 vectors (indexed by seg_off + j)
+  int64_t nt;
+  float* out;
+  int64_t ldo;
+};
+
+void segs_axpy_generic(const SegsAxpy& a);
+
 // True when the AVX2 kernels were compiled in (x86) and the CPU has AVX2, FMA and F16C.
 bool cpu_has_avx2();
 void segs_dot_avx2(const SegsDot& a);
+void segs_axpy_avx2(const SegsAxpy& a);
 
 // Bit-pattern conversions shared by the generic kernels.
 inline float bf16_bits_to_float(uint16_t b) {

@@ -1,4 +1,5 @@
-// AVX2 + FMA (+ F16C for fp16 weights) versions of the routed-FFN dot kernels (see kernels.h).
+// AVX2 + FMA (+ F16C for fp16 weights) versions of the routed-FFN dot and row-sum kernels
+// (see kernels.h).
 //
 // Every function here carries __attribute__((target(...))) instead of the whole build using
 // -mavx2/-march=native, so the same binary runs on any x86-64 CPU: routed_ffn.cpp calls these
@@ -132,7 +133,75 @@ PP_TARGET void segs_dot(const SegsDot& a) {
   for (; r < a.nrows; ++r) row_block<W, 1>(a, w, r);
 }
 
+// out[k][c] += sum_r h[k][r] * w[r][c] for R rows and NT tokens over all ncols columns: the R
+// rows stream front to back (R memory streams), each 8-column vector of them is loaded once
+// for all NT tokens, and out (fp32, a few KB) stays in L1.
+template <typename W, int R, int NT>
+PP_INLINE void axpy_rows(const typename W::T* const (&w)[R], const float (&hv)[NT][R],
+                         float* const (&out)[NT], int64_t n) {
+  __m256 hb[NT][R];
+  for (int k = 0; k < NT; ++k)
+    for (int r = 0; r < R; ++r) hb[k][r] = _mm256_set1_ps(hv[k][r]);
+  int64_t c = 0;
+  for (; c + 8 <= n; c += 8) {
+    __m256 wv[R];
+    for (int r = 0; r < R; ++r) wv[r] = W::load8(w[r] + c);
+    for (int k = 0; k < NT; ++k) {
+      __m256 o = _mm256_loadu_ps(out[k] + c);
+      for (int r = 0; r < R; ++r) o = _mm256_fmadd_ps(hb[k][r], wv[r], o);
+      _mm256_storeu_ps(out[k] + c, o);
+    }
+  }
+  for (; c < n; ++c)
+    for (int k = 0; k < NT; ++k) {
+      float o = out[k][c];
+      for (int r = 0; r < R; ++r) o += hv[k][r] * W::get(w[r] + c);
+      out[k][c] = o;
+    }
+}
+
+// Rows [row, row + R) of one segment against tokens [k0, k0 + NT).
+template <typename W, int R, int NT>
+PP_INLINE void axpy_tile(const SegsAxpy& a, const typename W::T* w, int64_t s, int64_t j,
+                         int64_t k0) {
+  const typename W::T* ws[R];
+  float hv[NT][R];
+  float* outs[NT];
+  for (int r = 0; r < R; ++r) ws[r] = w + (a.seg_row[s] + j + r) * a.ldw;
+  for (int k = 0; k < NT; ++k) {
+    outs[k] = a.out + (k0 + k) * a.ldo;
+    for (int r = 0; r < R; ++r) hv[k][r] = a.h[k0 + k][a.seg_off[s] + j + r];
+  }
+  axpy_rows<W, R, NT>(ws, hv, outs, a.ncols);
+}
+
+template <typename W, int R>
+PP_INLINE void axpy_rows_all_tokens(const SegsAxpy& a, const typename W::T* w, int64_t s,
+                                    int64_t j) {
+  int64_t k0 = 0;
+  for (; k0 + 2 <= a.nt; k0 += 2) axpy_tile<W, R, 2>(a, w, s, j, k0);
+  if (k0 < a.nt) axpy_tile<W, R, 1>(a, w, s, j, k0);
+}
+
+template <typename W>
+PP_TARGET void segs_axpy(const SegsAxpy& a) {
+  const auto* w = static_cast<const typename W::T*>(a.w);
+  for (int64_t s = 0; s < a.nseg; ++s) {
+    int64_t j = 0;
+    for (; j + 4 <= a.seg_len[s]; j += 4) axpy_rows_all_tokens<W, 4>(a, w, s, j);
+    for (; j < a.seg_len[s]; ++j) axpy_rows_all_tokens<W, 1>(a, w, s, j);
+  }
+}
+
 }  // namespace
+
+PP_TARGET void segs_axpy_avx2(const SegsAxpy& a) {
+  switch (a.wtype) {
+    case WType::F32: return segs_axpy<F32>(a);
+    case WType::BF16: return segs_axpy<BF16>(a);
+    case WType::F16: return segs_axpy<F16>(a);
+  }
+}
 
 bool cpu_has_avx2() {
   __builtin_cpu_init();
@@ -157,6 +226,7 @@ namespace prunepath {
 namespace cpu {
 bool cpu_has_avx2() { return false; }
 void segs_dot_avx2(const SegsDot& a) { segs_dot_generic(a); }
+void segs_axpy_avx2(const SegsAxpy& a) { segs_axpy_generic(a); }
 }  // namespace cpu
 }  // namespace prunepath
 

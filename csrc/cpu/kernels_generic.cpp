@@ -1,4 +1,4 @@
-// Portable versions of the routed-FFN dot kernels (see kernels.h). Compiled for the baseline
+// Portable versions of the routed-FFN dot and row-sum kernels (see kernels.h). Compiled for the baseline
 // ISA; `#pragma omp simd` lets the compiler vectorize the reductions. Used when the CPU has no
 // AVX2/FMA/F16C, on non-x86 machines, and when PRUNEPATH_CPU_ISA=generic.
 #include "kernels.h"
@@ -74,7 +74,30 @@ void segs_dot(const SegsDot& a) {
   }
 }
 
+template <typename W>
+void segs_axpy(const SegsAxpy& a) {
+  const auto* w = static_cast<const typename W::T*>(a.w);
+  for (int64_t s = 0; s < a.nseg; ++s)
+    for (int64_t j = 0; j < a.seg_len[s]; ++j) {
+      const auto* row = w + (a.seg_row[s] + j) * a.ldw;
+      for (int64_t k = 0; k < a.nt; ++k) {
+        const float hk = a.h[k][a.seg_off[s] + j];
+        float* out = a.out + k * a.ldo;
+#pragma omp simd
+        for (int64_t c = 0; c < a.ncols; ++c) out[c] += hk * W::get(row, c);
+      }
+    }
+}
+
 }  // namespace
+
+void segs_axpy_generic(const SegsAxpy& a) {
+  switch (a.wtype) {
+    case WType::F32: return segs_axpy<F32>(a);
+    case WType::BF16: return segs_axpy<BF16>(a);
+    case WType::F16: return segs_axpy<F16>(a);
+  }
+}
 
 void segs_dot_generic(const SegsDot& a) {
   switch (a.wtype) {

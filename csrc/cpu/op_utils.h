@@ -61,11 +61,18 @@ inline std::vector<float> to_float_vector(const std::optional<at::Tensor>& t) {
 
 // The AVX2 dot kernels where the CPU has them; PRUNEPATH_CPU_ISA=generic forces the portable
 // ones (read per call so tests can toggle it).
-inline void (*segs_dot_kernel())(const SegsDot&) {
+inline bool use_avx2_kernels() {
   static const bool has_avx2 = cpu_has_avx2();
   const char* isa = std::getenv("PRUNEPATH_CPU_ISA");
-  const bool avx2 = has_avx2 && (isa == nullptr || std::strcmp(isa, "generic") != 0);
-  return avx2 ? segs_dot_avx2 : segs_dot_generic;
+  return has_avx2 && (isa == nullptr || std::strcmp(isa, "generic") != 0);
+}
+
+inline void (*segs_dot_kernel())(const SegsDot&) {
+  return use_avx2_kernels() ? segs_dot_avx2 : segs_dot_generic;
+}
+
+inline void (*segs_axpy_kernel())(const SegsAxpy&) {
+  return use_avx2_kernels() ? segs_axpy_avx2 : segs_axpy_generic;
 }
 
 }  // namespace cpu

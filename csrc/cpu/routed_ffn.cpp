@@ -1,9 +1,11 @@
-// CPU kernel of prunepath::routed_ffn (schema in csrc/ops.cpp): the FFN with each token's
-// inactive experts' neurons zeroed, reading only the active experts' weights.
+// CPU kernels of prunepath::routed_ffn and prunepath::routed_ffn_packed (schemas in
+// csrc/ops.cpp): the FFN with each token's inactive experts' neurons zeroed, reading only the
+// active experts' weights.
 //
 // Semantics: prunepath/ops/reference.py::routed_ffn_reference. Expert e owns neurons
 // [e*B, (e+1)*B), B = F/E: rows of w_gate/w_up ([F, d], contiguous slab of B rows) and
-// columns of w_down ([d, F], a strided slab of d rows x B columns).
+// columns of w_down ([d, F], a strided slab of d rows x B columns), or with the packed
+// W_down^T [F, d] (routed_ffn_packed) B contiguous rows, read front to back.
 //
 // Two paths, same result:
 //  * decode (few tokens, T < gather_min_tokens()): the active experts (union over the
@@ -12,7 +14,8 @@
 //         h[t, e-block] = act(Wg_e x_t) * (Wu_e x_t + b_up_e)   (0 for tokens that did not),
 //         reading each weight row once for all its tokens (tiles of up to 4 tokens), and
 //      2. down: y_chunk[t, i] = sum over runs of consecutive experts of the chunk of
-//         Wd[i, run] . h[t, run], for every output row i (8 rows streamed at a time);
+//         Wd[i, run] . h[t, run], for every output row i (8 rows streamed at a time), or
+//         packed: y_chunk[t, :] += h[t, n] * Wd^T[n, :] over the run's rows n (4 at a time);
 //    then the chunks' partial outputs are summed (+ b_down). One parallel region per call.
 //    Weights stay in their dtype (fp32/bf16/fp16) and are widened to fp32 in registers
 //    (kernels_avx2.cpp, or kernels_generic.cpp without AVX2); accumulation is fp32.
@@ -87,6 +90,7 @@ struct Ffn {
   const std::optional<at::Tensor>& b_up;
   const std::optional<at::Tensor>& b_down;
   int64_t T, d, F, E, B;
+  bool packed;  // w_down is the [d, F] view of a contiguous W_down^T [F, d]
 };
 
 // ------------------------------------------------------------------------------ decode path
@@ -140,6 +144,7 @@ at::Tensor routed_ffn_decode(const Ffn& f) {
   const WType wt = wtype_of(f.x.scalar_type(), "prunepath::routed_ffn");
   const int64_t esz = wtype_size(wt);
   const auto segs_dot = segs_dot_kernel();
+  const auto segs_axpy = segs_axpy_kernel();
   const DecodePlan plan = plan_decode(f.mask);
   const int64_t n_active = static_cast<int64_t>(plan.active.size());
 
@@ -203,9 +208,15 @@ at::Tensor routed_ffn_decode(const Ffn& f) {
       for (int64_t k = k0; k < k1; ++k) expert_hidden(k, h.data(), ldh, (k - k0) * B, ubuf, gbuf, xs);
       const Segments seg = runs_of(plan.active, k0, k1, B);
       for (int64_t t = 0; t < T; ++t) hs[t] = h.data() + t * ldh;
-      SegsDot down{wt, wd, F, d, seg.col.data(), seg.len.data(), seg.off.data(), seg.size(),
-                   hs.data(), T, y_part.data() + c * T * d, d};
-      segs_dot(down);
+      if (f.packed) {  // the run's rows of W_down^T; y_part starts at 0
+        SegsAxpy down{wt, wd, d, d, seg.col.data(), seg.len.data(), seg.off.data(), seg.size(),
+                      hs.data(), T, y_part.data() + c * T * d, d};
+        segs_axpy(down);
+      } else {
+        SegsDot down{wt, wd, F, d, seg.col.data(), seg.len.data(), seg.off.data(), seg.size(),
+                     hs.data(), T, y_part.data() + c * T * d, d};
+        segs_dot(down);
+      }
     }
   });
 
@@ -319,10 +330,11 @@ at::Tensor routed_ffn_gather(const Ffn& f) {
 
 // ------------------------------------------------------------------------------ entry point
 
-at::Tensor routed_ffn_cpu(const at::Tensor& x, const std::optional<at::Tensor>& w_gate,
+// w_down: [d, F] contiguous, or packed: W_down^T [F, d] contiguous.
+at::Tensor routed_ffn_any(const at::Tensor& x, const std::optional<at::Tensor>& w_gate,
                           const at::Tensor& w_up, const at::Tensor& w_down, const at::Tensor& mask,
                           c10::string_view activation, const std::optional<at::Tensor>& b_up,
-                          const std::optional<at::Tensor>& b_down) {
+                          const std::optional<at::Tensor>& b_down, bool packed) {
   const Act act = parse_activation(activation, "prunepath::routed_ffn", /*allow_none=*/false);
   TORCH_CHECK(x.dim() == 2, "prunepath::routed_ffn: x must be 2-D [T, d], got shape ", x.sizes());
   const at::ScalarType dt = x.scalar_type();
@@ -335,7 +347,11 @@ at::Tensor routed_ffn_cpu(const at::Tensor& x, const std::optional<at::Tensor>& 
   const int64_t F = w_up.size(0);
   check_tensor(w_up, "w_up", dt, {F, d});
   if (w_gate.has_value()) check_tensor(*w_gate, "w_gate", dt, {F, d});
-  check_tensor(w_down, "w_down", dt, {d, F});
+  if (packed) {
+    check_tensor(w_down, "w_down_t", dt, {F, d});
+  } else {
+    check_tensor(w_down, "w_down", dt, {d, F});
+  }
   TORCH_CHECK(mask.dim() == 2 && mask.size(0) == T,
               "prunepath::routed_ffn: mask must be 2-D [T=", T, ", E], got shape ", mask.sizes());
   const int64_t E = mask.size(1);
@@ -345,15 +361,34 @@ at::Tensor routed_ffn_cpu(const at::Tensor& x, const std::optional<at::Tensor>& 
   if (b_up.has_value()) check_tensor(*b_up, "b_up", dt, {F});
   if (b_down.has_value()) check_tensor(*b_down, "b_down", dt, {d});
 
-  const Ffn f{x, w_gate, w_up, w_down, mask, act, b_up, b_down, T, d, F, E, F / E};
+  const at::Tensor w_down_dF = packed ? w_down.t() : w_down;  // [d, F] (a view when packed)
+  const Ffn f{x, w_gate, w_up, w_down_dF, mask, act, b_up, b_down, T, d, F, E, F / E, packed};
   if (T == 0) return at::empty({0, d}, x.options());
   if (dt == at::kDouble || T >= gather_min_tokens(dt)) return routed_ffn_gather(f);
   return routed_ffn_decode(f);
 }
 
+at::Tensor routed_ffn_cpu(const at::Tensor& x, const std::optional<at::Tensor>& w_gate,
+                          const at::Tensor& w_up, const at::Tensor& w_down, const at::Tensor& mask,
+                          c10::string_view activation, const std::optional<at::Tensor>& b_up,
+                          const std::optional<at::Tensor>& b_down) {
+  return routed_ffn_any(x, w_gate, w_up, w_down, mask, activation, b_up, b_down, false);
+}
+
+at::Tensor routed_ffn_packed_cpu(const at::Tensor& x, const std::optional<at::Tensor>& w_gate,
+                                 const at::Tensor& w_up, const at::Tensor& w_down_t,
+                                 const at::Tensor& mask, c10::string_view activation,
+                                 const std::optional<at::Tensor>& b_up,
+                                 const std::optional<at::Tensor>& b_down) {
+  return routed_ffn_any(x, w_gate, w_up, w_down_t, mask, activation, b_up, b_down, true);
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(prunepath, CPU, m) { m.impl("routed_ffn", &routed_ffn_cpu); }
+TORCH_LIBRARY_IMPL(prunepath, CPU, m) {
+  m.impl("routed_ffn", &routed_ffn_cpu);
+  m.impl("routed_ffn_packed", &routed_ffn_packed_cpu);
+}
 
 }  // namespace cpu
 }  // namespace prunepath

@@ -1,5 +1,5 @@
-// CUDA kernels of prunepath::routed_ffn (schema in csrc/ops.cpp) and prunepath::routed_ffn_packed
-// (schema below): the block-sparse routed FFN for decoding (few tokens per step).
+// CUDA kernels of prunepath::routed_ffn and prunepath::routed_ffn_packed (schemas in
+// csrc/ops.cpp): the block-sparse routed FFN for decoding (few tokens per step).
 //
 // Semantics: prunepath/ops/reference.py::routed_ffn_reference (the dense FFN with each token's
 // inactive experts' neurons zeroed). An expert is *live* when some token of the step chose it;
@@ -428,13 +428,6 @@ at::Tensor routed_ffn_packed_cuda(const at::Tensor& x, const c10::optional<at::T
 }
 
 }  // namespace
-
-TORCH_LIBRARY_FRAGMENT(prunepath, m) {
-  // x [T, d]; w_gate/w_up [F, d]; w_down_t = W_down^T [F, d] contiguous; mask [T, E] bool
-  m.def(
-      "routed_ffn_packed(Tensor x, Tensor? w_gate, Tensor w_up, Tensor w_down_t, Tensor mask, "
-      "str activation, Tensor? b_up, Tensor? b_down) -> Tensor");
-}
 
 TORCH_LIBRARY_IMPL(prunepath, CUDA, m) {
   m.impl("routed_ffn", &routed_ffn_cuda);

@@ -1,7 +1,8 @@
 """The "cpu" and "cuda" backends: the compiled extension ``prunepath._C``.
 
 The extension registers ``torch.ops.prunepath.route``, ``torch.ops.prunepath.routed_ffn``
-(CPU kernels always; CUDA kernels when built with nvcc) and ``torch.ops.prunepath.router_route``
+and ``torch.ops.prunepath.routed_ffn_packed`` (W_down^T [F, d]) (CPU kernels always; CUDA
+kernels when built with nvcc) and ``torch.ops.prunepath.router_route``
 (router projection + route; CPU kernel) and ``torch.ops.prunepath.linear`` (decode-step
 matrix-vector products; CPU kernel). Fake kernels for ``torch.compile``
 are registered here, once, when the extension is first loaded.
@@ -13,6 +14,7 @@ import functools
 
 import torch
 
+from . import checks
 from .backends import BackendUnavailable
 
 _BUILD_HINT = (
@@ -50,11 +52,9 @@ def _register_fakes() -> None:
     def _(x, w_gate, w_up, w_down, mask, activation, b_up, b_down):
         return torch.empty_like(x)
 
-    if hasattr(torch.ops.prunepath, "routed_ffn_packed"):  # defined by csrc/cuda (CUDA builds)
-
-        @torch.library.register_fake("prunepath::routed_ffn_packed")
-        def _(x, w_gate, w_up, w_down_t, mask, activation, b_up, b_down):
-            return torch.empty_like(x)
+    @torch.library.register_fake("prunepath::routed_ffn_packed")
+    def _(x, w_gate, w_up, w_down_t, mask, activation, b_up, b_down):
+        return torch.empty_like(x)
 
 
 def ensure_available(name: str) -> None:
@@ -89,7 +89,17 @@ def _contiguous(t):
 
 
 def routed_ffn(x, w_gate, w_up, w_down, mask, activation, b_up, b_down):
-    # The kernels index weights as row-major slabs (and check it); a non-contiguous weight is
-    # copied here rather than rejected (correct, but a copy per call: keep weights contiguous).
+    # The kernels index weights as row-major slabs (and check it). A w_down that is the
+    # transposed view of a contiguous W_down^T runs the packed kernel in place; any other
+    # non-contiguous weight is copied here rather than rejected (correct, but a copy per call).
+    if checks.is_packed_down(w_down):
+        return routed_ffn_packed(x, w_gate, w_up, w_down.t(), mask, activation, b_up, b_down)
     w_gate, w_up, w_down, b_up, b_down = map(_contiguous, (w_gate, w_up, w_down, b_up, b_down))
     return torch.ops.prunepath.routed_ffn(x, w_gate, w_up, w_down, mask, activation, b_up, b_down)
+
+
+def routed_ffn_packed(x, w_gate, w_up, w_down_t, mask, activation, b_up, b_down):
+    """The routed FFN with W_down^T [F, d] (each expert's down block is contiguous rows)."""
+    w_gate, w_up, w_down_t, b_up, b_down = map(_contiguous, (w_gate, w_up, w_down_t, b_up, b_down))
+    return torch.ops.prunepath.routed_ffn_packed(x, w_gate, w_up, w_down_t, mask, activation,
+                                                 b_up, b_down)

@@ -4,7 +4,10 @@ On the CPU with the compiled extension (fp32 / bf16 / fp16, at most 8 tokens, no
 this is the C++ kernel of csrc/cpu/linear.cpp: the routed FFN's dot kernels over every row
 of ``weight``, the rows split over the threads. A decode step's projections are matrix-vector
 products, which that kernel streams at about twice the rate of ``torch.nn.functional.linear``
-on a 2-core Zen 3 (BENCHMARKS.md). Everything else (GPU, more tokens, fp64, autograd) is
+on a 2-core Zen 3 (BENCHMARKS.md); a weight stored transposed (the view of a contiguous
+``weight^T``, :mod:`prunepath.packed_down`) goes to at::linear uncopied (a row-streaming
+kernel for it was slower than at::linear's: 124-128 vs 88-91 us for 576 x 1536 fp32 on a
+2-core Xeon, 2026-12-04). Everything else (GPU, more tokens, fp64, autograd) is
 ``torch.nn.functional.linear``. Same result up to fp32 summation order.
 """
 
@@ -45,4 +48,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         if backend == "cpu" and not backends.is_available("cpu"):
             backends.load("cpu")  # raises BackendUnavailable with the build hint
         return F.linear(x, weight, bias)
-    return torch.ops.prunepath.linear(x.contiguous(), weight.contiguous(), bias)
+    if not checks.is_packed_down(weight):  # a transposed one goes to at::linear, uncopied
+        weight = weight.contiguous()
+    return torch.ops.prunepath.linear(x.contiguous(), weight, bias)

@@ -10,9 +10,9 @@ loads.
 >>> y = packed(x, mask)                       # == routed_ffn(x, w_gate, w_up, w_down, mask)
 >>> y = prunepath.ops.routed_ffn_packed(x, packed.w_gate, packed.w_up, packed.w_down_t, mask)
 
-Backends: "triton" and "cuda" read the packed layout natively; "torch" and "cpu" use the
-reference on the transposed view (correct, not fast: on CPUs keep the nn.Linear layout and
-call :func:`prunepath.ops.routed_ffn`).
+Backends: "triton", "cuda" and "cpu" read the packed layout natively (the CPU decode kernel
+streams each active expert's rows of ``w_down_t`` front to back instead of ``d`` short
+segments); "torch" uses the reference on the transposed view.
 """
 
 from __future__ import annotations
@@ -94,6 +94,8 @@ def routed_ffn_packed(
             f"got {tuple(w_down_t.shape)}"
         )
     checks.check_ffn_args(x, w_gate, w_up, w_down_t.t(), mask, activation, b_up, b_down)
+    if checks.needs_grad(x, w_gate, w_up, w_down_t, b_up, b_down):
+        backend = "torch"  # the kernels have no backward (as in ops.routed_ffn)
     key = (x.dtype, x.shape[1], w_up.shape[0], mask.shape[1], w_gate is not None, x.shape[0])
     name = backends.resolve(backend, x.device, "routed_ffn_packed", key)
     x, mask = x.contiguous(), mask.contiguous()
@@ -104,10 +106,9 @@ def routed_ffn_packed(
         return triton_kernels.routed_ffn_packed(x, w_gate, w_up.contiguous(),
                                                 w_down_t.contiguous(), mask, activation, b_up,
                                                 b_down)
-    if name == "cuda":
-        backends.load(name)  # loads prunepath._C (and its fake kernels)
-        return torch.ops.prunepath.routed_ffn_packed(x, w_gate, w_up, w_down_t.contiguous(), mask,
-                                                     activation, b_up, b_down)
+    if name in ("cpu", "cuda"):  # the compiled extension's kernels (and its fake kernels)
+        return backends.load(name).routed_ffn_packed(x, w_gate, w_up, w_down_t, mask, activation,
+                                                     b_up, b_down)
     backends.load(name)
     return routed_ffn_packed_reference(x, w_gate, w_up, w_down_t, mask, activation, b_up, b_down)
 
