@@ -132,26 +132,9 @@ def _route_kernel(
                 good += ((bb >= 0.0) & (bb <= 1.0)).to(tl.int32) - 1  # NaN fails both
             tl.store(ok_ptr, tl.sum(good, axis=0) == 0)
     if LOW_RANK:  # (BLOCK_E <= 128: above, _router_out_kernel makes the logits first)
-        offs_r = tl.arange(0, BLOCK_R)
-        r_ok = offs_r < R
-        w2 = tl.load(w2_ptr + offs_i[:, None] * stride_w2e + offs_r[None, :],
-                     mask=valid_i[:, None] & r_ok[None, :], other=0.0).to(tl.float32)
-        if HAS_B1:
-            b1 = tl.load(b1_ptr + offs_r, mask=r_ok, other=0.0).to(tl.float32)
-        if HAS_B2:
-            b2 = tl.load(b2_ptr + offs_i, mask=valid_i, other=0.0).to(tl.float32)
-        if PDL:
-            tl.extra.cuda.gdc_wait()
-        zr = tl.sum(tl.load(z_ptr + offs_s[:, None] * stride_zs + t * stride_zt + offs_r[None, :],
-                            mask=s_ok[:, None] & r_ok[None, :], other=0.0), axis=0)
-        if HAS_B1:
-            zr += b1
-        if HIDDEN_ACT >= 0:
-            zr = _activate(zr, HIDDEN_ACT)
-        zr = tl.where(r_ok, zr, 0.0)
-        z = tl.sum(w2 * zr[None, :], axis=1)
-        if HAS_B2:
-            z += b2
+        z = _low_rank_logits(z_ptr, w2_ptr, b1_ptr, b2_ptr, t, offs_i, valid_i, R, KS,
+                             stride_zs, stride_zt, stride_w2e, HAS_B1, HAS_B2, HIDDEN_ACT,
+                             BLOCK_R, KS_P2, PDL)
     else:
         if HAS_B1:
             b1 = tl.load(b1_ptr + offs_i, mask=valid_i, other=0.0).to(tl.float32)
@@ -234,6 +217,19 @@ def _router_out_kernel(
     t = tl.program_id(1)
     offs_e = pid_e * BLOCK_EO + tl.arange(0, BLOCK_EO)
     e_ok = offs_e < E
+    z = _low_rank_logits(z_ptr, w2_ptr, b1_ptr, b2_ptr, t, offs_e, e_ok, R, KS, stride_zs,
+                         stride_zt, stride_w2e, HAS_B1, HAS_B2, HIDDEN_ACT, BLOCK_R, KS_P2, PDL)
+    tl.store(out_ptr + t * stride_ot + offs_e, z, mask=e_ok)
+
+
+@triton.jit
+def _low_rank_logits(z_ptr, w2_ptr, b1_ptr, b2_ptr, t, offs_e, e_ok, R, KS,
+                     stride_zs, stride_zt, stride_w2e,
+                     HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, HIDDEN_ACT: tl.constexpr,
+                     BLOCK_R: tl.constexpr, KS_P2: tl.constexpr, PDL: tl.constexpr):
+    """Token t's fp32 logits of experts ``offs_e``: ``act(sum_s z[s, t] + b1) @ W2^T + b2``
+    (the KS projection partials summed by a fixed tl.sum tree). W2 and the biases are loaded
+    before the PDL wait, the partials after it."""
     offs_r = tl.arange(0, BLOCK_R)
     r_ok = offs_r < R
     offs_s = tl.arange(0, KS_P2)
@@ -255,4 +251,4 @@ def _router_out_kernel(
     z = tl.sum(w2 * zr[None, :], axis=1)
     if HAS_B2:
         z += b2
-    tl.store(out_ptr + t * stride_ot + offs_e, z, mask=e_ok)
+    return z
