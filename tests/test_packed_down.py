@@ -98,3 +98,18 @@ def test_conv1d_families_are_left_alone():
     assert packed_down.pack(model) == 0
     # GPT-2's c_proj is [F, d] already: its nn.Linear-layout view is the packed layout
     assert all(is_packed_down(m.weights().w_down) for m in routed_layers(model))
+
+
+def test_a_packed_model_saves_and_loads_the_same_weights(tmp_path):
+    model = _model()
+    prunepath.set_budget(model, 0.5)
+    ids = torch.randint(3, 50, (1, 7))
+    with torch.no_grad():
+        want = model(ids).logits
+    packed_down.pack(model)
+    prunepath.save(model, tmp_path / "ckpt")
+    assert packed_down.packed(model) == len(routed_layers(model))  # saving leaves it packed
+    loaded = prunepath.from_pretrained(tmp_path / "ckpt", budget=0.5).eval()
+    assert packed_down.packed(loaded) == 0  # a checkpoint holds nn.Linear's layout
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, want)
