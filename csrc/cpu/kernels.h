@@ -45,8 +45,9 @@ void segs_dot_generic(const SegsDot& a);
 
 // Segmented row-weighted sums (the down projection with a packed W_down^T [F, d]):
 //   out[k * ldo + c] += sum_s sum_{j < seg_len[s]} h[k][seg_off[s] + j] * w[(seg_row[s] + j) * ldw + c]
-// for c < ncols, k < nt. Each active expert is seg_len contiguous rows of w, read front to
-// back once for all tokens (4 rows at a time); out (fp32, L1-resident) accumulates.
+// for c < ncols, k < nt. Each active expert is seg_len contiguous rows of w, read once for all
+// tokens (4 rows a quarter of the segment apart: 4 memory streams); out (fp32, L1-resident)
+// accumulates.
 struct SegsAxpy {
   WType wtype;
   const void* w;

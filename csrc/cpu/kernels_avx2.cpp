@@ -160,36 +160,39 @@ PP_INLINE void axpy_rows(const typename W::T* const (&w)[R], const float (&hv)[N
     }
 }
 
-// Rows [row, row + R) of one segment against tokens [k0, k0 + NT).
+// Rows j, j + step, ..., j + (R-1) step of segment s against tokens [k0, k0 + NT): R rows
+// `step` apart are R independent memory streams (one front-to-back stream per thread left
+// the prefetchers short of bytes in flight).
 template <typename W, int R, int NT>
 PP_INLINE void axpy_tile(const SegsAxpy& a, const typename W::T* w, int64_t s, int64_t j,
-                         int64_t k0) {
+                         int64_t step, int64_t k0) {
   const typename W::T* ws[R];
   float hv[NT][R];
   float* outs[NT];
-  for (int r = 0; r < R; ++r) ws[r] = w + (a.seg_row[s] + j + r) * a.ldw;
+  for (int r = 0; r < R; ++r) ws[r] = w + (a.seg_row[s] + j + r * step) * a.ldw;
   for (int k = 0; k < NT; ++k) {
     outs[k] = a.out + (k0 + k) * a.ldo;
-    for (int r = 0; r < R; ++r) hv[k][r] = a.h[k0 + k][a.seg_off[s] + j + r];
+    for (int r = 0; r < R; ++r) hv[k][r] = a.h[k0 + k][a.seg_off[s] + j + r * step];
   }
   axpy_rows<W, R, NT>(ws, hv, outs, a.ncols);
 }
 
 template <typename W, int R>
 PP_INLINE void axpy_rows_all_tokens(const SegsAxpy& a, const typename W::T* w, int64_t s,
-                                    int64_t j) {
+                                    int64_t j, int64_t step) {
   int64_t k0 = 0;
-  for (; k0 + 2 <= a.nt; k0 += 2) axpy_tile<W, R, 2>(a, w, s, j, k0);
-  if (k0 < a.nt) axpy_tile<W, R, 1>(a, w, s, j, k0);
+  for (; k0 + 2 <= a.nt; k0 += 2) axpy_tile<W, R, 2>(a, w, s, j, step, k0);
+  if (k0 < a.nt) axpy_tile<W, R, 1>(a, w, s, j, step, k0);
 }
 
 template <typename W>
 PP_TARGET void segs_axpy(const SegsAxpy& a) {
   const auto* w = static_cast<const typename W::T*>(a.w);
   for (int64_t s = 0; s < a.nseg; ++s) {
-    int64_t j = 0;
-    for (; j + 4 <= a.seg_len[s]; j += 4) axpy_rows_all_tokens<W, 4>(a, w, s, j);
-    for (; j < a.seg_len[s]; ++j) axpy_rows_all_tokens<W, 1>(a, w, s, j);
+    // the segment's first 4q rows as 4 interleaved quarters, then the rest one by one
+    const int64_t q = a.seg_len[s] / 4;
+    for (int64_t j = 0; j < q; ++j) axpy_rows_all_tokens<W, 4>(a, w, s, j, q);
+    for (int64_t j = 4 * q; j < a.seg_len[s]; ++j) axpy_rows_all_tokens<W, 1>(a, w, s, j, 1);
   }
 }
 

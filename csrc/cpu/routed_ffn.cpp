@@ -15,7 +15,7 @@
 //         reading each weight row once for all its tokens (tiles of up to 4 tokens), and
 //      2. down: y_chunk[t, i] = sum over runs of consecutive experts of the chunk of
 //         Wd[i, run] . h[t, run], for every output row i (8 rows streamed at a time), or
-//         packed: y_chunk[t, :] += h[t, n] * Wd^T[n, :] over the run's rows n (4 at a time);
+//         packed: y_chunk[t, :] += h[t, n] * Wd^T[n, :] over the run's rows n (4 streams);
 //    then the chunks' partial outputs are summed (+ b_down). One parallel region per call.
 //    Weights stay in their dtype (fp32/bf16/fp16) and are widened to fp32 in registers
 //    (kernels_avx2.cpp, or kernels_generic.cpp without AVX2); accumulation is fp32.
