@@ -27,7 +27,6 @@ from torch import nn
 
 from . import ops
 from .families import Family, FFNWeights, ffn_weights, projections
-from .ops.checks import is_packed_down
 from .ops.router_route import fold_standardization
 
 POLICIES = ("budget", "topk", "threshold", "static", "dense")
@@ -35,9 +34,9 @@ POLICIES = ("budget", "topk", "threshold", "static", "dense")
 
 def _contiguous(t: torch.Tensor) -> torch.Tensor:
     # GPT-2's Conv1D weights are [in, out]: their nn.Linear-layout views are transposed
-    # (non-contiguous); the compiled kernels want contiguous W_gate/W_up, so those are copied
-    # per call (correct, slower; only the Conv1D family pays it). A transposed W_down is not
-    # copied: the kernels read it as the packed W_down^T (is_packed_down).
+    # (non-contiguous); the kernels want contiguous W_gate/W_up, so those are copied per call
+    # (correct, slower; only the Conv1D family pays it). W_down is passed as it is: every
+    # backend takes its layout (a transposed one is read as the packed W_down^T in place).
     return t if t.is_contiguous() else t.contiguous()
 
 
@@ -325,8 +324,7 @@ class RoutedFFN(nn.Module):
                                            hidden_activation=act, min_experts=lo, max_experts=hi,
                                            backend=self.backend)
         w = self.weights()
-        if (all(t is None or t.is_contiguous() for t in (w.w_gate, w.w_up))
-                and (w.w_down.is_contiguous() or is_packed_down(w.w_down))):
+        if all(t is None or t.is_contiguous() for t in (w.w_gate, w.w_up)):
             ffn = ops.bind_routed_ffn(w.w_gate, w.w_up, w.w_down, activation=self.activation,
                                       b_up=w.b_up, b_down=w.b_down,
                                       backend=self.ffn_backend or self.backend)
@@ -363,9 +361,7 @@ class RoutedFFN(nn.Module):
         else:
             w = self.weights()
             w_gate, w_up = (None if t is None else _contiguous(t) for t in (w.w_gate, w.w_up))
-            # W_down stored transposed (packed_down, Conv1D) is read in place by the kernels
-            w_down = w.w_down if is_packed_down(w.w_down) else _contiguous(w.w_down)
-            y = ops.routed_ffn(x2, w_gate, w_up, w_down, mask, activation=self.activation,
+            y = ops.routed_ffn(x2, w_gate, w_up, w.w_down, mask, activation=self.activation,
                                b_up=w.b_up, b_down=w.b_down,
                                backend=self.ffn_backend or self.backend)
         return self._finish(y, mask, shape)

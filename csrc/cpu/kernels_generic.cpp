@@ -1,6 +1,6 @@
-// Portable versions of the routed-FFN dot and row-sum kernels (see kernels.h). Compiled for the baseline
-// ISA; `#pragma omp simd` lets the compiler vectorize the reductions. Used when the CPU has no
-// AVX2/FMA/F16C, on non-x86 machines, and when PRUNEPATH_CPU_ISA=generic.
+// Portable versions of the routed-FFN dot and row-sum kernels (see kernels.h). Compiled for
+// the baseline ISA; `#pragma omp simd` lets the compiler vectorize the reductions. Used when
+// the CPU has no AVX2/FMA/F16C, on non-x86 machines, and when PRUNEPATH_CPU_ISA=generic.
 #include "kernels.h"
 
 namespace prunepath {

@@ -183,6 +183,14 @@ def _compact_tile(live_e, i, NE, n_neur, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def _compact_token_mask(mask_ptr, offs_t, t_ok, ex, live, stride_mt):
+    """[BLOCK_T, BLOCK_N] bool for a compacted tile: token t chose expert ``ex[j]`` (one mask
+    byte per (token, neuron); False past the list's end)."""
+    return tl.load(mask_ptr + offs_t[:, None] * stride_mt + ex[None, :],
+                   mask=t_ok[:, None] & live[None, :], other=0) != 0
+
+
+@triton.jit
 def _compact_rows3(live_e, i, n_exp, NE_VEC: tl.constexpr, BLOCK_N: tl.constexpr):
     """Tile i's neurons as [experts, NE_VEC] (NE_VEC = experts' size, a power of two that
     divides BLOCK_N): keeps each expert's run of neurons visibly contiguous, so loads along
@@ -281,8 +289,7 @@ def _ffn_up_kernel(
             # and no token chose it (a store predicate of cols < F keeps the stores wide)
             cols, live, rows, ex = _compact_tile(live_e, j, NE, n_neur, BLOCK_N)
             n_ok = cols < F
-            tok = tl.load(mask_ptr + offs_t[:, None] * stride_mt + ex[None, :],
-                          mask=t_ok[:, None] & live[None, :], other=0) != 0
+            tok = _compact_token_mask(mask_ptr, offs_t, t_ok, ex, live, stride_mt)
         else:
             chunk_start, rows, in_range = _listed(lo, hi, pos, j, F, BLOCK_N)
             cols = rows
@@ -364,8 +371,7 @@ def _down_loop(acc, h_ptr, wd_ptr, bu_ptr, mask_ptr, lo, hi, pos, n_live, live_e
             cols, live, rows, ex = _compact_tile(live_e, i, NE, n_exp * NE, BLOCK_N)
             n_ok = cols < F
             if PARTIAL:
-                tok = tl.load(mask_ptr + offs_t[:, None] * stride_mt + ex[None, :],
-                              mask=t_ok[:, None] & live[None, :], other=0) != 0
+                tok = _compact_token_mask(mask_ptr, offs_t, t_ok, ex, live, stride_mt)
         else:
             chunk_start, rows, in_range = _listed(lo, hi, pos, i, F, BLOCK_N)
             cols = rows
