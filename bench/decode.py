@@ -350,6 +350,7 @@ class Row:
     prefill_ms: float = 0.0
     mode: str = "graph"  # Decoder mode: "graph" (CUDA graph per step) or "compile"
     ffn_backend: str | None = None  # routed-FFN kernel backend the decoder chose (auto)
+    step: str = "lean"  # Decoder step run: "hf" (the model's forward) or "lean" (prunepath.lean_step)
 
 
 def build_llama(name: str, device, dtype, seed: int = 0):
@@ -402,6 +403,7 @@ def gpu_suite(args) -> list[dict]:
     import traceback
 
     import prunepath
+    from prunepath import packed_down
     from prunepath.convert import wrap
     from prunepath.decode import Decoder
 
@@ -466,9 +468,9 @@ def gpu_suite(args) -> list[dict]:
         cfg = model.config
         log(f"== {name}: built in {time.perf_counter() - t0:.1f}s")
         e = args.experts
-        runs = [(b, m) for b in args.batches for m in args.modes
+        runs = [(b, m, st) for b in args.batches for m in args.modes for st in args.steps
                 if m != "compile" or b in args.compile_batches]
-        for batch, mode in runs:
+        for batch, mode, step in runs:
             if time_left() < 15:
                 log(f"[deadline: {name} batch {batch} {mode} skipped]")
                 break
@@ -476,22 +478,23 @@ def gpu_suite(args) -> list[dict]:
             prompt = torch.randint(0, cfg.vocab_size, (batch, prompt_len), generator=gen).to(device)
             # dense: the unconverted model, same decoder
             if prunepath.decode.routed_layers(model):
+                packed_down.unpack(model)
                 prunepath.unload(model)
             dense_bytes = step_bytes(cfg, batch, max_len, elem=elem)
             profile_this = args.profile and mode != "compile"
 
             def dense_run():
-                dec = Decoder(model, batch, max_len, mode=mode)
+                dec = Decoder(model, batch, max_len, mode=mode, step=step)
                 t, prof, peak = measure(dec, model, prompt, batch, profile_this)
                 ms = t["ms_per_step"]
                 row = Row(name, batch, "dense", 0.0, 1.0, ms, batch * 1e3 / ms,
                           ffn_ms=prof.get("ffn_ms"),
                           ffn_share=(prof["ffn_ms"] / ms) if prof else None,
-                          peak_gib=peak, prefill_ms=t["prefill_ms"], mode=dec.mode)
+                          peak_gib=peak, prefill_ms=t["prefill_ms"], mode=dec.mode, step=dec.step_kind)
                 record(row, {}, prof, t)
                 return ms
 
-            dense_ms = guarded(f"{name} B={batch} {mode} dense", dense_run)
+            dense_ms = guarded(f"{name} B={batch} {mode} {step} dense", dense_run)
             if dense_ms is None:
                 continue
             # PrunePath: wrap (no clustering: random weights), then synthetic masks
@@ -503,7 +506,8 @@ def gpu_suite(args) -> list[dict]:
             if batch == 1 and mode != "compile":  # overhead variants (statistics; no routing)
                 configs += [(s_, "independent", v) for v in args.variants
                             for s_ in args.sparsities if s_ in (0.5, 0.75)]
-            dec = Decoder(model, batch, max_len, mode=mode, ffn_path=args.ffn_path)
+            dec = Decoder(model, batch, max_len, mode=mode, ffn_path=args.ffn_path, step=step,
+                          packed_down=args.packed_down)
             for sparsity, kind, variant in configs:
                 if time_left() < 10:
                     log(f"[deadline: {name} B={batch} s={sparsity} {kind} {variant} skipped]")
@@ -526,7 +530,7 @@ def gpu_suite(args) -> list[dict]:
                     used = dec
                     if variant:  # a fresh decoder: its steps capture the variant's kernels
                         used = Decoder(model, batch, max_len, mode=mode, ffn_path=args.ffn_path,
-                                       record_stats=variant == "stats")
+                                       record_stats=variant == "stats", step=step)
                     u = union_density(chosen)
                     profile = profile_this and batch in (1, 8)
                     t, prof, peak = measure(used, model, prompt, batch, profile)
@@ -543,11 +547,13 @@ def gpu_suite(args) -> list[dict]:
                               ffn_ms=prof.get("ffn_ms"),
                               ffn_share=(prof["ffn_ms"] / ms) if prof else None,
                               peak_gib=peak, prefill_ms=t["prefill_ms"], mode=used.mode,
-                              ffn_backend=getattr(used, "last_ffn_backend", None))
+                              ffn_backend=getattr(used, "last_ffn_backend", None),
+                              step=used.step_kind)
                     record(row, info, prof, t)
 
-                guarded(f"{name} B={batch} {mode} s={sparsity} {label}", sparse_run)
+                guarded(f"{name} B={batch} {mode} {step} s={sparsity} {label}", sparse_run)
             del dec
+            packed_down.unpack(model)
             prunepath.unload(model)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -566,7 +572,7 @@ def _peak_gib(device) -> float:
 
 def _fmt(r: Row) -> str:
     share = "" if r.ffn_share is None else f" ffn {100 * r.ffn_share:4.1f}%"
-    return (f"{r.model:10s} {r.mode:7s} B={r.batch} {r.masks:11s} s={r.sparsity:.2f} "
+    return (f"{r.model:10s} {r.mode:7s} {r.step:4s} B={r.batch} {r.masks:11s} s={r.sparsity:.2f} "
             f"union={r.union:.3f} "
             f"{r.ms_per_step:7.3f} ms/step {r.tok_s:8.1f} tok/s x{r.speedup:.2f} "
             f"(ceiling x{r.ceiling:.2f}, {100 * r.of_ceiling:.0f}%) {r.path}"
@@ -575,7 +581,7 @@ def _fmt(r: Row) -> str:
 
 
 def print_table(rows: list[dict], title: str) -> None:
-    cols = ["model", "mode", "batch", "masks", "sparsity", "union", "ms_per_step", "tok_s",
+    cols = ["model", "mode", "step", "batch", "masks", "sparsity", "union", "ms_per_step", "tok_s",
             "speedup", "ceiling", "of_ceiling", "path", "ffn_backend", "ffn_share", "peak_gib"]
     if rows and "cpu_ms_per_step" in rows[0]:
         cols[-1:] = ["speedup_paired", "cpu_ms_per_step", "cpu_speedup"]
@@ -632,7 +638,7 @@ def cpu_suite(args) -> list[dict]:
     prompt = _text_prompt(tok, args.prompt)
     max_len = args.prompt + args.new
     dec = Decoder(model, 1, max_len, mode=args.mode, record_stats=True,  # sparsity column
-                  fast_linears=args.fast_linears)
+                  fast_linears=args.fast_linears, step=args.steps[0])
     configs = [("dense", None)] + [(p, p) for p in presets]
     if dec.fast_linears:  # also the dense model with torch's F.linear everywhere (stock HF)
         configs.append(("dense_torch_linear", "torch_linear"))
@@ -680,7 +686,8 @@ def cpu_suite(args) -> list[dict]:
         ms = statistics.median(times[name])
         s = sparsity[name] if not name.startswith("dense") else 0.0
         ceiling = dense_bytes / step_bytes(cfg, 1, max_len, 1 - s, e, rank, 4) if s else 1.0
-        rows.append({"model": "smollm2-135m", "batch": 1, "masks": name, "sparsity": s,
+        rows.append({"model": "smollm2-135m", "mode": dec.mode, "step": dec.step_kind,
+                     "batch": 1, "masks": name, "sparsity": s,
                      "union": 1 - s, "ms_per_step": ms, "tok_s": 1e3 / ms,
                      "speedup": dense_ms / ms, "ceiling": ceiling,
                      # the ratio rep by rep (each rep times every config back to back): holds
@@ -791,6 +798,9 @@ def parse_args(argv=None):
     p.add_argument("--compile-batches", default="1",
                    help="gpu suite: batch sizes that also run mode compile (if in --modes)")
     p.add_argument("--ffn-path", default="auto", help="Decoder ffn_path")
+    p.add_argument("--steps", default="auto",
+                   help="Decoder step(s): auto, hf (the model's forward), lean (prunepath.lean_step); "
+                        "the gpu suite runs each, the cpu suite the first")
     p.add_argument("--backend", default="auto", help="ops backend of the routed FFNs")
     p.add_argument("--bank-steps", type=int, default=64, help="distinct mask steps (cycled)")
     p.add_argument("--no-profile", dest="profile", action="store_false")
@@ -812,7 +822,8 @@ def parse_args(argv=None):
                    "with a dense_torch_linear row for comparison)")
     p.add_argument("--packed-down", action="store_true",
                    help="cpu: also time every config with W_down stored transposed "
-                   "(prunepath.packed_down; rows named <config>_packed)")
+                   "(prunepath.packed_down; rows named <config>_packed); gpu: the routed "
+                   "models' decoders store it so (Decoder(packed_down=True))")
     a = p.parse_args(argv)
     a.models = a.models.split(",")
     a.batches = [int(b) for b in a.batches.split(",")]
@@ -823,6 +834,7 @@ def parse_args(argv=None):
     if bad:
         p.error(f"--variants: unknown {sorted(bad)}; choose from stats, norouter")
     a.modes = [m for m in a.modes.split(",") if m]
+    a.steps = [s for s in a.steps.split(",") if s]
     a.compile_batches = [int(b) for b in a.compile_batches.split(",") if b]
     gpu = a.suite == "gpu"
     a.device = a.device or ("cuda" if gpu else "cpu")

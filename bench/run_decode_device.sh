@@ -10,7 +10,8 @@
 # without statistics / without router projection), then Llama-2-7B with the time left.
 # Environment: BUILD=0 skips building prunepath._C (the "auto" backend then uses Triton);
 # TESTS=0 skips pytest (TEST_MARK: pytest -m expression, default "gpu and not slow";
-# TEST_TIMEOUT seconds, default 150; TEST_FILES, default the decode + fused-router tests); MODELS (default "llama3-8b llama2-7b"); BENCH_ARGS:
+# TEST_TIMEOUT seconds, default 150; TEST_FILES, default the decode + fused-router tests;
+# PYTEST_ARGS, e.g. "-n 8"); MODELS (default "llama3-8b llama2-7b"); BENCH_ARGS:
 # extra arguments for `bench/decode.py gpu` (e.g. "--quick", "--modes graph,compile");
 # REPEATS (default 2).
 # Output ($OUT, default /tmp/out; at most 8 files come back): setup.log (GPU, versions,
@@ -62,7 +63,7 @@ python3 -c "import prunepath.ops as o; print('backends on cuda:', o.available_ba
 if [ "${TESTS:-1}" = "1" ]; then
   # GPU decode tests (CUDA graphs; the compiled step too when TEST_MARK includes slow ones)
   # and the fused-router GPU tests
-  timeout ${TEST_TIMEOUT:-150} python3 -m pytest -q -m "${TEST_MARK:-gpu and not slow}" \
+  timeout ${TEST_TIMEOUT:-150} python3 -m pytest -q ${PYTEST_ARGS:-} -m "${TEST_MARK:-gpu and not slow}" \
     ${TEST_FILES:-tests/test_decode.py tests/test_fused_router.py} -p no:cacheprovider \
     > "$OUT/pytest.log" 2>&1
   echo "pytest rc=$? at $(el)s"

@@ -46,25 +46,27 @@ def prompts(batch, length, seed=0, padded=False, device="cpu"):
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("padded", [False, True])
-def test_greedy_matches_hf_generate_dense(family, padded):
+@pytest.mark.parametrize("step", ["auto", "hf"])  # auto: the lean step where it runs the model
+def test_greedy_matches_hf_generate_dense(family, padded, step):
     model = tiny_model(family, seed=1)
     ids, mask = prompts(3, 7, seed=2, padded=padded)
     ref = hf_greedy(model, ids, attention_mask=mask)
-    out = generate(model, ids, NEW, attention_mask=mask, eos_token_id=[])
+    out = generate(model, ids, NEW, attention_mask=mask, eos_token_id=[], step=step)
     assert torch.equal(out, ref)
 
 
 @pytest.mark.parametrize("budget", [1.0, 0.6, 0.3])
 @pytest.mark.parametrize("ffn_path", ["sparse", "dense", "auto"])
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "llama:hf"])
 def test_greedy_matches_hf_generate_routed(budget, ffn_path, family):
+    family, _, step = family.partition(":")
     model = routed(family, seed=3)
     prunepath.set_budget(model, budget)
     ids, _ = prompts(2, 6, seed=4)
     ref = hf_greedy(model, ids)
     if budget < 1:  # the budget really removes experts during decoding
         assert prunepath.stats(model)["sparsity"] > 0.2
-    out = generate(model, ids, NEW, eos_token_id=[], ffn_path=ffn_path)
+    out = generate(model, ids, NEW, eos_token_id=[], ffn_path=ffn_path, step=step or "auto")
     assert torch.equal(out, ref)
 
 
@@ -401,11 +403,15 @@ def test_cuda_graph_bf16_sampling_and_eos():
 @pytest.mark.slow
 @gpu
 def test_compiled_reduce_overhead_matches_hf_gpu():
+    from torch._dynamo.utils import counters
+
     model = routed(seed=30, device="cuda")
     prunepath.set_budget(model, 0.5)
     ids, _ = prompts(2, 5, seed=31, device="cuda")
     prunepath.budget.reset_stats(model)
+    counters.clear()
     out = generate(model, ids, NEW, eos_token_id=[], mode="compile", record_stats=True)
+    assert counters["inductor"]["cudagraph_skips"] == 0  # the steps replay as CUDA graphs
     # the compiled steps' counter updates land (they were lost with 0-dim float64 counters)
     st = prunepath.stats(model)["cumulative"]
     assert st["tokens"] == 2 * 5 + 2 * (NEW - 1) and 0.2 < st["sparsity"] < 1.0
