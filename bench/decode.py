@@ -630,6 +630,9 @@ def cpu_suite(args) -> list[dict]:
 
     torch.set_num_threads(args.threads)
     model, tok = smollm2_routed(Path(args.checkpoint))
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    model.to(dtype)  # the checkpoint's weights are fp32 (dequantized from the GGUF)
+    elem = torch.finfo(dtype).bits // 8
     # the ops backend is a run-time choice, not the checkpoint's (a checkpoint written by an
     # evaluation script may carry "torch", the masked-dense reference)
     prunepath.budget.set_backend(model, args.backend)
@@ -680,13 +683,14 @@ def cpu_suite(args) -> list[dict]:
     dense_cpu_ms = statistics.median(cpu_times["dense"])
     e = model.prunepath_config.num_experts
     rank = model.prunepath_config.router_rank
-    dense_bytes = step_bytes(cfg, 1, max_len, elem=4)
+    dense_bytes = step_bytes(cfg, 1, max_len, elem=elem)
     rows = []
     for name, _ in configs:
         ms = statistics.median(times[name])
         s = sparsity[name] if not name.startswith("dense") else 0.0
-        ceiling = dense_bytes / step_bytes(cfg, 1, max_len, 1 - s, e, rank, 4) if s else 1.0
-        rows.append({"model": "smollm2-135m", "mode": dec.mode, "step": dec.step_kind,
+        ceiling = dense_bytes / step_bytes(cfg, 1, max_len, 1 - s, e, rank, elem) if s else 1.0
+        rows.append({"model": "smollm2-135m", "dtype": args.dtype, "mode": dec.mode,
+                     "step": dec.step_kind,
                      "batch": 1, "masks": name, "sparsity": s,
                      "union": 1 - s, "ms_per_step": ms, "tok_s": 1e3 / ms,
                      "speedup": dense_ms / ms, "ceiling": ceiling,
@@ -817,6 +821,7 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint", default=str(SMOLLM2_CHECKPOINT))
     p.add_argument("--presets", default="s30,s50,s70,s90")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="cpu suite: model dtype")
     p.add_argument("--no-fast-linears", dest="fast_linears", action="store_false",
                    help="cpu: keep torch's F.linear in decode steps (default: prunepath.fast_linear, "
                    "with a dense_torch_linear row for comparison)")

@@ -162,6 +162,19 @@ class RoutedFFN(nn.Module):
         self.register_buffer("token_count", torch.zeros(1, dtype=torch.float64, device=dev),
                              persistent=False)
 
+    # routing state and statistics: their dtype is fixed (a budget of 0.564 in bf16 is 0.5625;
+    # a float16/bf16 token count stops counting at 2048/256); ``model.to(dtype)`` moves them only
+    _STATE_BUFFERS = ("budget", "tau", "last_active", "active_sum", "token_count")
+
+    def _apply(self, fn, recurse=True):
+        kept = {n: self._buffers[n] for n in self._STATE_BUFFERS if self._buffers.get(n) is not None}
+        out = super()._apply(fn, recurse)
+        for name, old in kept.items():
+            new = self._buffers[name]
+            if new.dtype != old.dtype:  # converted from the original values, not the rounded ones
+                self._buffers[name] = old.to(new.device)
+        return out
+
     # --- weights ------------------------------------------------------------------------
     def projections(self):
         return projections(self.base, self.fam)

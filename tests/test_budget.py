@@ -5,6 +5,7 @@ import torch
 
 import prunepath
 from prunepath.budget import routed_layers
+from prunepath.convert import wrap
 from tests.tiny_models import random_ids, tiny_model
 
 pytest.importorskip("transformers")
@@ -239,3 +240,20 @@ def test_router_temperature_drops_stale_presets_and_checks_its_value(trained):
             prunepath.set_router_temperature(trained, bad)
     with pytest.raises(ValueError, match="router_temperature"):
         prunepath.PrunePathConfig(router_temperature=0.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_model_to_dtype_keeps_budget_and_counters_exact(dtype):
+    # model.to(dtype) converts every floating buffer; the budget and statistics must not be
+    # rounded (0.564 is 0.5625 in bf16) and the counters must keep counting past 256 tokens
+    model = tiny_model("llama", seed=5)
+    wrap(model, prunepath.PrunePathConfig(num_experts=E, clustering="none", router="linear"))
+    prunepath.set_budget(model, 0.564)
+    model.to(dtype)
+    layer = routed_layers(model)[0]
+    assert layer.base.up_proj.weight.dtype == dtype and next(layer.router.parameters()).dtype == dtype
+    assert layer.budget.dtype == torch.float32 and float(layer.budget) == pytest.approx(0.564)
+    assert layer.active_sum.dtype == layer.token_count.dtype == torch.float64
+    with torch.no_grad():
+        model(random_ids(3, 100, seed=6))
+    assert prunepath.stats(model)["cumulative"]["tokens"] == 300
