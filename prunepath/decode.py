@@ -1,7 +1,9 @@
 """Fast generation: static KV cache, one-token steps on device, CUDA graphs.
 
 A gpt-fast-style decode loop over any Hugging Face causal LM that supports
-``transformers.StaticCache`` (Llama, Mistral, Qwen, Gemma, ...), routed (PrunePath) or dense:
+``transformers.StaticCache`` (Llama, Mistral, Qwen, Gemma, ...), routed (PrunePath) or dense;
+Llama-family models run a hand-written forward over their own modules
+(:mod:`prunepath.lean_step`, ``step="auto"``), the others their own forward:
 
 >>> out = prunepath.generate(model, input_ids, max_new_tokens=128, budget=0.5)
 
@@ -464,7 +466,7 @@ class Decoder:
         self._has_eos = bool(eos)
         pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
         self._pad.fill_(pad)
-        (self.lean or self.cache).reset()
+        (self.lean if self.lean is not None else self.cache).reset()
         self._done.zero_()
         self._n.zero_()
         self._attn.fill_(1)

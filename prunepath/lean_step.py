@@ -18,8 +18,9 @@ gpt-fast writes a decode step:
 Every length is static (the cache holds ``max_length`` slots and attention reads all of
 them under a mask), and the slot counter is a device tensor, so a step captures as a CUDA
 graph or compiles with ``torch.compile(mode="reduce-overhead")`` and replays. Used by
-:class:`prunepath.decode.Decoder` with ``step="lean"``; supported: ``config.model_type`` in
-:data:`FAMILIES` with full (not sliding-window) attention and default scaling.
+:class:`prunepath.decode.Decoder` with ``step="lean"`` (and ``"auto"``, its default, wherever
+:func:`unsupported` finds nothing): ``config.model_type`` in :data:`FAMILIES`, full (not
+sliding-window) attention over the cache, rotary frequencies that do not depend on the length.
 """
 
 from __future__ import annotations

@@ -1,6 +1,11 @@
 import os
+import tempfile
 
 import torch
+
+# backend choices measured during the tests (GPU ops) go to a cache of this
+# run, not the user's (prunepath.ops.autotune)
+os.environ.setdefault("PRUNEPATH_CACHE_DIR", tempfile.mkdtemp(prefix="prunepath-test-cache-"))
 
 # Triton kernels run on the CPU under the interpreter when there is no GPU (how CI tests
 # them). Must be set before any @triton.jit function is defined.
