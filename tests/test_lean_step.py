@@ -137,3 +137,28 @@ def test_compiled_lean_step_matches_hf_gpu(budget):
     # the step runs as CUDA graphs: inductor skipped none (it does when the cache it writes
     # is not a static address; then every step launches each kernel, ~3x slower)
     assert counters["inductor"]["cudagraph_skips"] == 0
+
+
+def test_rope_scaling_llama3_runs_lean_and_dynamic_falls_back_to_hf():
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny_config("llama")  # Llama-3.x's rope scaling: fixed frequencies, one table
+    cfg.rope_parameters = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                           "high_freq_factor": 4.0, "original_max_position_embeddings": 8,
+                           "rope_theta": 10000.0}
+    torch.manual_seed(15)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():  # as tiny_model: weights large enough for distinct logits
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.2)
+    ids, _ = prompts(2, 9, seed=16)  # positions up to 18, past the 8 the scaling starts from
+    dec = Decoder(model, 2, 9 + NEW)
+    assert dec.step_kind == "lean"
+    assert torch.equal(dec.generate(ids, NEW, eos_token_id=[]), hf_greedy(model, ids))
+    cfg = tiny_config("llama")  # dynamic NTK: frequencies change with the length seen
+    cfg.rope_parameters = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    assert Decoder(model, 1, 16).step_kind == "hf"
+    with pytest.raises(ValueError, match="fixed frequencies, got 'dynamic'"):
+        Decoder(model, 1, 16, step="lean")
