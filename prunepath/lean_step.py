@@ -43,6 +43,10 @@ def unsupported(model, max_length: int) -> str | None:
     if (uses_window and window is not None and window < max_length) or kinds != {"full_attention"}:
         return (f"step='lean' needs full attention over max_length={max_length} tokens; this "
                 f"{kind} model uses a sliding window of {window}")
+    devices = {p.device for p in model.parameters()}
+    if len(devices) > 1 or any(hasattr(m, "_hf_hook") for m in model.modules()):
+        return ("step='lean' needs the whole model on one device without accelerate's offload "
+                f"hooks, got parameters on {sorted(map(str, devices))}")
     rope = getattr(getattr(model.model, "rotary_emb", None), "rope_type", None)
     if rope is None or "dynamic" in rope:  # dynamic rope rescales with the length seen so far
         return f"step='lean' needs a rotary embedding with fixed frequencies, got {rope!r}"

@@ -10,7 +10,7 @@ import torch
 
 import prunepath
 from prunepath.decode import Decoder, generate, no_host_sync
-from prunepath.lean_step import FAMILIES, LeanStep
+from prunepath.lean_step import FAMILIES, LeanStep, unsupported
 
 from .test_decode import NEW, hf_greedy, prompts, routed
 from .tiny_models import tiny_config, tiny_model
@@ -89,6 +89,10 @@ def test_unsupported_models_and_bad_step_are_named():
     Decoder(windowed, 1, 8, step="lean")  # the window covers the whole cache: same attention
     with pytest.raises(ValueError, match="step must be one of"):
         Decoder(tiny_model("llama"), 1, 16, step="fast")
+    hooked = tiny_model("llama")
+    hooked.model.layers[1]._hf_hook = object()  # what accelerate's device_map / offload attaches
+    assert "offload hooks" in unsupported(hooked, 16)
+    assert Decoder(hooked, 1, 16).step_kind == "hf"
 
 
 @pytest.mark.slow
