@@ -484,7 +484,7 @@ def gpu_suite(args) -> list[dict]:
             profile_this = args.profile and mode != "compile"
 
             def dense_run():
-                dec = Decoder(model, batch, max_len, mode=mode, step=step)
+                dec = Decoder(model, batch, max_len, mode=mode, step=step, fuse_qkv=args.fuse_qkv)
                 t, prof, peak = measure(dec, model, prompt, batch, profile_this)
                 ms = t["ms_per_step"]
                 row = Row(name, batch, "dense", 0.0, 1.0, ms, batch * 1e3 / ms,
@@ -507,7 +507,7 @@ def gpu_suite(args) -> list[dict]:
                 configs += [(s_, "independent", v) for v in args.variants
                             for s_ in args.sparsities if s_ in (0.5, 0.75)]
             dec = Decoder(model, batch, max_len, mode=mode, ffn_path=args.ffn_path, step=step,
-                          packed_down=args.packed_down)
+                          packed_down=args.packed_down, fuse_qkv=args.fuse_qkv)
             for sparsity, kind, variant in configs:
                 if time_left() < 10:
                     log(f"[deadline: {name} B={batch} s={sparsity} {kind} {variant} skipped]")
@@ -530,7 +530,8 @@ def gpu_suite(args) -> list[dict]:
                     used = dec
                     if variant:  # a fresh decoder: its steps capture the variant's kernels
                         used = Decoder(model, batch, max_len, mode=mode, ffn_path=args.ffn_path,
-                                       record_stats=variant == "stats", step=step)
+                                       record_stats=variant == "stats", step=step,
+                                       fuse_qkv=args.fuse_qkv)
                     u = union_density(chosen)
                     profile = profile_this and batch in (1, 8)
                     t, prof, peak = measure(used, model, prompt, batch, profile)
@@ -641,7 +642,7 @@ def cpu_suite(args) -> list[dict]:
     prompt = _text_prompt(tok, args.prompt)
     max_len = args.prompt + args.new
     dec = Decoder(model, 1, max_len, mode=args.mode, record_stats=True,  # sparsity column
-                  fast_linears=args.fast_linears, step=args.steps[0])
+                  fast_linears=args.fast_linears, step=args.steps[0], fuse_qkv=args.fuse_qkv)
     configs = [("dense", None)] + [(p, p) for p in presets]
     if dec.fast_linears:  # also the dense model with torch's F.linear everywhere (stock HF)
         configs.append(("dense_torch_linear", "torch_linear"))
@@ -802,6 +803,8 @@ def parse_args(argv=None):
     p.add_argument("--compile-batches", default="1",
                    help="gpu suite: batch sizes that also run mode compile (if in --modes)")
     p.add_argument("--ffn-path", default="auto", help="Decoder ffn_path")
+    p.add_argument("--fuse-qkv", action="store_true",
+                   help="lean step: q/k/v weights fused into one product (prunepath.fused_qkv)")
     p.add_argument("--steps", default="auto",
                    help="Decoder step(s): auto, hf (the model's forward), lean (prunepath.lean_step); "
                         "the gpu suite runs each, the cpu suite the first")

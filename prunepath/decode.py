@@ -214,6 +214,10 @@ class Decoder:
             Qwen2/3 with full attention) or ``"auto"`` (default): lean where it can run the
             model, else hf. Same tokens; lean is 8% faster per step compiled on an H200 and
             9% on a 2-core CPU (BENCHMARKS.md).
+        fuse_qkv: with the lean step, store each attention's q/k/v weights as one tensor
+            (:mod:`prunepath.fused_qkv`: same values, no extra memory) so a step computes
+            them with one product. Default ``False``; ``prunepath.fused_qkv.unfuse(model)``
+            restores the layout.
     """
 
     def __init__(
@@ -229,6 +233,7 @@ class Decoder:
         fast_linears: bool | None = None,
         packed_down: bool = False,
         step: str = "auto",
+        fuse_qkv: bool = False,
     ):
         from transformers import StaticCache
 
@@ -272,8 +277,11 @@ class Decoder:
             step = "hf" if unsupported(model, max_length) else "lean"
         self.step_kind = step
         if step == "lean":
+            from . import fused_qkv
             from .lean_step import LeanStep
 
+            if fuse_qkv:
+                fused_qkv.fuse(model)
             self.lean, self.cache = LeanStep(model, batch_size, max_length), None
         else:
             self.lean, self.cache = None, StaticCache(config=model.config, max_cache_len=max_length)

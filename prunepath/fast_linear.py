@@ -61,6 +61,11 @@ def disable(model: nn.Module) -> int:
     return n
 
 
+def is_fast(module: nn.Module) -> bool:
+    """Whether :func:`enable` switched this ``nn.Linear`` to the fast decode path."""
+    return getattr(module, _FLAG, False)
+
+
 def enabled(model: nn.Module) -> int:
     """How many layers of ``model`` use the fast decode path."""
     return sum(1 for mod in model.modules() if getattr(mod, _FLAG, False))

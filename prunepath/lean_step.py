@@ -7,7 +7,8 @@ gpt-fast writes a decode step:
 
     h = embed(ids)
     per layer:  x = input_norm(h)
-                q, k, v = q_proj(x), k_proj(x), v_proj(x)     (+ q_norm/k_norm: Qwen3)
+                q, k, v = q_proj(x), k_proj(x), v_proj(x)     (+ q_norm/k_norm: Qwen3; one
+                                                                product when fused_qkv.fuse)
                 q, k = rotary(q, k) from one table of every position, made once
                 cache[slot] = k, v                             (index_copy_ at device slots)
                 h += o_proj(softmax(q k^T * scale + mask) v)   (one token: a grouped matmul;
@@ -27,6 +28,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from . import fast_linear, ops
+from .fused_qkv import qkv_view
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -90,13 +94,16 @@ class LeanStep:
         with torch.no_grad():
             cos, sin = base.rotary_emb(torch.empty(0, device=dev, dtype=dt), pos)
         self.cos, self.sin = cos[0], sin[0]  # [max_length, head_dim]
+        # per layer: (weight [Dq + 2 Dkv, d], bias) where q/k/v are fused (fused_qkv.fuse)
+        self.qkv = [qkv_view(layer.self_attn) for layer in self.layers]
 
     def tensors(self) -> list[torch.Tensor]:
         """The device tensors a step reads or writes besides the model's own (the caches, the
         slot counter, the rotary table): ``torch.compile(mode="reduce-overhead")`` must see
         them as static addresses (``torch._dynamo.mark_static_address``), or its CUDA graphs
         would copy them in per replay, or, as the caches are written, not be used at all."""
-        return [self.slot, self._slots, self.cos, self.sin, *self.k_cache, *self.v_cache]
+        fused = [t for wb in self.qkv if wb is not None for t in wb if t is not None]
+        return [self.slot, self._slots, self.cos, self.sin, *self.k_cache, *self.v_cache, *fused]
 
     def reset(self) -> None:
         """Empty the cache (a new batch of prompts); stale slots are masked, not cleared."""
@@ -128,12 +135,18 @@ class LeanStep:
     def _attention(self, attn, x, i, slots, cos, sin, allowed):
         b, t, _ = x.shape
         hd, kv, g = self.head_dim, self.kv_heads, self.heads // self.kv_heads
-        q = attn.q_proj(x).view(b, t, self.heads, hd)
-        k = attn.k_proj(x).view(b, t, kv, hd)
+        if self.qkv[i] is not None:  # one product for q, k and v
+            w, bias = self.qkv[i]
+            # the CPU decode GEMV where the model's linears use it (prunepath.fast_linear)
+            linear = ops.linear if fast_linear.is_fast(attn.q_proj) else F.linear
+            y = linear(x.reshape(b * t, -1), w, bias).view(b, t, -1)
+            q, k, v = y.split([self.heads * hd, kv * hd, kv * hd], dim=-1)
+        else:
+            q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+        q, k, v = q.view(b, t, self.heads, hd), k.view(b, t, kv, hd), v.view(b, t, kv, hd)
         if hasattr(attn, "q_norm"):  # Qwen3: RMSNorm per head before the rotary
             q, k = attn.q_norm(q), attn.k_norm(k)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)
-        v = attn.v_proj(x).view(b, t, kv, hd).transpose(1, 2)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
         kc, vc = self.k_cache[i], self.v_cache[i]
