@@ -320,7 +320,8 @@ def test_compiled_step_matches_hf_cpu():
     prunepath.set_budget(model, 0.5)
     ids, _ = prompts(2, 5, seed=22)
     prunepath.budget.reset_stats(model)
-    out = generate(model, ids, NEW, eos_token_id=[], mode="compile", record_stats=True)
+    # the HF step (the lean one: tests/test_lean_step.py)
+    out = generate(model, ids, NEW, eos_token_id=[], mode="compile", record_stats=True, step="hf")
     # the compiled steps' counter updates land (they were lost with 0-dim float64 counters)
     st = prunepath.stats(model)["cumulative"]
     assert st["tokens"] == 2 * 5 + 2 * (NEW - 1) and 0.2 < st["sparsity"] < 1.0
@@ -352,12 +353,13 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU
 @gpu
 @pytest.mark.parametrize("budget", [1.0, 0.5])
 @pytest.mark.parametrize("ffn_path", ["sparse", "dense", "auto"])
-def test_cuda_graph_greedy_matches_hf_eager(budget, ffn_path):
+@pytest.mark.parametrize("step", ["lean", "hf"])
+def test_cuda_graph_greedy_matches_hf_eager(budget, ffn_path, step):
     model = routed(seed=23, device="cuda")
     prunepath.set_budget(model, budget)
     ids, mask = prompts(3, 6, seed=24, padded=True, device="cuda")
     ref = hf_greedy(model, ids, attention_mask=mask)
-    dec = Decoder(model, 3, 6 + NEW, mode="graph", ffn_path=ffn_path)
+    dec = Decoder(model, 3, 6 + NEW, mode="graph", ffn_path=ffn_path, step=step)
     out = dec.generate(ids, NEW, attention_mask=mask, eos_token_id=[])
     assert torch.equal(out, ref)
     assert dec.last_path in ("sparse", "dense")
@@ -410,7 +412,7 @@ def test_compiled_reduce_overhead_matches_hf_gpu():
     ids, _ = prompts(2, 5, seed=31, device="cuda")
     prunepath.budget.reset_stats(model)
     counters.clear()
-    out = generate(model, ids, NEW, eos_token_id=[], mode="compile", record_stats=True)
+    out = generate(model, ids, NEW, eos_token_id=[], mode="compile", record_stats=True, step="hf")
     assert counters["inductor"]["cudagraph_skips"] == 0  # the steps replay as CUDA graphs
     # the compiled steps' counter updates land (they were lost with 0-dim float64 counters)
     st = prunepath.stats(model)["cumulative"]
