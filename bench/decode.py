@@ -403,7 +403,6 @@ def gpu_suite(args) -> list[dict]:
     import traceback
 
     import prunepath
-    from prunepath import packed_down
     from prunepath.convert import wrap
     from prunepath.decode import Decoder
 
@@ -478,7 +477,6 @@ def gpu_suite(args) -> list[dict]:
             prompt = torch.randint(0, cfg.vocab_size, (batch, prompt_len), generator=gen).to(device)
             # dense: the unconverted model, same decoder
             if prunepath.decode.routed_layers(model):
-                packed_down.unpack(model)
                 prunepath.unload(model)
             dense_bytes = step_bytes(cfg, batch, max_len, elem=elem)
             profile_this = args.profile and mode != "compile"
@@ -554,7 +552,6 @@ def gpu_suite(args) -> list[dict]:
 
                 guarded(f"{name} B={batch} {mode} {step} s={sparsity} {label}", sparse_run)
             del dec
-            packed_down.unpack(model)
             prunepath.unload(model)
             if device.type == "cuda":
                 torch.cuda.empty_cache()

@@ -13,23 +13,18 @@ Masks come from bench/decode.py's synthetic banks (independent, exactly k of E e
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
+import os
 import sys
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 
-HERE = Path(__file__).resolve().parent
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-
-def _decode_bench():
-    spec = importlib.util.spec_from_file_location("bench_decode", HERE / "decode.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["bench_decode"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+import decode as bd  # noqa: E402  (bench/decode.py: model builder, synthetic masks, timing)
 
 
 def group(name: str) -> str:
@@ -82,7 +77,6 @@ def main(argv=None) -> int:
     p.add_argument("--json", default="profile_step_gpu.json")
     p.add_argument("--device", default="cuda", help="cpu: a dry run of this script (no kernels)")
     args = p.parse_args(argv)
-    bd = _decode_bench()
     import prunepath
     from prunepath.convert import wrap
     from prunepath.decode import Decoder

@@ -23,7 +23,7 @@ import warnings
 import torch
 from torch import nn
 
-from . import moefy
+from . import moefy, packed_down
 from ._modcall import make_module_callable
 from .config import PrunePathConfig
 from .families import (
@@ -244,9 +244,12 @@ def convert(model: nn.Module, cfg: PrunePathConfig | None = None, calibration=No
 
 
 def unload(model: nn.Module) -> nn.Module:
-    """Remove PrunePath from a converted model (in place): the plain, permuted dense model."""
+    """Remove PrunePath from a converted model (in place): the plain, permuted dense model
+    (a ``W_down`` stored transposed by :mod:`prunepath.packed_down` is laid out as nn.Linear's
+    again)."""
     if not is_converted(model):
         raise ValueError("model is not a PrunePath model (nothing to unload)")
+    packed_down.unpack(model)
     unwrap(model)
     if "prunepath_config" in model.__dict__:
         del model.prunepath_config

@@ -45,11 +45,11 @@ def _adjacent(ts) -> bool:
 
 
 def _joined(ts) -> torch.Tensor:
-    """The one tensor the adjacent pieces ``ts`` make (a view of their storage)."""
+    """The one tensor the adjacent pieces ``ts`` make (a view of their storage): contiguous
+    pieces of one row length, so the first piece's strides are the whole's."""
     first = ts[0]
-    rows = sum(t.shape[0] for t in ts)
-    shape = (rows, *first.shape[1:])
-    return first.as_strided(shape, torch.empty(shape, device="meta").stride(), first.storage_offset())
+    shape = (sum(t.shape[0] for t in ts), *first.shape[1:])
+    return first.as_strided(shape, first.stride(), first.storage_offset())
 
 
 def qkv_view(attn: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:

@@ -113,3 +113,12 @@ def test_a_packed_model_saves_and_loads_the_same_weights(tmp_path):
     assert packed_down.packed(loaded) == 0  # a checkpoint holds nn.Linear's layout
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, want)
+
+
+def test_unload_lays_a_packed_w_down_out_as_nn_linear_again():
+    model = _model()
+    downs = [m.projections()[2].weight for m in routed_layers(model)]
+    before = [w.clone() for w in downs]
+    assert packed_down.pack(model) == len(downs) and not downs[0].is_contiguous()
+    prunepath.unload(model)
+    assert all(w.is_contiguous() and torch.equal(w, b) for w, b in zip(downs, before))
