@@ -351,6 +351,11 @@ class Row:
     mode: str = "graph"  # Decoder mode: "graph" (CUDA graph per step) or "compile"
     ffn_backend: str | None = None  # routed-FFN kernel backend the decoder chose (auto)
     step: str = "lean"  # Decoder step run: "hf" (the model's forward) or "lean" (prunepath.lean_step)
+    fused_qkv: bool = False  # the lean step computed q/k/v with one product (prunepath.fused_qkv)
+
+
+def _qkv_fused(dec) -> bool:
+    return dec.lean is not None and any(wb is not None for wb in dec.lean.qkv)
 
 
 def build_llama(name: str, device, dtype, seed: int = 0):
@@ -488,7 +493,8 @@ def gpu_suite(args) -> list[dict]:
                 row = Row(name, batch, "dense", 0.0, 1.0, ms, batch * 1e3 / ms,
                           ffn_ms=prof.get("ffn_ms"),
                           ffn_share=(prof["ffn_ms"] / ms) if prof else None,
-                          peak_gib=peak, prefill_ms=t["prefill_ms"], mode=dec.mode, step=dec.step_kind)
+                          peak_gib=peak, prefill_ms=t["prefill_ms"], mode=dec.mode, step=dec.step_kind,
+                          fused_qkv=_qkv_fused(dec))
                 record(row, {}, prof, t)
                 return ms
 
@@ -547,7 +553,7 @@ def gpu_suite(args) -> list[dict]:
                               ffn_share=(prof["ffn_ms"] / ms) if prof else None,
                               peak_gib=peak, prefill_ms=t["prefill_ms"], mode=used.mode,
                               ffn_backend=getattr(used, "last_ffn_backend", None),
-                              step=used.step_kind)
+                              step=used.step_kind, fused_qkv=_qkv_fused(used))
                     record(row, info, prof, t)
 
                 guarded(f"{name} B={batch} {mode} {step} s={sparsity} {label}", sparse_run)
@@ -800,8 +806,9 @@ def parse_args(argv=None):
     p.add_argument("--compile-batches", default="1",
                    help="gpu suite: batch sizes that also run mode compile (if in --modes)")
     p.add_argument("--ffn-path", default="auto", help="Decoder ffn_path")
-    p.add_argument("--fuse-qkv", action="store_true",
-                   help="lean step: q/k/v weights fused into one product (prunepath.fused_qkv)")
+    p.add_argument("--fuse-qkv", default="auto", choices=("auto", "on", "off"),
+                   help="lean step: q/k/v weights fused into one product (prunepath.fused_qkv); "
+                   "auto: Decoder's default (on for a GPU)")
     p.add_argument("--steps", default="auto",
                    help="Decoder step(s): auto, hf (the model's forward), lean (prunepath.lean_step); "
                         "the gpu suite runs each, the cpu suite the first")
@@ -830,6 +837,7 @@ def parse_args(argv=None):
                    "(prunepath.packed_down; rows named <config>_packed); gpu: the routed "
                    "models' decoders store it so (Decoder(packed_down=True))")
     a = p.parse_args(argv)
+    a.fuse_qkv = {"auto": None, "on": True, "off": False}[a.fuse_qkv]
     a.models = a.models.split(",")
     a.batches = [int(b) for b in a.batches.split(",")]
     a.sparsities = [float(s) for s in a.sparsities.split(",")]

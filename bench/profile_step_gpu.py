@@ -71,6 +71,9 @@ def main(argv=None) -> int:
     p.add_argument("--step", default="lean", choices=("hf", "lean"))
     p.add_argument("--sparsities", default="0,0.5")
     p.add_argument("--experts", type=int, default=64)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--ffn-path", default="sparse", choices=("sparse", "dense", "auto"),
+                   help="Decoder ffn_path of the routed rows (dense: the masked-dense FFN)")
     p.add_argument("--prompt", type=int, default=256)
     p.add_argument("--new", type=int, default=256)
     p.add_argument("--steps", type=int, default=20)
@@ -84,7 +87,7 @@ def main(argv=None) -> int:
     dev = torch.device(args.device)
     model = bd.build_llama(args.model, dev, torch.bfloat16 if dev.type == "cuda" else torch.float32)
     cfg, e = model.config, args.experts
-    prompt = torch.randint(0, cfg.vocab_size, (1, args.prompt)).to(dev)
+    prompt = torch.randint(0, cfg.vocab_size, (args.batch, args.prompt)).to(dev)
     max_len = args.prompt + args.new
     out = {"env": bd.environment(dev), "args": vars(args), "rows": []}
     for s in [float(x) for x in args.sparsities.split(",")]:
@@ -93,15 +96,15 @@ def main(argv=None) -> int:
                                                   router_rank=64, prefill="dense"))
         if s > 0:
             k = max(1, round(e * (1 - s)))
-            bd.install_masks(model, bd.make_bank(cfg.num_hidden_layers, 64, 1, e, k, seed=k))
-        dec = Decoder(model, 1, max_len, mode=args.mode, step=args.step,
-                      ffn_path="sparse" if s > 0 else "auto")
+            bd.install_masks(model, bd.make_bank(cfg.num_hidden_layers, 64, args.batch, e, k, seed=k))
+        dec = Decoder(model, args.batch, max_len, mode=args.mode, step=args.step,
+                      ffn_path=args.ffn_path if s > 0 else "auto")
         t = bd.time_decode(dec, prompt, 64)
         dec.prefill(prompt, eos_token_id=[])
         dec.decode(8)
         row = {"sparsity": s, "ms_per_step": t["ms_per_step"], **profile_steps(dec, args.steps, bd.sync)}
         out["rows"].append(row)
-        print(f"\n== {args.model} {args.mode} {args.step} sparsity {s}: {t['ms_per_step']:.3f} ms/step, "
+        print(f"\n== {args.model} {args.mode} {args.step} B={args.batch} sparsity {s}: {t['ms_per_step']:.3f} ms/step, "
               f"kernels {row['kernel_us_per_step']:.0f} us/step in {row['kernels_per_step']:.0f} launches")
         for g, us in sorted(row["groups_us"].items(), key=lambda kv: -kv[1]):
             print(f"   {g:15s} {us:8.1f} us")

@@ -212,12 +212,14 @@ class Decoder:
             (:class:`prunepath.lean_step.LeanStep`: a hand-written forward over the same
             modules with its own static cache, a few tensor ops per layer; Llama, Mistral,
             Qwen2/3 with full attention) or ``"auto"`` (default): lean where it can run the
-            model, else hf. Same tokens; lean is 8% faster per step compiled on an H200 and
-            9% on a 2-core CPU (BENCHMARKS.md).
+            model, else hf. Same tokens; lean is the faster step on a GPU and a CPU
+            (BENCHMARKS.md).
         fuse_qkv: with the lean step, store each attention's q/k/v weights as one tensor
             (:mod:`prunepath.fused_qkv`: same values, no extra memory) so a step computes
-            them with one product. Default ``False``; ``prunepath.fused_qkv.unfuse(model)``
-            restores the layout.
+            them with one product. Default ``None``: on for a GPU model (one cuBLAS product
+            instead of three split-K products and their reduce launches; measured in
+            BENCHMARKS.md), off on a CPU (no gain measured there);
+            ``prunepath.fused_qkv.unfuse(model)`` restores the layout.
     """
 
     def __init__(
@@ -233,7 +235,7 @@ class Decoder:
         fast_linears: bool | None = None,
         packed_down: bool = False,
         step: str = "auto",
-        fuse_qkv: bool = False,
+        fuse_qkv: bool | None = None,
     ):
         from transformers import StaticCache
 
@@ -280,6 +282,8 @@ class Decoder:
             from . import fused_qkv
             from .lean_step import LeanStep
 
+            if fuse_qkv is None:
+                fuse_qkv = self.device.type == "cuda"
             if fuse_qkv:
                 fused_qkv.fuse(model)
             self.lean, self.cache = LeanStep(model, batch_size, max_length), None

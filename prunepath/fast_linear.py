@@ -1,19 +1,17 @@
-"""Decode steps: route the model's ``nn.Linear`` layers through :func:`prunepath.ops.linear`
-(a matrix-vector kernel) when they see a few tokens.
+"""Decode steps on the CPU: route the model's ``nn.Linear`` layers through
+:func:`prunepath.ops.linear` (the C++ matrix-vector kernel) when they see a few tokens.
 
->>> prunepath.fast_linear.enable(model)    # number of layers switched (Decoder does this)
+>>> prunepath.fast_linear.enable(model)    # number of layers switched; Decoder does this on CPU
 >>> prunepath.fast_linear.disable(model)   # back to torch.nn.functional.linear
 
-A decode step is a chain of matrix-vector products. On a CPU ``torch.nn.functional.linear``
-runs them at about half the rate the memory allows (2-core Zen 3), for the dense model and
-PrunePath alike, and the C++ kernel is used; on a GPU :func:`prunepath.ops.linear` measures
-once per shape whether the Triton kernel (no split-K reduce launches) beats cuBLAS and takes
-the faster. ``enable`` replaces the ``forward`` of every plain ``nn.Linear`` whose weight lies
-on a device with such a kernel by one that calls :func:`prunepath.ops.linear` for inputs of
-at most ``prunepath.ops.decode_linear.MAX_TOKENS`` rows (decode steps) and ``F.linear``
-otherwise (prefill, training, autograd). The modules, their parameters and ``state_dict``
-keys stay as they are (an instance attribute, removed by :func:`disable`); results equal
-``F.linear`` up to fp32 summation order.
+A decode step is a chain of matrix-vector products; ``torch.nn.functional.linear`` runs
+them at about half the rate the CPU's memory allows (on a 2-core Zen 3), for the dense
+model and PrunePath alike. ``enable`` replaces the ``forward`` of every plain ``nn.Linear``
+on the CPU by one that calls :func:`prunepath.ops.linear` for inputs of at most
+``prunepath.ops.decode_linear.MAX_TOKENS`` rows (decode steps) and ``F.linear`` otherwise (prefill,
+training, autograd). The modules, their parameters and ``state_dict`` keys stay as they are
+(an instance attribute, removed by :func:`disable`); results equal ``F.linear`` up to fp32
+summation order.
 """
 
 from __future__ import annotations
@@ -32,25 +30,20 @@ _FLAG = "_prunepath_fast_linear"
 
 def _fast_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     rows = x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else 0
-    if rows == 0 or rows > MAX_TOKENS:
+    if x.device.type != "cpu" or rows == 0 or rows > MAX_TOKENS:
         return F.linear(x, self.weight, self.bias)
     y = ops.linear(x.reshape(rows, x.shape[-1]), self.weight, self.bias)
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
-def _has_kernel(device: torch.device) -> bool:
-    """A decode GEMV exists for this device: the compiled extension on a CPU, Triton on a GPU."""
-    name = {"cpu": "cpu", "cuda": "triton"}.get(device.type)
-    return name is not None and ops.backends.is_available(name)
-
-
 def enable(model: nn.Module) -> int:
-    """Switch every plain ``nn.Linear`` of ``model`` on a CPU (with the compiled extension) or a
-    CUDA GPU (with Triton) to the fast decode path; returns how many were switched."""
+    """Switch every plain ``nn.Linear`` of ``model`` on the CPU to the fast decode path;
+    returns how many were switched (0 where the compiled extension is missing)."""
+    if not ops.backends.is_available("cpu"):
+        return 0
     n = 0
     for mod in model.modules():
-        if (type(mod) is nn.Linear and not getattr(mod, _FLAG, False)
-                and _has_kernel(mod.weight.device)):
+        if type(mod) is nn.Linear and mod.weight.device.type == "cpu" and not getattr(mod, _FLAG, False):
             mod.forward = types.MethodType(_fast_forward, mod)
             setattr(mod, _FLAG, True)
             n += 1

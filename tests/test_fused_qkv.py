@@ -78,6 +78,15 @@ def test_moving_a_fused_model_falls_back_to_three_products():
     assert torch.equal(dec.generate(ids, NEW, eos_token_id=[]), hf_greedy(model, ids))
 
 
+def test_decoder_fuses_by_default_on_a_gpu_only():
+    model = tiny_model("llama", seed=10)
+    dec = Decoder(model, 1, 8)  # a CPU model: no gain measured there, so left as it is
+    assert dec.step_kind == "lean" and fused_qkv.fused(model) == 0
+    assert all(wb is None for wb in dec.lean.qkv)
+    Decoder(model, 1, 8, fuse_qkv=True)
+    assert fused_qkv.fused(model) > 0
+
+
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
@@ -89,5 +98,6 @@ def test_fused_qkv_graph_and_compiled_match_hf_gpu(mode):
     prunepath.set_budget(model, 0.5)
     ids, mask = prompts(3, 6, seed=9, padded=True, device="cuda")
     ref = hf_greedy(model, ids, attention_mask=mask)
-    dec = Decoder(model, 3, 6 + NEW, mode=mode, ffn_path="sparse", fuse_qkv=True)
+    dec = Decoder(model, 3, 6 + NEW, mode=mode, ffn_path="sparse")  # fused by default on a GPU
+    assert fused_qkv.fused(model) > 0 and all(wb is not None for wb in dec.lean.qkv)
     assert torch.equal(dec.generate(ids, NEW, attention_mask=mask, eos_token_id=[]), ref)

@@ -299,8 +299,6 @@ def test_custom_ops_opcheck():
                           (x, wg, wu, wd.t(), mask, "silu", bu, bd))
     torch.library.opcheck(torch.ops.prunepath_triton.router_route.default,
                           (x, wu[:4], None, None, None, "none", budget, 1, 4))
-    torch.library.opcheck(torch.ops.prunepath_triton.linear.default, (x, wu, bu))
-    torch.library.opcheck(torch.ops.prunepath_triton.linear.default, (x, wd, None))
 
 
 def test_torch_compile_traces_the_ops():
@@ -317,45 +315,3 @@ def test_torch_compile_traces_the_ops():
     out, mask = compiled(x, logits, 0.6)
     assert torch.equal(mask, eager_mask)
     torch.testing.assert_close(out, eager_out, rtol=0, atol=0)
-
-
-# ------------------------------------------------------------- decode-step linear (gemv.py)
-
-LINEAR_CONFIGS = {
-    "default": None,
-    # one token on the CUDA cores (more tokens take the dot path), K not a multiple of 64
-    "rowsum": launch.LinearConfig(block_n=16, block_k=64, use_dot=False, pdl=False),
-    "wide": launch.LinearConfig(block_n=64, block_k=128, use_dot=True, num_stages=2),
-}
-
-
-@pytest.mark.parametrize("config", list(LINEAR_CONFIGS))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("t,k,n", [(1, 83, 37), (2, 64, 130), (5, 40, 9), (8, 200, 16),
-                                   (17, 33, 50)])
-@pytest.mark.parametrize("bias", [False, True])
-def test_linear_matches_reference(config, dtype, t, k, n, bias):
-    gen = torch.Generator().manual_seed(hash((config, t, k, n, bias)) % 2**31)
-    x = torch.randn(t, k, generator=gen)
-    w = torch.randn(n, k, generator=gen) / k**0.5
-    b = torch.randn(n, generator=gen) if bias else None
-    ref = (x.double() @ w.double().t() + (0 if b is None else b.double())).to(DEV)
-    mv = lambda a: None if a is None else a.to(DEV, dtype)  # noqa: E731
-    out = torch.full((t, n), float("nan"), device=DEV, dtype=dtype)  # poisoned
-    launch.linear(mv(x), mv(w), mv(b), config=LINEAR_CONFIGS[config], out=out)
-    assert_close_rel(out, ref, dtype)
-    if config == "default":
-        assert_close_rel(ops.linear(mv(x), mv(w), mv(b), backend="triton"), ref, dtype)
-
-
-def test_linear_strided_inputs_and_errors():
-    gen = torch.Generator().manual_seed(7)
-    x = torch.randn(3, 2 * 48, generator=gen).to(DEV)[:, ::2]  # not contiguous along K
-    w = torch.randn(48, 20, generator=gen).to(DEV).t()  # a transposed view: copied
-    ref = x.double() @ w.double().t()
-    assert_close_rel(ops.linear(x, w, backend="triton"), ref, torch.float32)
-    with pytest.raises(ValueError, match="unit stride"):
-        launch.linear(x, w.contiguous(), None)
-    with pytest.raises(ValueError, match="no backward"):
-        ops.linear(x, w.contiguous().requires_grad_(), backend="triton")
-    assert ops.linear(x[:0], w.contiguous(), backend="triton").shape == (0, 20)

@@ -20,7 +20,6 @@ Forcing a backend (``backend="triton"`` / ``"cuda"``) bypasses all of this.
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import statistics
@@ -38,12 +37,8 @@ _PREFERENCE = {
     "cpu": ("cpu", "torch"),
     "cuda": ("triton", "cuda", "torch"),
 }
-# ops with their own candidates (first = the static choice when nothing is measured):
-# a decode-step linear is F.linear unless the Triton kernel measured faster
-_OP_PREFERENCE = {"linear": {"cuda": ("torch", "triton")}}
 _FORMAT = 4  # bump when kernels change enough to invalidate stored choices
-_MEASURED_DEVICES = ("cuda",)
-_L2_ROTATE_BYTES = 256 << 20  # weight bytes cycled per timed graph (an H200's L2: 50 MB)  # device types whose choice is measured (tests add "cpu")
+_MEASURED_DEVICES = ("cuda",)  # device types whose choice is measured (tests add "cpu")
 
 
 def _tracing() -> bool:
@@ -61,15 +56,15 @@ def token_bucket(t: int) -> int:
 
 
 def _bucket_key(op: str, key):
-    # routed_ffn and linear keys end with the token count
-    if op in ("routed_ffn", "routed_ffn_packed", "linear") and key:
+    # routed_ffn keys end with the token count
+    if op in ("routed_ffn", "routed_ffn_packed") and key:
         return tuple(key[:-1]) + (token_bucket(int(key[-1])),)
     return tuple(key) if key is not None else ()
 
 
-def _candidates(device: torch.device, op: str = "") -> list[str]:
-    order = _OP_PREFERENCE.get(op, _PREFERENCE).get(device.type, ("torch",))
-    return [n for n in order if backends.supports_device(n, device) and backends.is_available(n)]
+def _candidates(device: torch.device) -> list[str]:
+    return [n for n in _PREFERENCE.get(device.type, ("torch",))
+            if backends.supports_device(n, device) and backends.is_available(n)]
 
 
 def _device_name(device: torch.device) -> str:
@@ -139,7 +134,7 @@ def choose(op: str, device: torch.device, key=None) -> str:
     hit = _CHOICES.get(cache_key)
     if hit is not None:
         return hit
-    cands = _candidates(device, op)
+    cands = _candidates(device)
     if not cands:
         return "torch"
     if device.type not in _MEASURED_DEVICES or len(cands) == 1:
@@ -176,14 +171,6 @@ def _synthetic_args(op: str, device: torch.device, key):
         x = torch.randn(16, d, device=device, dtype=dtype, generator=gen)
         w = torch.randn(e, d, device=device, dtype=dtype, generator=gen) / d**0.5
         return (x, w, torch.full((16,), 0.5, device=device))
-    if op == "linear":
-        # enough weight copies that the timed calls stream from memory, not from L2
-        dtype, n, k, t = key
-        copies = max(2, -(-_L2_ROTATE_BYTES // (n * k * torch.finfo(dtype).bits // 8)))
-        x = torch.randn(token_bucket(int(t)), k, device=device, dtype=dtype, generator=gen)
-        ws = [torch.randn(n, k, device=device, dtype=dtype, generator=gen) / k**0.5
-              for _ in range(min(copies, 64))]
-        return (x, ws)
     dtype, d, f, e, gated, t = key
     t = token_bucket(int(t))
     x = torch.randn(t, d, device=device, dtype=dtype, generator=gen)
@@ -196,17 +183,8 @@ def _synthetic_args(op: str, device: torch.device, key):
 
 
 def _runner(op: str, name: str, args):
-    from . import decode_linear, packed, router_route
+    from . import packed, router_route
 
-    if op == "linear":
-        x, ws = args
-        it = itertools.cycle(ws)
-
-        def call():
-            return decode_linear.linear(x, next(it), backend=name)
-
-        call.calls = max(8, len(ws))  # one graph replay reads every copy
-        return call
     if op == "route":
         mod = backends.load(name)
         return lambda: mod.route(*args)
@@ -232,8 +210,7 @@ def measure(op: str, device: torch.device, key, candidates, repeats: int = 15) -
             fn = _runner(op, name, args)
             for _ in range(3):
                 fn()
-            calls = getattr(fn, "calls", 8)
-            timer = _graph_timer(fn, device, calls) if device.type == "cuda" else None
+            timer = _graph_timer(fn, device) if device.type == "cuda" else None
             if timer is None:  # not capturable: time eager calls
                 timer = lambda: _time_ms(fn, device)  # noqa: E731
             times[name] = statistics.median(timer() for _ in range(repeats))

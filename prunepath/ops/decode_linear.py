@@ -25,14 +25,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
            backend: str = "auto") -> torch.Tensor:
     """``x @ weight^T + bias`` for ``x`` ``[T, d]``, ``weight`` ``[N, d]`` (nn.Linear layout).
 
-    ``backend``: "auto", "cpu" (the C++ kernel), "triton" (:mod:`prunepath.triton_kernels.gemv`;
-    no autograd) or "torch" (``F.linear``). "auto": on the CPU the C++ kernel where it applies;
-    on a GPU, for at most ``MAX_TOKENS`` rows of a weight with unit stride along ``d``, the
-    faster of triton and torch as measured once per shape (:mod:`prunepath.ops.autotune`);
-    everything else (more rows, fp64, autograd) ``F.linear``.
+    ``backend``: "auto" (the C++ kernel where it applies, else torch), "cpu" or "torch".
     """
-    if backend not in LINEAR_BACKENDS:
-        raise ValueError(f"backend must be one of {LINEAR_BACKENDS}, got {backend!r}")
+    if backend not in ("auto", "cpu", "torch"):
+        raise ValueError(f"backend must be one of ('auto', 'cpu', 'torch'), got {backend!r}")
     if x.dim() != 2 or x.dtype not in checks.FLOAT_DTYPES:
         raise ValueError(f"x must be a float tensor [T, d], got {tuple(x.shape)} {x.dtype}")
     if weight.dim() != 2 or weight.shape[1] != x.shape[1]:
@@ -42,38 +38,16 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and (t.device != x.device or t.dtype != x.dtype):
             raise ValueError(f"{name} is {t.dtype} on {t.device} but x is {x.dtype} on {x.device}")
-    grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, weight, bias))
-    if backend in ("cpu", "triton"):
-        if not backends.supports_device(backend, x.device):
-            raise ValueError(f"backend={backend!r} cannot run on device {x.device}")
-        if grad:
-            raise ValueError(f"backend={backend!r} has no backward: use backend='torch' "
-                             "(or 'auto') where gradients are needed")
-        backends.load(backend)  # raises BackendUnavailable with the install hint
-    name = backend if backend != "auto" else _auto(x, weight, grad)
-    if name == "triton":
-        if weight.stride(1) != 1:
-            weight = weight.contiguous()
-        return backends.load("triton").linear(x.contiguous(), weight, bias)
-    if name == "cpu" and x.shape[0] <= MAX_TOKENS and x.dtype != torch.float64:
-        if not checks.is_packed_down(weight):  # a transposed one goes to at::linear, uncopied
-            weight = weight.contiguous()
-        return torch.ops.prunepath.linear(x.contiguous(), weight, bias)
-    return F.linear(x, weight, bias)
-
-
-LINEAR_BACKENDS = ("auto", "cpu", "triton", "torch")
-
-
-def _auto(x: torch.Tensor, weight: torch.Tensor, grad: bool) -> str:
-    if grad or x.shape[0] > MAX_TOKENS or x.dtype == torch.float64:
-        return "torch"
-    if x.device.type == "cpu":
-        return "cpu" if backends.is_available("cpu") else "torch"
-    if x.device.type != "cuda" or weight.stride(1) != 1:
-        return "torch"
-    from . import autotune
-
-    return autotune.choose("linear", x.device,
-                           (x.dtype, weight.shape[0], weight.shape[1], x.shape[0]))
+    if backend == "cpu" and x.device.type != "cpu":
+        raise ValueError(f"backend='cpu' cannot run on device {x.device}")
+    fast = (backend != "torch" and x.device.type == "cpu" and x.dtype != torch.float64
+            and x.shape[0] <= MAX_TOKENS and backends.is_available("cpu")
+            and not (torch.is_grad_enabled() and any(
+                t is not None and t.requires_grad for t in (x, weight, bias))))
+    if not fast:
+        if backend == "cpu" and not backends.is_available("cpu"):
+            backends.load("cpu")  # raises BackendUnavailable with the build hint
+        return F.linear(x, weight, bias)
+    if not checks.is_packed_down(weight):  # a transposed one goes to at::linear, uncopied
+        weight = weight.contiguous()
+    return torch.ops.prunepath.linear(x.contiguous(), weight, bias)

@@ -33,7 +33,3 @@ def route(logits, budget, min_experts, max_experts):
 
 def routed_ffn(x, w_gate, w_up, w_down, mask, activation, b_up, b_down):
     return _kernels().routed_ffn(x, w_gate, w_up, w_down, mask, activation, b_up, b_down)
-
-
-def linear(x, weight, bias):
-    return _kernels().linear(x, weight, bias)

@@ -9,14 +9,12 @@
   (contiguous expert blocks; what :func:`prunepath.ops.prepack_ffn` makes)
 * ``masked_act(g, u, mask, activation)``: ``act(g) * u`` (or ``act(u)``) with inactive
   experts' neurons zeroed, the middle of :func:`prunepath.ops.masked_dense_ffn`
-* ``linear(x, weight, bias)``: ``x @ weight^T + bias`` for the few tokens of a decode step
-  (:func:`prunepath.ops.linear`)
 
 The custom ops have fake (meta) kernels, so they trace under ``torch.compile`` and can be
 captured in CUDA graphs: no host synchronization, and every allocation depends on shapes
 only. Kernels run on CUDA GPUs, or on the CPU under ``TRITON_INTERPRET=1`` (tests).
-The kernels themselves are in :mod:`.route`, :mod:`.ffn`, :mod:`.masked_act` and
-:mod:`.gemv`; block sizes in :mod:`.launch`.
+The kernels themselves are in :mod:`.route`, :mod:`.ffn` and :mod:`.masked_act`; block sizes
+in :mod:`.launch`.
 """
 
 from __future__ import annotations
@@ -82,21 +80,6 @@ def _(g, u, mask, activation):
     return torch.empty(u.shape, dtype=u.dtype, device=u.device)
 
 
-@torch.library.custom_op(f"{_NS}::linear", mutates_args=())
-def _linear_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    return launch.linear(x, weight, bias)
-
-
-@_linear_op.register_fake
-def _(x, weight, bias):
-    return x.new_empty((x.shape[0], weight.shape[0]))
-
-
-def linear(x, weight, bias):
-    """``x @ weight^T + bias``: x [T, K] (T <= 16 tokens), weight [N, K] contiguous along K."""
-    return _linear_op(x, weight, bias)
-
-
 def masked_act(g, u, mask, activation):
     """``act(g) * u`` (``g`` None: ``act(u)``) [T, F], inactive experts' neurons zeroed."""
     return _masked_act_op(g, u, mask, activation)
@@ -131,5 +114,5 @@ def routed_ffn_packed(x, w_gate, w_up, w_down_t, mask, activation, b_up, b_down)
     return _routed_ffn_op(x, w_gate, w_up, w_down_t, mask, activation, b_up, b_down)
 
 
-__all__ = ["route", "router_route", "routed_ffn", "routed_ffn_packed", "masked_act", "linear",
-           "FFNConfig", "default_config"]
+__all__ = ["route", "router_route", "routed_ffn", "routed_ffn_packed", "masked_act", "FFNConfig",
+           "default_config"]

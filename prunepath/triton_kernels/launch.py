@@ -14,7 +14,6 @@ import torch
 import triton
 
 from . import ffn as _ffn
-from . import gemv as _gemv
 from . import route as _route
 
 
@@ -139,57 +138,6 @@ def router_route(x, w1, b1, w2, b2, hidden_activation, budget, min_experts, max_
         num_warps=4 if block_e <= 64 else 8, **launch_pdl,
     )
     return mask, ok
-
-
-# ----------------------------------------------------------------------------- linear
-
-
-@dataclasses.dataclass(frozen=True)
-class LinearConfig:
-    """Tiles of the decode-step projection kernel (:mod:`prunepath.triton_kernels.gemv`)."""
-
-    block_n: int = 32
-    block_k: int = 256
-    use_dot: bool = True  # tensor-core tile (tokens padded to 16); False: one token, CUDA cores
-    num_warps: int = 4
-    num_stages: int = 3
-    pdl: bool = True
-
-
-def default_linear_config(t: int, n: int, k: int, sms: int, interpreted: bool) -> LinearConfig:
-    """Shape-only heuristic: enough programs to put every SM to work."""
-    if interpreted:
-        return LinearConfig(block_n=16, block_k=32, use_dot=True, pdl=False)
-    block_n = 32
-    while block_n > 16 and triton.cdiv(n, block_n) < 2 * sms:
-        block_n //= 2
-    return LinearConfig(block_n=block_n, block_k=256 if k >= 1024 else 128, use_dot=True)
-
-
-def linear(x, weight, bias, config=None, out=None):
-    """``x @ weight^T + bias`` for x [T, K] (T <= 16), weight [N, K] with unit stride along K."""
-    t, k = x.shape
-    n = weight.shape[0]
-    if out is None:
-        out = torch.empty((t, n), dtype=x.dtype, device=x.device)
-    if t == 0 or n == 0:
-        return out
-    if weight.stride(1) != 1 or x.stride(1) != 1:
-        raise ValueError("linear needs x and weight with unit stride along K")
-    interp = _interpreted(x)
-    cfg = config or default_linear_config(t, n, k, _sms(x), interp)
-    use_dot = cfg.use_dot or t > 1
-    block_t = 16 if use_dot else 1
-    pdl = cfg.pdl and not interp and _pdl_supported(x)
-    extra = {} if interp else {"launch_pdl": pdl}
-    _gemv._gemv_kernel[(triton.cdiv(n, cfg.block_n), triton.cdiv(t, block_t))](
-        x, weight, bias if bias is not None else x, out, t, n, k,
-        x.stride(0), weight.stride(0), out.stride(0),
-        HAS_BIAS=bias is not None, USE_DOT=use_dot, IEEE=x.dtype == torch.float32,
-        UPCAST=interp, PDL=pdl, BLOCK_T=block_t, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **extra,
-    )
-    return out
 
 
 # ------------------------------------------------------------------------- routed_ffn
