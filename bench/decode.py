@@ -832,10 +832,11 @@ def parse_args(argv=None):
     p.add_argument("--no-fast-linears", dest="fast_linears", action="store_false",
                    help="cpu: keep torch's F.linear in decode steps (default: prunepath.fast_linear, "
                    "with a dense_torch_linear row for comparison)")
-    p.add_argument("--packed-down", action="store_true",
-                   help="cpu: also time every config with W_down stored transposed "
-                   "(prunepath.packed_down; rows named <config>_packed); gpu: the routed "
-                   "models' decoders store it so (Decoder(packed_down=True))")
+    p.add_argument("--packed-down", action=argparse.BooleanOptionalAction, default=None,
+                   help="cpu (default on): also time every config with W_down stored transposed "
+                   "(prunepath.packed_down, the CPU Decoder's default; rows named "
+                   "<config>_packed); gpu (default off): the routed models' decoders store it "
+                   "so (Decoder(packed_down=True))")
     a = p.parse_args(argv)
     a.fuse_qkv = {"auto": None, "on": True, "off": False}[a.fuse_qkv]
     a.models = a.models.split(",")
@@ -850,6 +851,8 @@ def parse_args(argv=None):
     a.steps = [s for s in a.steps.split(",") if s]
     a.compile_batches = [int(b) for b in a.compile_batches.split(",") if b]
     gpu = a.suite == "gpu"
+    if a.packed_down is None:
+        a.packed_down = not gpu
     a.device = a.device or ("cuda" if gpu else "cpu")
     a.prompt = a.prompt or (256 if gpu else 64)
     a.new = a.new or (256 if gpu else 128)

@@ -205,7 +205,10 @@ class Decoder:
             ``prunepath.fast_linear.disable(model)`` switches them back.
         packed_down: store the routed layers' ``W_down`` transposed
             (:mod:`prunepath.packed_down`: same values, no extra memory) so the FFN kernels
-            read each active expert's down block as contiguous rows. Default ``False``;
+            read each active expert's down block as contiguous rows. Default ``None``: on
+            where the fast linears are (a CPU model: :func:`prunepath.ops.linear` reads the
+            transposed weight at the dense rate, so dense steps keep their speed and sparse
+            ones gain; BENCHMARKS.md), off on a GPU (no gain measured at E=64);
             ``prunepath.packed_down.unpack(model)`` restores the layout.
         step: how a forward runs: ``"hf"`` (the model's own forward over a
             ``transformers.StaticCache``; any family that supports one), ``"lean"``
@@ -233,7 +236,7 @@ class Decoder:
         check_every: int = 16,
         record_stats: bool = False,
         fast_linears: bool | None = None,
-        packed_down: bool = False,
+        packed_down: bool | None = None,
         step: str = "auto",
         fuse_qkv: bool | None = None,
     ):
@@ -268,6 +271,8 @@ class Decoder:
         if fast_linears:
             fast_linear.enable(model)
         self.fast_linears = fast_linear.enabled(model) > 0  # (0 without the extension)
+        if packed_down is None:
+            packed_down = self.fast_linears
         if packed_down:
             _packed_down.pack(model)
         self.layers = routed_layers(model)

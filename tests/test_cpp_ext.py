@@ -422,22 +422,32 @@ linear_op = torch.ops.prunepath.linear.default
 
 @pytest.mark.parametrize("isa", ["native", "generic"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("t,d,n", [(1, 83, 37), (3, 64, 1000), (8, 20, 9), (9, 33, 17)])
+@pytest.mark.parametrize("t,d,n", [(1, 83, 37), (3, 64, 1000), (8, 20, 9), (9, 33, 17),
+                                   (2, 700, 1000)])  # 2.8 MB: 2 chunks of rows on 2 threads
 @pytest.mark.parametrize("bias", [False, True])
-def test_linear_matches_reference(monkeypatch, isa, dtype, t, d, n, bias):
+@pytest.mark.parametrize("layout", ["rows", "transposed"])  # transposed: a packed W_down's view
+def test_linear_matches_reference(monkeypatch, isa, dtype, t, d, n, bias, layout):
     if isa == "generic":
         monkeypatch.setenv("PRUNEPATH_CPU_ISA", "generic")
-    gen = torch.Generator().manual_seed(hash((t, d, n, bias)) % 2**31)
+    gen = torch.Generator().manual_seed(hash((t, d, n, bias, layout == "transposed")) % 2**31)
     x = torch.randn(t, d, generator=gen).to(dtype)
     w = (torch.randn(n, d, generator=gen) / d**0.5).to(dtype)
+    if layout == "transposed":
+        w = w.t().contiguous().t()
     b = torch.randn(n, generator=gen).to(dtype) if bias else None
-    out = ops.linear(x, w, b)  # t = 9: more than MAX_TOKENS, F.linear
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))  # the transposed path's per-thread partial sums
+    try:
+        out = ops.linear(x, w, b)  # t = 9: more than MAX_TOKENS, F.linear
+        direct = linear_op(x, w, b) if t <= 8 else None
+    finally:
+        torch.set_num_threads(threads)
     assert out.shape == (t, n) and out.dtype == dtype
     ref = x.double() @ w.double().t() + (0 if b is None else b.double())
     assert_close_rel(out, ref, dtype)
-    if t <= 8:
-        assert torch.isfinite(linear_op(x, w, b)).all()
-        assert_close_rel(linear_op(x, w, b), ref, dtype)
+    if direct is not None:
+        assert torch.isfinite(direct).all()
+        assert_close_rel(direct, ref, dtype)
 
 
 def test_linear_dispatch():

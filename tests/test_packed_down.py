@@ -79,15 +79,24 @@ def test_pack_keeps_values_parameters_and_outputs_and_unpack_restores():
     assert all(p.is_contiguous() for p in params)
 
 
-def test_decoder_packed_down_generates_the_same_tokens():
+@pytest.mark.parametrize("budget", [0.5, 1.0])  # 1.0: the dense FFN reads W_down^T in place
+def test_decoder_packed_down_generates_the_same_tokens(budget):
     model = _model()
-    prunepath.set_budget(model, 0.5)
+    prunepath.set_budget(model, budget)
     ids = torch.randint(3, 50, (1, 6))
-    want = Decoder(model, 1, 20, mode="eager").generate(ids, max_new_tokens=8, eos_token_id=[])
-    dec = Decoder(model, 1, 20, mode="eager", packed_down=True)
+    want = Decoder(model, 1, 20, mode="eager", packed_down=False).generate(
+        ids, max_new_tokens=8, eos_token_id=[])
+    assert packed_down.packed(model) == 0
+    dec = Decoder(model, 1, 20, mode="eager")  # default on a CPU (fast linears): packed
     assert packed_down.packed(model) == len(routed_layers(model))
     got = dec.generate(ids, max_new_tokens=8, eos_token_id=[])
     assert torch.equal(got, want)
+
+
+def test_decoder_leaves_w_down_alone_without_fast_linears():
+    model = _model()
+    Decoder(model, 1, 20, mode="eager", fast_linears=False)  # F.linear would read it slowly
+    assert packed_down.packed(model) == 0
 
 
 def test_conv1d_families_are_left_alone():

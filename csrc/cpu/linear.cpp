@@ -1,10 +1,15 @@
 // CPU kernel of prunepath::linear (schema in csrc/ops.cpp): y = x W^T + b for a few tokens,
-// the matrix-vector products of a decode step outside the FFN (attention projections,
-// lm_head). Same dot kernels as the routed FFN (kernels.h): W is read once in its storage
-// type (fp32/bf16/fp16) and widened in registers, accumulation in fp32, the rows of W split
-// over the OpenMP threads in slabs of >= 1 MiB. On 2 Zen 3 cores this streams an fp32 weight
-// at ~1.8x the rate of at::linear's GEMV (BENCHMARKS.md). More than kMaxTokens tokens (and
-// fp64) go to at::linear: a matrix-matrix product is at::mm's job.
+// the matrix-vector products of a decode step (attention projections, lm_head, a dense FFN).
+// Same kernels as the routed FFN (kernels.h): W is read once in its storage type
+// (fp32/bf16/fp16) and widened in registers, accumulation in fp32.
+//  * W [N, d] contiguous (nn.Linear): dot products, the rows of W split over the OpenMP
+//    threads in slabs of >= 1 MiB. On 2 Zen 3 cores this streams an fp32 weight at ~1.8x the
+//    rate of at::linear's GEMV (BENCHMARKS.md).
+//  * W the [N, d] view of a contiguous W^T [d, N] (a packed W_down, prunepath.packed_down):
+//    row-weighted sums y[t, :] += x[t, k] W^T[k, :], the rows k split over the threads, each
+//    thread summing into its own fp32 partial output, the partials added at the end.
+// More than kMaxTokens tokens (and fp64, other strides) go to at::linear: a matrix-matrix
+// product is at::mm's job.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -24,6 +29,49 @@ constexpr const char* kOp = "prunepath::linear";
 constexpr int64_t kMaxTokens = 8;
 constexpr int64_t kMinBytesPerThread = int64_t{1} << 20;
 
+// out[t, n] = W[n, :] . x[t, :] for W [N, d] contiguous: the rows of W split over the threads.
+void linear_rows(WType wt, const char* wp, const std::vector<const float*>& rows, int64_t d,
+                 int64_t N, float* out) {
+  const int64_t esz = wtype_size(wt);
+  const int64_t T = static_cast<int64_t>(rows.size());
+  const auto segs_dot = segs_dot_kernel();
+  const int64_t zero = 0;
+  const int64_t grain = std::max<int64_t>(8, kMinBytesPerThread / std::max<int64_t>(1, d * esz));
+  at::parallel_for(0, N, grain, [&](int64_t r0, int64_t r1) {
+    segs_dot(SegsDot{wt, wp + r0 * d * esz, d, r1 - r0, &zero, &d, &zero, 1, rows.data(), T,
+                     out + r0, N});
+  });
+}
+
+// out[t, :] = sum_k x[t, k] Wt[k, :] for Wt [d, N] contiguous: each of up to
+// get_num_threads() chunks of >= kMinBytesPerThread of rows k sums into its own fp32 partial
+// [T, N] (chunk 0 into out itself), the partials added in the end.
+void linear_transposed(WType wt, const char* wp, const std::vector<const float*>& rows,
+                       int64_t d, int64_t N, float* out) {
+  const int64_t esz = wtype_size(wt);
+  const int64_t T = static_cast<int64_t>(rows.size());
+  const auto segs_axpy = segs_axpy_kernel();
+  const int64_t rows_per = std::max<int64_t>(8, kMinBytesPerThread / std::max<int64_t>(1, N * esz));
+  const int64_t n_chunks =
+      std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (d + rows_per - 1) / rows_per));
+  std::vector<float> partial((n_chunks - 1) * T * N);
+  at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t k0 = d * c / n_chunks, k1 = d * (c + 1) / n_chunks, len = k1 - k0;
+      float* o = c == 0 ? out : partial.data() + (c - 1) * T * N;
+      std::fill(o, o + T * N, 0.0f);
+      std::vector<const float*> h(T);
+      for (int64_t t = 0; t < T; ++t) h[t] = rows[t] + k0;
+      const int64_t zero = 0;
+      segs_axpy(SegsAxpy{wt, wp + k0 * N * esz, N, N, &zero, &len, &zero, 1, h.data(), T, o, N});
+    }
+  });
+  for (int64_t c = 1; c < n_chunks; ++c) {
+    const float* p = partial.data() + (c - 1) * T * N;
+    for (int64_t i = 0; i < T * N; ++i) out[i] += p[i];
+  }
+}
+
 at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b) {
   TORCH_CHECK(x.dim() == 2, kOp, ": x must be 2-D [T, d], got shape ", x.sizes());
   TORCH_CHECK(w.dim() == 2 && w.size(1) == x.size(1), kOp, ": weight must have shape [N, d=",
@@ -36,23 +84,21 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& w, const std::optio
     TORCH_CHECK(b->dim() == 1 && b->size(0) == N && b->scalar_type() == dt, kOp,
                 ": bias must be a [N=", N, "] tensor of dtype ", dt, ", got ", b->sizes(), " ",
                 b->scalar_type());
-  if (dt == at::kDouble || T > kMaxTokens || !w.is_contiguous()) return at::linear(x, w, b);
+  const bool transposed = !w.is_contiguous() && w.t().is_contiguous();
+  if (dt == at::kDouble || T > kMaxTokens || !(w.is_contiguous() || transposed))
+    return at::linear(x, w, b);
   const WType wt = wtype_of(dt, kOp);
-  const int64_t esz = wtype_size(wt);
   at::Tensor out = at::empty({T, N}, x.options().dtype(at::kFloat));
   if (T == 0 || N == 0) return out.to(dt);
   const at::Tensor xf = x.to(at::kFloat).contiguous();
   std::vector<const float*> rows(T);
   for (int64_t t = 0; t < T; ++t) rows[t] = xf.const_data_ptr<float>() + t * d;
-  const auto segs_dot = segs_dot_kernel();
   const char* wp = static_cast<const char*>(w.const_data_ptr());
-  float* op = out.data_ptr<float>();
-  const int64_t zero = 0;
-  const int64_t grain = std::max<int64_t>(8, kMinBytesPerThread / std::max<int64_t>(1, d * esz));
-  at::parallel_for(0, N, grain, [&](int64_t r0, int64_t r1) {
-    segs_dot(SegsDot{wt, wp + r0 * d * esz, d, r1 - r0, &zero, &d, &zero, 1, rows.data(), T,
-                     op + r0, N});
-  });
+  if (transposed) {
+    linear_transposed(wt, wp, rows, d, N, out.data_ptr<float>());
+  } else {
+    linear_rows(wt, wp, rows, d, N, out.data_ptr<float>());
+  }
   if (b.has_value()) out.add_(b->to(at::kFloat));
   return dt == at::kFloat ? out : out.to(dt);
 }

@@ -4,11 +4,11 @@ On the CPU with the compiled extension (fp32 / bf16 / fp16, at most 8 tokens, no
 this is the C++ kernel of csrc/cpu/linear.cpp: the routed FFN's dot kernels over every row
 of ``weight``, the rows split over the threads. A decode step's projections are matrix-vector
 products, which that kernel streams at about twice the rate of ``torch.nn.functional.linear``
-on a 2-core Zen 3 (BENCHMARKS.md); a weight stored transposed (the view of a contiguous
-``weight^T``, :mod:`prunepath.packed_down`) goes to at::linear uncopied (a row-streaming
-kernel for it was slower than at::linear's: 124-128 vs 88-91 us for 576 x 1536 fp32 on a
-2-core Xeon, 2026-12-04). Everything else (GPU, more tokens, fp64, autograd) is
-``torch.nn.functional.linear``. Same result up to fp32 summation order.
+on 2 Zen 3 / Zen 4 cores (BENCHMARKS.md). A weight stored transposed (the view of a
+contiguous ``weight^T``: a packed W_down, :mod:`prunepath.packed_down`) is read in place by
+the routed FFN's row-sum kernel, rows split over the threads. Everything else (GPU, more
+tokens, fp64, other strides, autograd) is ``torch.nn.functional.linear``. Same result up to
+fp32 summation order.
 """
 
 from __future__ import annotations
