@@ -808,7 +808,7 @@ def parse_args(argv=None):
     p.add_argument("--ffn-path", default="auto", help="Decoder ffn_path")
     p.add_argument("--fuse-qkv", default="auto", choices=("auto", "on", "off"),
                    help="lean step: q/k/v weights fused into one product (prunepath.fused_qkv); "
-                   "auto: Decoder's default (on for a GPU)")
+                   "auto: Decoder's default (on)")
     p.add_argument("--steps", default="auto",
                    help="Decoder step(s): auto, hf (the model's forward), lean (prunepath.lean_step); "
                         "the gpu suite runs each, the cpu suite the first")

@@ -219,10 +219,11 @@ class Decoder:
             (BENCHMARKS.md).
         fuse_qkv: with the lean step, store each attention's q/k/v weights as one tensor
             (:mod:`prunepath.fused_qkv`: same values, no extra memory) so a step computes
-            them with one product. Default ``None``: on for a GPU model (one cuBLAS product
-            instead of three split-K products and their reduce launches; measured in
-            BENCHMARKS.md), off on a CPU (no gain measured there);
-            ``prunepath.fused_qkv.unfuse(model)`` restores the layout.
+            them with one product. Default ``None``: on (a GPU: one cuBLAS product instead
+            of three split-K products and their reduce launches; a CPU: one GEMV on every
+            thread instead of two small single-threaded ones; both measured in BENCHMARKS.md);
+            ``False`` leaves the model's layout alone;
+            ``prunepath.fused_qkv.unfuse(model)`` restores it.
     """
 
     def __init__(
@@ -287,9 +288,7 @@ class Decoder:
             from . import fused_qkv
             from .lean_step import LeanStep
 
-            if fuse_qkv is None:
-                fuse_qkv = self.device.type == "cuda"
-            if fuse_qkv:
+            if fuse_qkv is not False:  # None, the default: on
                 fused_qkv.fuse(model)
             self.lean, self.cache = LeanStep(model, batch_size, max_length), None
         else:
