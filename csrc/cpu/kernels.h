@@ -24,8 +24,9 @@ inline int64_t wtype_size(WType t) { return t == WType::F32 ? 4 : 2; }
 // for r < nrows, k < nt. With one segment (col 0, off 0, len d) this is a plain block of
 // dot products (the up/gate projection of one expert's rows); with the runs of active
 // experts as segments and h[k] a compact vector of the active columns, it is the down
-// projection. Each weight element is loaded once per tile of up to 4 tokens; 8 rows are
-// streamed at once for one token (a matrix-vector product), 2 rows for several tokens.
+// projection. Each weight element is loaded once per tile of up to 4 tokens. Whole contiguous
+// rows are read one after another (one memory stream); row pieces a stride apart 8 rows at a
+// time for one token, 2 rows for several (kernels_avx2.cpp says why).
 struct SegsDot {
   WType wtype;
   const void* w;

@@ -121,13 +121,20 @@ PP_INLINE void row_block(const SegsDot& a, const typename W::T* w, int64_t r0) {
   for (; k0 < a.nt; ++k0) tile<W, R, 1>(a, w, r0, k0);
 }
 
+// Whole contiguous rows (one segment spanning each row: a linear layer's slab, an expert's
+// gate/up block) are read one after another, in address order: the slab is one front-to-back
+// memory stream, the pattern hardware prefetchers follow best. Interleaving 8 such rows (576
+// floats each) starts 8 short streams per block: 11-14% slower in fp32, up to 2x in bf16, on a
+// 2-core Zen 4 (BENCHMARKS.md, session 15). Row pieces a stride apart (W_down's runs of expert
+// columns, nn.Linear layout) are read several rows at a time: 8 for one token, 2 for more.
 template <typename W>
 PP_TARGET void segs_dot(const SegsDot& a) {
   const auto* w = static_cast<const typename W::T*>(a.w);
   int64_t r = 0;
-  if (a.nt == 1) {  // a matrix-vector product: 8 rows = 8 memory streams in flight
+  const bool whole_rows = a.nseg == 1 && a.seg_col[0] == 0 && a.seg_len[0] == a.ldw;
+  if (!whole_rows && a.nt == 1) {
     for (; r + 8 <= a.nrows; r += 8) row_block<W, 8>(a, w, r);
-  } else {
+  } else if (!whole_rows) {
     for (; r + 2 <= a.nrows; r += 2) row_block<W, 2>(a, w, r);
   }
   for (; r < a.nrows; ++r) row_block<W, 1>(a, w, r);
