@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import types
 
 import torch
 
@@ -89,14 +90,67 @@ def _routing_key(layers) -> tuple:
     """The host-side routing state a captured step depends on (a change means a new capture).
     Budget *values* are not part of it: they live in device buffers the step reads. A
     replaced router module (a new object: a captured graph would still read the old one's
-    tensors) and switching statistics recording on/off are."""
+    tensors) and switching statistics recording on/off are. ``_dense_budget`` (every budget
+    exactly 1.0: the exact dense path) only counts under the budget policy."""
     return tuple(
-        (m.policy, m._dense_budget, m.topk, tuple(m.budget.shape), m.budget.data_ptr(),
+        (m.policy, m.policy == "budget" and m._dense_budget, m.topk, m.min_experts,
+         tuple(m.budget.shape), m.budget.data_ptr(),
          getattr(m, "backend", None), getattr(m, "ffn_backend", None), id(m.router),
          getattr(m, "record_stats", True), getattr(m, "temperature", 1.0),
          getattr(m, "fuse_router", None), _fused_ptrs(m))
         for m in layers
     )
+
+
+_SIMPLE = (str, int, float, bool)  # (not None: a cache filled on first use is not a change)
+
+
+def _model_key(model) -> tuple:
+    """What a compiled step assumes of the model beyond the routing key, read once per
+    :meth:`Decoder.decode` call: the module tree (types and objects, hooks, plain attribute
+    values such as the fast-linear flag or the training mode; a routed layer's routing state is
+    :func:`_routing_key`'s) and every parameter's and buffer's
+    shape, strides, dtype, device and storage aliasing. On a CPU the compiled step skips
+    Dynamo's per-step guards on the model's modules (``_compile_options``), so a change to any
+    of these between decode calls must select (or compile) another step, never replay a graph
+    made for the old model."""
+    from torch.nn.modules import module as nn_module
+
+    modules = tuple(  # (a routed layer's attributes: _routing_key, exactly)
+        (type(m), id(m), len(m._forward_hooks), len(m._forward_pre_hooks),
+         () if isinstance(m, RoutedFFN) else
+         tuple((k, v) for k, v in m.__dict__.items() if isinstance(v, _SIMPLE)))
+        for m in model.modules())
+    storages: dict[int, int] = {}  # storage address -> order of first use (tied weights)
+    tensors = tuple(
+        (name, tuple(t.shape), t.stride(), t.dtype, t.device, t.storage_offset(),
+         storages.setdefault(t.untyped_storage().data_ptr(), len(storages)))
+        for name, t in (*model.named_parameters(remove_duplicate=False),
+                        *model.named_buffers(remove_duplicate=False)))
+    hooks = (len(nn_module._global_forward_hooks), len(nn_module._global_forward_pre_hooks))
+    return modules, tensors, hooks
+
+
+def _compile_options(device: torch.device):
+    """``torch.compile`` arguments of a compiled step. On a CPU, Dynamo's guards on the
+    model's modules -- thousands per step: types, hook dicts, attributes, parameter metadata --
+    cost ~8-11% of a SmolLM2 step (BENCHMARKS.md, session 15), so they are skipped and
+    :func:`_model_key` stands in for them once per decode call. On a GPU the step replays as
+    CUDA graphs (``mode="reduce-overhead"``) with the guards kept."""
+    skip = getattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe", None)
+    if device.type != "cpu" or skip is None:
+        return {"mode": "reduce-overhead"}
+    return {"options": {"guard_filter_fn": skip}}
+
+
+def _own_code(method, tag: str):
+    """``method`` (bound) as a function with a code object of its own: Dynamo keeps compiled
+    graphs and their guards per code object, so a step compiled for one model key can never be
+    picked for another by guards that no longer look at the model."""
+    f = method.__func__
+    code = f.__code__.replace(co_name=f"{f.__name__}_{tag}")
+    g = types.FunctionType(code, f.__globals__, code.co_name, f.__defaults__, f.__closure__)
+    return types.MethodType(g, method.__self__)
 
 
 def _fused_ptrs(layer) -> tuple:
@@ -306,7 +360,9 @@ class Decoder:
         self._eos = torch.full((_MAX_EOS,), -1, dtype=torch.long, device=dev)  # -1 = unused
         self._pad = torch.zeros((), dtype=torch.long, device=dev)
         self._padded = False  # does any prompt have left padding (pass the 2-D mask)?
-        self._steps = {}  # (greedy, top_k, padded, ffn_path) -> callable running one step
+        self._steps = {}  # (greedy, top_k, padded, ffn_path, ...) -> callable running one step
+        # compiled CPU steps skip Dynamo's module guards: their key holds _model_key instead
+        self._unguarded = mode == "compile" and "options" in _compile_options(self.device)
         self._path_choice = {}  # budget key -> "sparse" | "dense" (ffn_path="auto")
         self._graph_pool = None
         # the masked-dense FFN path routes on this stream beside the up projections
@@ -384,12 +440,16 @@ class Decoder:
                 fold(self.dtype)
 
     def _step_fn(self, greedy: bool, top_k: int | None, path: str):
-        """A callable that runs one decode step (captured / compiled on first use).
+        """A callable that runs one decode step (captured / compiled on first use). Call it
+        inside ``self._ffn_path(path)``, entered once around a loop of steps: setting and
+        restoring every routed layer's path attributes costs ~0.2 ms of Python per entry on a
+        CPU (SmolLM2), too much for each step of a compiled loop.
 
         One capture per (sampling kind, padding, FFN path, host-side routing state): a new
         budget *value* reuses it; switching budget 1.0 (exact dense) <-> < 1.0, the routing
         policy or the budget's shape captures anew."""
-        key = (greedy, top_k, self._padded, path, self.record_stats, _routing_key(self.layers))
+        key = (greedy, top_k, self._padded, path, self.record_stats, _routing_key(self.layers),
+               _model_key(self.model) if self._unguarded else None)
         if key in self._steps:
             return self._steps[key]
         padded = self._padded
@@ -399,7 +459,8 @@ class Decoder:
                 self._forward_step(greedy, top_k, padded)
 
         if self.mode == "eager":
-            fn = eager_step
+            def fn():
+                self._forward_step(greedy, top_k, padded)
         elif self.mode == "compile":
             lean = self.lean.tensors() if self.lean is not None else []
             for t in (self._token, self._pos, self._n, self._done, self._out, self._attn, *lean):
@@ -410,11 +471,11 @@ class Decoder:
             # HF's per-layer int layer_idx then recompiled each piece until dynamo's limit.
             with self.preserved_state():
                 eager_step()
-            compiled = torch.compile(self._forward_step, mode="reduce-overhead")
+            compiled = torch.compile(_own_code(self._forward_step, str(len(self._steps))),
+                                     **_compile_options(self.device))
 
             def fn():
-                with self._ffn_path(path):
-                    compiled(greedy, top_k, padded)
+                compiled(greedy, top_k, padded)
         else:
             fn = self._capture(eager_step)
         self._steps[key] = fn
@@ -528,13 +589,14 @@ class Decoder:
         emitted = 1
         if self._has_eos and bool(self._done.all()):  # the prefill's token ended every row
             return emitted
-        while emitted < limit:
-            n = min(self.check_every, limit - emitted)
-            for _ in range(n):
-                step()
-            emitted += n
-            if self._has_eos and bool(self._done.all()):  # one host sync per n steps
-                break
+        with self._ffn_path(path):
+            while emitted < limit:
+                n = min(self.check_every, limit - emitted)
+                for _ in range(n):
+                    step()
+                emitted += n
+                if self._has_eos and bool(self._done.all()):  # one host sync per n steps
+                    break
         return emitted
 
     @torch.no_grad()
@@ -543,11 +605,12 @@ class Decoder:
         self._prepare_routers()
         with frozen(self.layers):
             path = self._decode_path()
-            if eager:
-                with self._ffn_path(path):
+            fn = None if eager else self._step_fn(self._greedy, self._top_k, path)
+            with self._ffn_path(path):
+                if fn is None:
                     self._forward_step(self._greedy, self._top_k, self._padded)
-            else:
-                self._step_fn(self._greedy, self._top_k, path)()
+                else:
+                    fn()
 
     @contextlib.contextmanager
     def preserved_state(self):
@@ -621,10 +684,11 @@ class Decoder:
             try:
                 fn = self._step_fn(self._greedy, self._top_k, path)
                 times = []
-                for _ in range(reps + 1):
-                    for t, s in zip(state, saved):
-                        t.copy_(s)
-                    times.append(_time_ms(fn, self.device))
+                with self._ffn_path(path):
+                    for _ in range(reps + 1):
+                        for t, s in zip(state, saved):
+                            t.copy_(s)
+                        times.append(_time_ms(fn, self.device))
             except Exception:
                 if path == "dense" or len(paths) == 2:  # nothing else to fall back on
                     raise

@@ -306,6 +306,28 @@ def test_in_place_router_update_is_seen_by_the_same_step():
     assert len(dec._steps) == 1
 
 
+def test_compiled_cpu_step_sees_model_changes_between_decodes():
+    # Compiled CPU steps skip Dynamo's per-step guards on the model's modules; the decoder's
+    # model key, read once per decode call, must select a new step when the model's layout
+    # or flags change, never replay a graph made for the old one.
+    from prunepath import fast_linear, fused_qkv, packed_down
+
+    model = routed(seed=45)
+    prunepath.set_budget(model, 0.5)
+    ids, _ = prompts(2, 5, seed=46)
+    dec = Decoder(model, 2, 5 + NEW, mode="compile")  # a CPU: W_down packed, q/k/v fused
+    ref = hf_greedy(model, ids)
+    assert torch.equal(dec.generate(ids, NEW, eos_token_id=[]), ref)
+    assert torch.equal(dec.generate(ids, NEW, eos_token_id=[]), ref) and len(dec._steps) == 1
+    assert packed_down.unpack(model) > 0  # [d, F] contiguous again: other strides
+    assert torch.equal(dec.generate(ids, NEW, eos_token_id=[]), ref) and len(dec._steps) == 2
+    assert fast_linear.disable(model) > 0  # F.linear instead of prunepath.ops.linear
+    assert torch.equal(dec.generate(ids, NEW, eos_token_id=[]), ref) and len(dec._steps) == 3
+    assert fused_qkv.unfuse(model) > 0  # q/k/v weights no longer views of one tensor
+    assert torch.equal(dec.generate(ids, NEW, eos_token_id=[]), hf_greedy(model, ids))
+    assert len(dec._steps) == 4
+
+
 def test_auto_path_candidates():
     model = routed(seed=44)
     dec = Decoder(model, 1, 8)
