@@ -134,13 +134,14 @@ def _model_key(model) -> tuple:
 def _compile_options(device: torch.device):
     """``torch.compile`` arguments of a compiled step. On a CPU, Dynamo's guards on the
     model's modules -- thousands per step: types, hook dicts, attributes, parameter metadata --
-    cost ~8-11% of a SmolLM2 step (BENCHMARKS.md, session 15), so they are skipped and
-    :func:`_model_key` stands in for them once per decode call. On a GPU the step replays as
-    CUDA graphs (``mode="reduce-overhead"``) with the guards kept."""
+    cost ~8-11% of a SmolLM2 step, so they are skipped and :func:`_model_key` stands in for
+    them once per decode call; and inductor writes the step's wrapper in C++ rather than
+    Python (~4-6% of a step; the first compile takes longer). BENCHMARKS.md, session 15. On a
+    GPU the step replays as CUDA graphs (``mode="reduce-overhead"``) with the guards kept."""
     skip = getattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe", None)
     if device.type != "cpu" or skip is None:
         return {"mode": "reduce-overhead"}
-    return {"options": {"guard_filter_fn": skip}}
+    return {"options": {"guard_filter_fn": skip, "cpp_wrapper": True}}
 
 
 def _own_code(method, tag: str):
