@@ -135,13 +135,13 @@ def _compile_options(device: torch.device):
     """``torch.compile`` arguments of a compiled step. On a CPU, Dynamo's guards on the
     model's modules -- thousands per step: types, hook dicts, attributes, parameter metadata --
     cost ~8-11% of a SmolLM2 step, so they are skipped and :func:`_model_key` stands in for
-    them once per decode call; and inductor writes the step's wrapper in C++ rather than
-    Python (~4-6% of a step; the first compile takes longer). BENCHMARKS.md, session 15. On a
-    GPU the step replays as CUDA graphs (``mode="reduce-overhead"``) with the guards kept."""
+    them once per decode call (BENCHMARKS.md, session 15; inductor's C++ wrapper, another
+    4-6% per step there, is left off: it made a cold compile 43 -> 103 s). On a GPU the step
+    replays as CUDA graphs (``mode="reduce-overhead"``) with the guards kept."""
     skip = getattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe", None)
     if device.type != "cpu" or skip is None:
         return {"mode": "reduce-overhead"}
-    return {"options": {"guard_filter_fn": skip, "cpp_wrapper": True}}
+    return {"options": {"guard_filter_fn": skip}}
 
 
 def _own_code(method, tag: str):
@@ -446,22 +446,25 @@ class Decoder:
         restoring every routed layer's path attributes costs ~0.2 ms of Python per entry on a
         CPU (SmolLM2), too much for each step of a compiled loop.
 
-        One capture per (sampling kind, padding, FFN path, host-side routing state): a new
-        budget *value* reuses it; switching budget 1.0 (exact dense) <-> < 1.0, the routing
-        policy or the budget's shape captures anew."""
+        One capture per (sampling kind, padding, FFN path, host-side routing state and, for
+        a compiled CPU step, :func:`_model_key`): a new budget *value* reuses it; switching
+        budget 1.0 (exact dense) <-> < 1.0, the routing policy, the budget's shape or the
+        model's layout captures anew."""
         key = (greedy, top_k, self._padded, path, self.record_stats, _routing_key(self.layers),
                _model_key(self.model) if self._unguarded else None)
         if key in self._steps:
             return self._steps[key]
         padded = self._padded
 
-        def eager_step():
+        def bare_step():
+            self._forward_step(greedy, top_k, padded)
+
+        def eager_step():  # on its own: warm-up and capture
             with self._ffn_path(path):
-                self._forward_step(greedy, top_k, padded)
+                bare_step()
 
         if self.mode == "eager":
-            def fn():
-                self._forward_step(greedy, top_k, padded)
+            fn = bare_step
         elif self.mode == "compile":
             lean = self.lean.tensors() if self.lean is not None else []
             for t in (self._token, self._pos, self._n, self._done, self._out, self._attn, *lean):
@@ -606,12 +609,13 @@ class Decoder:
         self._prepare_routers()
         with frozen(self.layers):
             path = self._decode_path()
-            fn = None if eager else self._step_fn(self._greedy, self._top_k, path)
-            with self._ffn_path(path):
-                if fn is None:
+            if eager:
+                def fn():
                     self._forward_step(self._greedy, self._top_k, self._padded)
-                else:
-                    fn()
+            else:
+                fn = self._step_fn(self._greedy, self._top_k, path)
+            with self._ffn_path(path):
+                fn()
 
     @contextlib.contextmanager
     def preserved_state(self):
