@@ -362,8 +362,9 @@ class Decoder:
         self._pad = torch.zeros((), dtype=torch.long, device=dev)
         self._padded = False  # does any prompt have left padding (pass the 2-D mask)?
         self._steps = {}  # (greedy, top_k, padded, ffn_path, ...) -> callable running one step
+        self._compile_kwargs = _compile_options(self.device)
         # compiled CPU steps skip Dynamo's module guards: their key holds _model_key instead
-        self._unguarded = mode == "compile" and "options" in _compile_options(self.device)
+        self._unguarded = mode == "compile" and "options" in self._compile_kwargs
         self._path_choice = {}  # budget key -> "sparse" | "dense" (ffn_path="auto")
         self._graph_pool = None
         # the masked-dense FFN path routes on this stream beside the up projections
@@ -476,7 +477,7 @@ class Decoder:
             with self.preserved_state():
                 eager_step()
             compiled = torch.compile(_own_code(self._forward_step, str(len(self._steps))),
-                                     **_compile_options(self.device))
+                                     **self._compile_kwargs)
 
             def fn():
                 compiled(greedy, top_k, padded)
