@@ -35,7 +35,8 @@ mask is applied inside the activation kernel, so this path costs what the dense 
 both, with CUDA graphs) and the faster one runs, so decoding is never slower than dense
 when the union of a batch's experts is nearly everything. On a GPU the sparse candidates
 are the kernel backends themselves ("triton", "cuda"), each timed on the live masks.
-``mode="compile"`` skips the timing and runs "sparse".
+``mode="compile"`` times the two paths only on a GPU with batch > 1 (each path then compiles
+its own step); at batch 1 and on a CPU it runs "sparse".
 
 On the CPU the model's ``nn.Linear`` layers run decode steps through the C++ matrix-vector
 kernel (``fast_linears``, :mod:`prunepath.fast_linear`): dense and PrunePath steps alike.
@@ -662,10 +663,13 @@ class Decoder:
     def _decode_path(self) -> str:
         if self.ffn_path != "auto":
             return self.ffn_path
-        if self.mode == "compile" or all(
-            m.policy == "dense" or (m.policy == "budget" and m._dense_budget) for m in self.layers
-        ):
-            return "sparse"  # nothing to choose (or, compiled, no cheap way to time both)
+        if all(m.policy == "dense" or (m.policy == "budget" and m._dense_budget)
+               for m in self.layers):
+            return "sparse"  # nothing to choose
+        if self.mode == "compile" and (self.device.type != "cuda" or self.batch_size == 1):
+            # compiling a second step costs a compile; one token per step (or a CPU) leaves a
+            # union the sparse kernels win on, while a GPU batch's union can be near-dense
+            return "sparse"
         budgets = tuple(tuple(m.budget.flatten().tolist()) for m in self.layers)
         key = (_routing_key(self.layers), budgets, self.record_stats)
         if key not in self._path_choice:

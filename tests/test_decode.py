@@ -442,6 +442,23 @@ def test_compiled_reduce_overhead_matches_hf_gpu():
     assert torch.equal(out, hf_greedy(model, ids))
 
 
+@pytest.mark.gpu
+@pytest.mark.slow
+@gpu
+def test_compiled_auto_path_times_both_at_batch_above_one():
+    # a GPU batch's union can be near-dense: the compiled decoder times a step of each path
+    model = routed(seed=32, device="cuda")
+    prunepath.set_budget(model, 0.5)
+    ids, _ = prompts(3, 5, seed=33, device="cuda")
+    dec = Decoder(model, 3, 5 + NEW, mode="compile")
+    assert torch.equal(dec.generate(ids, NEW, eos_token_id=[]), hf_greedy(model, ids))
+    assert "dense" in dec.path_timings and len(dec.path_timings) >= 2
+    assert dec.last_path in ("sparse", "dense")
+    one = Decoder(model, 1, 5 + NEW, mode="compile")  # one token per step: no timing
+    assert torch.equal(one.generate(ids[:1], NEW, eos_token_id=[]), hf_greedy(model, ids[:1]))
+    assert one.path_timings is None and one.last_path == "sparse"
+
+
 # --------------------------------------------------------------------------- bench/decode.py
 
 
