@@ -126,6 +126,14 @@ def test_compact_mode_is_chosen_for_experts_smaller_than_a_chunk():
     assert launch.use_compact(dataclasses.replace(cfg, compact=True), 128)
 
 
+def test_default_config_compacts_large_experts_at_one_or_two_tokens_with_packed_w_down():
+    for t, linear_down, want in ((1, False, True), (2, False, True), (1, True, None),
+                                 (4, False, None)):
+        cfg = launch.default_config(t, 4096, 14336, 132, False, 224, linear_down=linear_down)
+        assert cfg.compact is want, (t, linear_down)
+        assert launch.use_compact(cfg, 224) is bool(want)
+
+
 def test_default_config_keeps_fp32_tiles_within_shared_memory():
     # 256-wide down slabs for small experts at T >= 3 need 240 KB of shared memory in fp32
     # (an H200 SM has 227 KB): only 2-byte weights get them

@@ -241,8 +241,15 @@ def default_config(t: int, d: int, f: int, sms: int, interpreted: bool,
     # T = 64, E = 448 / 896: 170 -> 149 us, 235 -> 190 us with one program per SM; E = 64,
     # chunk mode: 111.4 vs 112.2 us, left as it was)
     per_sm = 1 if compact_list and block_t == 64 else 4
+    # T <= 2 with a packed W_down^T: the compacted list for large experts too. Its per-item
+    # lookup is one gather from the E-entry expert list where the chunk list reduces over all
+    # F / 32 chunks (H200, 4096 x 14336, E = 64, T = 1: 52.7 -> 51.3 us at 0.5 sparsity,
+    # 33.1 -> 32.6 at 0.75, 91.5 -> 90.7 at 0; repeats of the default varied by 0.2 us). Not
+    # with nn.Linear's W_down: a compacted tile of experts whose size is not a power of two
+    # loses its vectorized loads along F there.
+    compact = True if one and not linear_down else None
     return FFNConfig(block_t, up_n, up_k, ks, dn_n, dn_d, s, up_programs=per_sm * sms // t_blocks,
-                     up_fill=0.75, fold_reduce=one, pdl=one or compact_pdl)
+                     up_fill=0.75, fold_reduce=one, pdl=one or compact_pdl, compact=compact)
 
 
 def _list_blocks(t: int, e: int, f: int, block_n: int):
