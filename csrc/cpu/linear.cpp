@@ -88,19 +88,30 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& w, const std::optio
   if (dt == at::kDouble || T > kMaxTokens || !(w.is_contiguous() || transposed))
     return at::linear(x, w, b);
   const WType wt = wtype_of(dt, kOp);
-  at::Tensor out = at::empty({T, N}, x.options().dtype(at::kFloat));
-  if (T == 0 || N == 0) return out.to(dt);
-  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  at::Tensor out = at::empty({T, N}, x.options());
+  if (T == 0 || N == 0) return out;
+  const at::Tensor xc = x.contiguous();
+  std::vector<float> xbuf, ybuf;
+  const float* xf = float_values(xc, xbuf);
   std::vector<const float*> rows(T);
-  for (int64_t t = 0; t < T; ++t) rows[t] = xf.const_data_ptr<float>() + t * d;
+  for (int64_t t = 0; t < T; ++t) rows[t] = xf + t * d;
+  // fp32 results go straight into out; bf16/fp16 ones through an fp32 buffer
+  if (dt != at::kFloat) ybuf.resize(static_cast<size_t>(T * N));
+  float* y = dt == at::kFloat ? out.data_ptr<float>() : ybuf.data();
   const char* wp = static_cast<const char*>(w.const_data_ptr());
   if (transposed) {
-    linear_transposed(wt, wp, rows, d, N, out.data_ptr<float>());
+    linear_transposed(wt, wp, rows, d, N, y);
   } else {
-    linear_rows(wt, wp, rows, d, N, out.data_ptr<float>());
+    linear_rows(wt, wp, rows, d, N, y);
   }
-  if (b.has_value()) out.add_(b->to(at::kFloat));
-  return dt == at::kFloat ? out : out.to(dt);
+  if (b.has_value()) {
+    std::vector<float> bbuf;
+    const float* bf = float_values(b->contiguous(), bbuf);
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t n = 0; n < N; ++n) y[t * N + n] += bf[n];
+  }
+  if (dt != at::kFloat) store_floats(y, out);
+  return out;
 }
 
 }  // namespace

@@ -59,6 +59,44 @@ inline std::vector<float> to_float_vector(const std::optional<at::Tensor>& t) {
   return std::vector<float>(f.const_data_ptr<float>(), f.const_data_ptr<float>() + f.numel());
 }
 
+// A contiguous float tensor's values as fp32, without an ATen op (a decode step calls the CPU
+// ops ~150 times; each to()/copy_() pair cost ~8 us of dispatch and allocation there): fp32 is
+// read in place, bf16/fp16 are widened into `buf`.
+inline const float* float_values(const at::Tensor& t, std::vector<float>& buf) {
+  if (t.scalar_type() == at::kFloat) return t.const_data_ptr<float>();
+  const int64_t n = t.numel();
+  buf.resize(static_cast<size_t>(n));
+  if (t.scalar_type() == at::kBFloat16) {
+    const at::BFloat16* p = t.const_data_ptr<at::BFloat16>();
+    for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(p[i]);
+  } else {
+    TORCH_CHECK(t.scalar_type() == at::kHalf, "float_values: unsupported dtype ", t.scalar_type());
+    const at::Half* p = t.const_data_ptr<at::Half>();
+    for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(p[i]);
+  }
+  return buf.data();
+}
+
+// Writes fp32 values into a contiguous fp32/bf16/fp16 tensor (round to nearest even, as
+// Tensor::to does).
+inline void store_floats(const float* v, at::Tensor& out) {
+  const int64_t n = out.numel();
+  switch (out.scalar_type()) {
+    case at::kFloat: std::memcpy(out.data_ptr<float>(), v, n * sizeof(float)); return;
+    case at::kBFloat16: {
+      at::BFloat16* o = out.data_ptr<at::BFloat16>();
+      for (int64_t i = 0; i < n; ++i) o[i] = at::BFloat16(v[i]);
+      return;
+    }
+    case at::kHalf: {
+      at::Half* o = out.data_ptr<at::Half>();
+      for (int64_t i = 0; i < n; ++i) o[i] = at::Half(v[i]);
+      return;
+    }
+    default: TORCH_CHECK(false, "store_floats: unsupported dtype ", out.scalar_type());
+  }
+}
+
 // The AVX2 dot kernels where the CPU has them; PRUNEPATH_CPU_ISA=generic forces the portable
 // ones (read per call so tests can toggle it).
 inline bool use_avx2_kernels() {

@@ -93,7 +93,9 @@ struct Ffn {
   const std::optional<at::Tensor>& b_up;
   const std::optional<at::Tensor>& b_down;
   int64_t T, d, F, E, B;
-  bool packed;  // w_down is the [d, F] view of a contiguous W_down^T [F, d]
+  // W_down came as a contiguous W_down^T [F, d]: w_down is that tensor on the decode path
+  // (which reads the storage), its [d, F] view on the gather path
+  bool packed;
 };
 
 // ------------------------------------------------------------------------------ decode path
@@ -151,8 +153,8 @@ at::Tensor routed_ffn_decode(const Ffn& f) {
   const DecodePlan plan = plan_decode(f.mask);
   const int64_t n_active = static_cast<int64_t>(plan.active.size());
 
-  const at::Tensor xf = f.x.scalar_type() == at::kFloat ? f.x : f.x.to(at::kFloat);
-  const float* x_ptr = xf.const_data_ptr<float>();
+  std::vector<float> xbuf;
+  const float* x_ptr = float_values(f.x, xbuf);
   const std::vector<float> b_up = to_float_vector(f.b_up);
   const std::vector<float> b_down = to_float_vector(f.b_down);
   const bool gated = f.w_gate.has_value();
@@ -232,8 +234,7 @@ at::Tensor routed_ffn_decode(const Ffn& f) {
       y_part[i] = v;
     }
   });
-  const at::Tensor y32 = at::from_blob(y_part.data(), {T, d}, f.x.options().dtype(at::kFloat));
-  out.copy_(y32);
+  store_floats(y_part.data(), out);
   return out;
 }
 
@@ -364,11 +365,15 @@ at::Tensor routed_ffn_any(const at::Tensor& x, const std::optional<at::Tensor>& 
   if (b_up.has_value()) check_tensor(*b_up, "b_up", dt, {F});
   if (b_down.has_value()) check_tensor(*b_down, "b_down", dt, {d});
 
-  const at::Tensor w_down_dF = packed ? w_down.t() : w_down;  // [d, F] (a view when packed)
-  const Ffn f{x, w_gate, w_up, w_down_dF, mask, act, b_up, b_down, T, d, F, E, F / E, packed};
   if (T == 0) return at::empty({0, d}, x.options());
-  if (dt == at::kDouble || T >= gather_min_tokens(dt)) return routed_ffn_gather(f);
-  return routed_ffn_decode(f);
+  if (dt == at::kDouble || T >= gather_min_tokens(dt)) {
+    const at::Tensor w_down_dF = packed ? w_down.t() : w_down;  // [d, F] (a view when packed)
+    return routed_ffn_gather(
+        Ffn{x, w_gate, w_up, w_down_dF, mask, act, b_up, b_down, T, d, F, E, F / E, packed});
+  }
+  // the decode path reads w_down's storage as it is ([d, F], or packed W_down^T [F, d])
+  return routed_ffn_decode(
+      Ffn{x, w_gate, w_up, w_down, mask, act, b_up, b_down, T, d, F, E, F / E, packed});
 }
 
 at::Tensor routed_ffn_cpu(const at::Tensor& x, const std::optional<at::Tensor>& w_gate,

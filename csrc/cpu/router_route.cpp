@@ -100,10 +100,10 @@ at::Tensor router_route_cpu(const at::Tensor& x, const at::Tensor& w1,
 
   at::Tensor mask = at::zeros({T, E}, x.options().dtype(at::kBool));
   if (T == 0) return mask;
-  const at::Tensor xf = dt == at::kFloat ? x : x.to(at::kFloat);
+  std::vector<float> xbuf;
+  const float* x_ptr = float_values(x, xbuf);
   const at::Tensor w2f = w2.has_value() ? w2->to(at::kFloat).contiguous() : at::Tensor();
   const std::vector<float> b1v = to_float_vector(b1), b2v = to_float_vector(b2);
-  const float* x_ptr = xf.const_data_ptr<float>();
   const float* b_all = budget.const_data_ptr<float>();
   bool* m_all = mask.data_ptr<bool>();
   const auto segs_dot = segs_dot_kernel();
