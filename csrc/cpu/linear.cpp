@@ -105,8 +105,7 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& w, const std::optio
     linear_rows(wt, wp, rows, d, N, y);
   }
   if (b.has_value()) {
-    std::vector<float> bbuf;
-    const float* bf = float_values(b->contiguous(), bbuf);
+    const std::vector<float> bf = to_float_vector(b);
     for (int64_t t = 0; t < T; ++t)
       for (int64_t n = 0; n < N; ++n) y[t * N + n] += bf[n];
   }
