@@ -13,7 +13,7 @@ import torch
 from prunepath import ops
 from prunepath.ops.reference import route_reference, routed_ffn_reference
 
-from .helpers import assert_close_rel
+from .helpers import assert_close_rel, assert_mask_equal_up_to_rounding
 
 REQUIRED = [b for b in os.environ.get("PRUNEPATH_REQUIRE_BACKENDS", "cpu,triton").split(",") if b]
 CPU_BACKENDS = ["torch", "cpu", "triton"]
@@ -62,7 +62,13 @@ def test_route_matches_reference(backend, t, e, budget, dtype):
     bt = b if isinstance(b, torch.Tensor) else torch.full((t,), float(b))
     ref = route_reference(logits, bt, 1, e)
     assert out.dtype == torch.bool and out.shape == (t, e)
-    assert torch.equal(out, ref)
+    if backend == "triton" and budget not in (0.0, 1.0):
+        # the kernel's own exp and summation order: a token whose cumulative mass lies within
+        # rounding of a budget inside (0, 1) may flip (seen once in a full run: bf16, budget
+        # 0.9, T=E=64); budgets 0 and 1 take one / every expert, exactly
+        assert_mask_equal_up_to_rounding(out, ref, logits.float(), bt)
+    else:
+        assert torch.equal(out, ref)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
