@@ -237,6 +237,19 @@ def sweep_triton(copies, d, f, e, t, sparsity, dtype, gen, packed=True, only=Non
                      ("up_n=16,up_fill=1.5", {"up_block_n": 16, "up_fill": 1.5}),
                      ("up_k=256,stages=4", {"up_block_k": 256, "num_stages": 4}),
                      ("up_n=16,up_k=256", {"up_block_n": 16, "up_block_k": 256})]
+    if t <= 2:  # one launch for both phases (FFNConfig.fused) and its knobs
+        fz = {"fused": True, "up_block_n": 16, "up_block_k": 256, "down_block_d": 128,
+              "up_programs": 2 * sms, "num_stages": 3, "num_warps": 4}
+        for name, change in [("", {}), ("n32", {"up_block_n": 32}),
+                             ("p1", {"up_programs": sms}), ("p3", {"up_programs": 3 * sms}),
+                             ("p4", {"up_programs": 4 * sms}), ("k128", {"up_block_k": 128}),
+                             ("k512", {"up_block_k": 512}), ("d64", {"down_block_d": 64}),
+                             ("d256", {"down_block_d": 256}), ("st2", {"num_stages": 2}),
+                             ("st4", {"num_stages": 4}), ("w8", {"num_warps": 8}),
+                             ("w8_p1", {"num_warps": 8, "up_programs": sms}),
+                             ("n32_p1", {"up_block_n": 32, "up_programs": sms}),
+                             ("nopdl", {"pdl": False})]:
+            variants.append(("fused" + ("_" + name if name else ""), {**fz, **change}))
     if t > 16:
         variants.append(("stages=4", {"num_stages": 4}))
         variants.append(("up_n=32", {"up_block_n": 32}))

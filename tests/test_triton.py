@@ -53,7 +53,11 @@ _CHUNKED = {
 }
 # every path twice: on aligned chunks and on the compacted live-neuron list
 CONFIGS = {**{k: dataclasses.replace(c, compact=False) for k, c in _CHUNKED.items()},
-           **{k + "+compact": dataclasses.replace(c, compact=True) for k, c in _CHUNKED.items()}}
+           **{k + "+compact": dataclasses.replace(c, compact=True) for k, c in _CHUNKED.items()},
+           # one launch for both phases: 3 programs loop over several tiles each; 0 = 2 per SM
+           # (the interpreter's 4 SMs: 8, some of them without a tile at these sizes)
+           "fused_loop": launch.FFNConfig(16, 16, 32, 1, 16, 32, 1, up_programs=3, fused=True),
+           "fused": launch.FFNConfig(16, 16, 16, 1, 16, 16, 1, fused=True)}
 
 
 FFN_KINDS = [(True, False, "silu"), (False, True, "gelu_tanh"), (True, True, "relu"),
@@ -102,13 +106,14 @@ def test_live_chunk_lists_match_reference(f, e, t):
         assert got["ks"] == -(-3 // -(-3 // ks)) and got["k_blocks_per_split"] == -(-3 // ks)
 
 
-@pytest.mark.parametrize("compact", [False, True])
-def test_ffn_up_programs_loop_and_empty_mask(compact):
+@pytest.mark.parametrize("compact,fused", [(False, False), (True, False), (True, True)])
+def test_ffn_up_programs_loop_and_empty_mask(compact, fused):
     """Fewer up programs than work items (each loops over several), and an all-false mask
     (nothing live: the output is b_down)."""
     gen = torch.Generator().manual_seed(21)
     x, wg, wu, wd, bu, bd = _ffn(3, 40, 120, torch.float32, True, True, gen)
-    cfg = launch.FFNConfig(16, 16, 16, 4, 16, 16, 2, up_programs=3, compact=compact)
+    cfg = launch.FFNConfig(16, 16, 16, 4, 16, 16, 2, up_programs=3, compact=compact,
+                           fused=fused)
     for mask in (torch.rand(3, 3, generator=gen) < 0.6, torch.ones(3, 3, dtype=torch.bool),
                  torch.zeros(3, 3, dtype=torch.bool)):
         mask = mask.to(DEV)

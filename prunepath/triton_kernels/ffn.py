@@ -557,3 +557,99 @@ def _ffn_reduce_kernel(part_ptr, bd_ptr, out_ptr, N, D, stride_ps,
     if HAS_BD:
         acc += tl.load(bd_ptr + offs % D, mask=ok, other=0.0).to(tl.float32)
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _ffn_fused_kernel(
+    x_ptr, wg_ptr, wu_ptr, bu_ptr, wd_ptr, mask_ptr, part_ptr,
+    T, D, F, NE, E,
+    stride_xt, stride_wn, stride_dn, stride_dd, stride_mt, stride_pp, stride_pt,
+    GATED: tl.constexpr, HAS_BU: tl.constexpr, ACT: tl.constexpr,
+    IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    LIST_T: tl.constexpr, BLOCK_E: tl.constexpr, LOG2_E: tl.constexpr, PDL: tl.constexpr = False,
+):
+    """FUSED mode, one launch for both phases, grid ``(P, cdiv(T, BLOCK_T))``: program p takes
+    the tiles p, p + P, ... of the compacted live-neuron list; for each it computes the tile's h
+    over all of d (kept in registers) and at once adds ``h @ W_down^T[tile rows, :]`` into its own
+    fp32 partial output ``part[p]`` [T, d] (a read-modify-write of rows it alone owns, L2
+    resident); a program without tiles writes zeros. ``_ffn_partials_reduce_kernel`` then sums
+    the P partials in a fixed order. No grid-wide wait between the phases: the down bytes of one
+    program stream while others are still in their up loops."""
+    pid = tl.program_id(0)
+    n_prog = tl.num_programs(0)
+    pid_t = tl.program_id(1)
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()  # the reduce kernel launches, then waits for us
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_ok = offs_t < T
+    live_e, n_exp = _live_experts(mask_ptr, T, E, stride_mt, LIST_T, BLOCK_E, LOG2_E)
+    n_neur = n_exp * NE
+    n_items = tl.cdiv(n_neur, BLOCK_N)
+    part_rows = part_ptr + pid * stride_pp + offs_t[:, None] * stride_pt
+    for item in range(pid, n_items, n_prog):
+        _cols, live, rows, ex = _compact_tile(live_e, item, NE, n_neur, BLOCK_N)
+        tok = _compact_token_mask(mask_ptr, offs_t, t_ok, ex, live, stride_mt)
+        acc_u = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
+        acc_g = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, D, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < D
+            xk = tl.load(x_ptr + offs_t[:, None] * stride_xt + offs_k[None, :],
+                         mask=t_ok[:, None] & k_ok[None, :], other=0.0)
+            w_mask = live[:, None] & k_ok[None, :]
+            w_off = rows[:, None] * stride_wn + offs_k[None, :]
+            wu = tl.load(wu_ptr + w_off, mask=w_mask, other=0.0)
+            acc_u = _dot(xk, tl.trans(wu), acc_u, IEEE, UPCAST)
+            if GATED:
+                wg = tl.load(wg_ptr + w_off, mask=w_mask, other=0.0)
+                acc_g = _dot(xk, tl.trans(wg), acc_g, IEEE, UPCAST)
+        if HAS_BU:
+            acc_u += tl.load(bu_ptr + rows, mask=live, other=0.0).to(tl.float32)[None, :]
+        if GATED:
+            h = _activate(acc_g, ACT) * acc_u
+        else:
+            h = _activate(acc_u, ACT)
+        h = tl.where(tok, h, 0.0).to(wd_ptr.dtype.element_ty)
+        # the previous tile's stores of part[p] (other threads' elements) land before reloading
+        tl.debug_barrier()
+        again = tl.full([BLOCK_T, 1], item, tl.int32) != pid  # not this program's first tile
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            d_ok = offs_d < D
+            w = tl.load(wd_ptr + rows[:, None] * stride_dn + offs_d[None, :] * stride_dd,
+                        mask=live[:, None] & d_ok[None, :], other=0.0)
+            o_mask = t_ok[:, None] & d_ok[None, :]
+            prev = tl.load(part_rows + offs_d[None, :], mask=o_mask & again, other=0.0)
+            tl.store(part_rows + offs_d[None, :], _dot(h, w, prev, IEEE, UPCAST), mask=o_mask)
+    if pid >= n_items:
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            tl.store(part_rows + offs_d[None, :], tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32),
+                     mask=t_ok[:, None] & (offs_d < D)[None, :])
+
+
+@triton.jit
+def _ffn_partials_reduce_kernel(part_ptr, bd_ptr, out_ptr, D, P,
+                                stride_pp, stride_pt, stride_ot,
+                                HAS_BD: tl.constexpr, BLOCK_P: tl.constexpr,
+                                BLOCK_D: tl.constexpr, PDL: tl.constexpr = False):
+    """out[t, slab] = sum_p part[p, t, slab] (+ b_down), grid ``(cdiv(d, BLOCK_D), T)``: each
+    program sums the P partials of one token's d-slab, BLOCK_P rows at a time in a fixed order
+    (deterministic). PDL: a programmatic dependent of the fused kernel (waits for it)."""
+    pid_d = tl.program_id(0)
+    t = tl.program_id(1)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    if HAS_BD:
+        acc += tl.load(bd_ptr + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+    for p0 in range(0, P, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        part = tl.load(part_ptr + offs_p[:, None] * stride_pp + t * stride_pt + offs_d[None, :],
+                       mask=(offs_p < P)[:, None] & d_ok[None, :], other=0.0,
+                       cache_modifier=".cg")
+        acc += tl.sum(part, axis=0)
+    tl.store(out_ptr + t * stride_ot + offs_d, acc.to(out_ptr.dtype.element_ty), mask=d_ok)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 
 import torch
@@ -170,6 +171,10 @@ class FFNConfig:
     # experts are smaller than a chunk of either phase (a chunk then mixes live and dead
     # experts, and whole chunks were streamed)
     compact: bool | None = None
+    # one launch for both phases on the compacted list (``ffn._ffn_fused_kernel``) plus a
+    # deterministic reduce of its up_programs partial outputs; uses block_t, up_block_n (tile
+    # neurons), up_block_k, down_block_d, up_programs (0: 2 per SM), num_warps, num_stages
+    fused: bool = False
 
 
 def use_compact(cfg: FFNConfig, neurons_per_expert: int) -> bool:
@@ -248,8 +253,14 @@ def default_config(t: int, d: int, f: int, sms: int, interpreted: bool,
     # with nn.Linear's W_down: a compacted tile of experts whose size is not a power of two
     # loses its vectorized loads along F there.
     compact = True if one and not linear_down else None
-    return FFNConfig(block_t, up_n, up_k, ks, dn_n, dn_d, s, up_programs=per_sm * sms // t_blocks,
-                     up_fill=0.75, fold_reduce=one, pdl=one or compact_pdl, compact=compact)
+    cfg = FFNConfig(block_t, up_n, up_k, ks, dn_n, dn_d, s, up_programs=per_sm * sms // t_blocks,
+                    up_fill=0.75, fold_reduce=one, pdl=one or compact_pdl, compact=compact)
+    # tuning aid (bench/ops_gpu.py --sweep finds candidates): FFNConfig fields as JSON that
+    # replace the T <= 2 GPU choice, e.g. PRUNEPATH_TRITON_FFN_T2='{"fused": true}'
+    override = os.environ.get("PRUNEPATH_TRITON_FFN_T2")
+    if override and one and not interpreted:
+        cfg = dataclasses.replace(cfg, **json.loads(override))
+    return cfg
 
 
 def _list_blocks(t: int, e: int, f: int, block_n: int):
@@ -287,6 +298,9 @@ def routed_ffn(x, w_gate, w_up, w_down_t, mask, activation, b_up, b_down, config
     n_contiguous = w_down_t.stride(0) == 1 and w_down_t.stride(1) != 1
     cfg = config or default_config(t, d, f, _sms(x), interp, f // e, linear_down=n_contiguous,
                                    elem_bytes=w_up.element_size())
+    if cfg.fused:
+        return _routed_ffn_fused(x, w_gate, w_up, w_down_t, mask, activation, b_up, b_down, cfg,
+                                 out, poison)
     ieee = x.dtype == torch.float32
     gated = w_gate is not None
     act = _ffn.ACT_IDS[activation]
@@ -374,6 +388,49 @@ def routed_ffn(x, w_gate, w_up, w_down_t, mask, activation, b_up, b_down, config
             dst, b_down if b_down is not None else dummy, out, n, d, dst.stride(0),
             S=s, HAS_BD=b_down is not None, BLOCK=block, num_warps=4,
         )
+    return out
+
+
+def _routed_ffn_fused(x, w_gate, w_up, w_down_t, mask, activation, b_up, b_down, cfg, out,
+                      poison):
+    """FUSED mode (see ``ffn._ffn_fused_kernel``): one kernel computes every live tile's h and
+    its share of the output into per-program fp32 partials, a second (a programmatic dependent
+    launch on sm_90+) sums them in a fixed order."""
+    t, d = x.shape
+    f = w_up.shape[0]
+    e = mask.shape[1]
+    interp = _interpreted(x)
+    t_blocks = triton.cdiv(t, cfg.block_t)
+    programs = cfg.up_programs or 2 * _sms(x)
+    programs = max(1, min(programs, triton.cdiv(f, cfg.up_block_n)))
+    part = torch.empty((programs, t, d), dtype=torch.float32, device=x.device)
+    if poison:
+        part.fill_(float("nan"))
+    pdl = cfg.pdl and not interp and _pdl_supported(x)
+    mask_u8 = mask.view(torch.uint8)
+    list_t, block_e, _ = _list_blocks(t, e, f, cfg.up_block_n)
+    gated = w_gate is not None
+    _ffn._ffn_fused_kernel[(programs, t_blocks)](
+        x, w_gate if gated else w_up, w_up, b_up if b_up is not None else x, w_down_t, mask_u8,
+        part, t, d, f, f // e, e,
+        x.stride(0), w_up.stride(0), w_down_t.stride(0), w_down_t.stride(1), mask_u8.stride(0),
+        part.stride(0), part.stride(1),
+        GATED=gated, HAS_BU=b_up is not None, ACT=_ffn.ACT_IDS[activation],
+        IEEE=x.dtype == torch.float32, UPCAST=interp,
+        BLOCK_T=cfg.block_t, BLOCK_N=cfg.up_block_n, BLOCK_K=cfg.up_block_k,
+        BLOCK_D=cfg.down_block_d, LIST_T=list_t, BLOCK_E=block_e,
+        LOG2_E=block_e.bit_length() - 1, PDL=pdl,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    # ~2 reduce programs per SM; at most 4096 partial elements per loaded tile
+    block_d = max(16, min(128, triton.next_power_of_2(triton.cdiv(d * t, 2 * _sms(x)))))
+    block_p = min(triton.next_power_of_2(programs), max(1, 4096 // block_d))
+    _ffn._ffn_partials_reduce_kernel[(triton.cdiv(d, block_d), t)](
+        part, b_down if b_down is not None else x, out, d, programs,
+        part.stride(0), part.stride(1), out.stride(0),
+        HAS_BD=b_down is not None, BLOCK_P=block_p, BLOCK_D=block_d, PDL=pdl,
+        num_warps=4, **({} if interp else {"launch_pdl": pdl}),
+    )
     return out
 
 
