@@ -248,7 +248,20 @@ def sweep_triton(copies, d, f, e, t, sparsity, dtype, gen, packed=True, only=Non
                              ("st4", {"num_stages": 4}), ("w8", {"num_warps": 8}),
                              ("w8_p1", {"num_warps": 8, "up_programs": sms}),
                              ("n32_p1", {"up_block_n": 32, "up_programs": sms}),
-                             ("nopdl", {"pdl": False})]:
+                             ("nopdl", {"pdl": False}),
+                             # 1-2 token rows: products and sums, tiles under 16 neurons
+                             ("sums_n8", {"block_t": 2, "up_block_n": 8, "up_block_k": 512,
+                                          "down_block_d": 256}),
+                             ("sums_n8_t1", {"block_t": 1, "up_block_n": 8, "up_block_k": 512,
+                                             "down_block_d": 256}),
+                             ("sums_n16", {"block_t": 2, "up_block_n": 16, "up_block_k": 256,
+                                           "down_block_d": 256}),
+                             ("sums_n4", {"block_t": 2, "up_block_n": 4, "up_block_k": 1024,
+                                          "down_block_d": 512}),
+                             ("sums_n8_p4", {"block_t": 2, "up_block_n": 8, "up_block_k": 512,
+                                             "down_block_d": 256, "up_programs": 4 * sms}),
+                             ("sums_n8_w8", {"block_t": 2, "up_block_n": 8, "up_block_k": 512,
+                                             "down_block_d": 256, "num_warps": 8})]:
             variants.append(("fused" + ("_" + name if name else ""), {**fz, **change}))
     if t > 16:
         variants.append(("stages=4", {"num_stages": 4}))

@@ -57,7 +57,9 @@ CONFIGS = {**{k: dataclasses.replace(c, compact=False) for k, c in _CHUNKED.item
            # one launch for both phases: 3 programs loop over several tiles each; 0 = 2 per SM
            # (the interpreter's 4 SMs: 8, some of them without a tile at these sizes)
            "fused_loop": launch.FFNConfig(16, 16, 32, 1, 16, 32, 1, up_programs=3, fused=True),
-           "fused": launch.FFNConfig(16, 16, 16, 1, 16, 16, 1, fused=True)}
+           "fused": launch.FFNConfig(16, 16, 16, 1, 16, 16, 1, fused=True),
+           # 2-token blocks: products and sums instead of tl.dot, 8-neuron tiles
+           "fused_sums": launch.FFNConfig(2, 8, 16, 1, 16, 16, 1, up_programs=5, fused=True)}
 
 
 FFN_KINDS = [(True, False, "silu"), (False, True, "gelu_tanh"), (True, True, "relu"),

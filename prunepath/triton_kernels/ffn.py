@@ -575,7 +575,10 @@ def _ffn_fused_kernel(
     fp32 partial output ``part[p]`` [T, d] (a read-modify-write of rows it alone owns, L2
     resident); a program without tiles writes zeros. ``_ffn_partials_reduce_kernel`` then sums
     the P partials in a fixed order. No grid-wide wait between the phases: the down bytes of one
-    program stream while others are still in their up loops."""
+    program stream while others are still in their up loops. BLOCK_T < 16: products and sums
+    on the CUDA cores instead of tl.dot (whose 16-row minimum it does not have), so tiles of
+    fewer than 16 neurons balance the programs' shares more finely."""
+    DOT: tl.constexpr = BLOCK_T >= 16
     pid = tl.program_id(0)
     n_prog = tl.num_programs(0)
     pid_t = tl.program_id(1)
@@ -600,10 +603,10 @@ def _ffn_fused_kernel(
             w_mask = live[:, None] & k_ok[None, :]
             w_off = rows[:, None] * stride_wn + offs_k[None, :]
             wu = tl.load(wu_ptr + w_off, mask=w_mask, other=0.0)
-            acc_u = _dot(xk, tl.trans(wu), acc_u, IEEE, UPCAST)
+            acc_u = _fused_mm(xk, wu, acc_u, IEEE, UPCAST, DOT, True)
             if GATED:
                 wg = tl.load(wg_ptr + w_off, mask=w_mask, other=0.0)
-                acc_g = _dot(xk, tl.trans(wg), acc_g, IEEE, UPCAST)
+                acc_g = _fused_mm(xk, wg, acc_g, IEEE, UPCAST, DOT, True)
         if HAS_BU:
             acc_u += tl.load(bu_ptr + rows, mask=live, other=0.0).to(tl.float32)[None, :]
         if GATED:
@@ -621,12 +624,29 @@ def _ffn_fused_kernel(
                         mask=live[:, None] & d_ok[None, :], other=0.0)
             o_mask = t_ok[:, None] & d_ok[None, :]
             prev = tl.load(part_rows + offs_d[None, :], mask=o_mask & again, other=0.0)
-            tl.store(part_rows + offs_d[None, :], _dot(h, w, prev, IEEE, UPCAST), mask=o_mask)
+            tl.store(part_rows + offs_d[None, :], _fused_mm(h, w, prev, IEEE, UPCAST, DOT, False),
+                     mask=o_mask)
     if pid >= n_items:
         for d0 in range(0, D, BLOCK_D):
             offs_d = d0 + tl.arange(0, BLOCK_D)
             tl.store(part_rows + offs_d[None, :], tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32),
                      mask=t_ok[:, None] & (offs_d < D)[None, :])
+
+
+@triton.jit
+def _fused_mm(a, b, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr, DOT: tl.constexpr,
+              B_TRANSPOSED: tl.constexpr):
+    """acc + a @ b (or a @ b^T with B_TRANSPOSED) in fp32: tl.dot, or without DOT a broadcast
+    product summed over the shared axis (any tile sizes; for one or two token rows)."""
+    if DOT:
+        if B_TRANSPOSED:
+            return _dot(a, tl.trans(b), acc, IEEE, UPCAST)
+        return _dot(a, b, acc, IEEE, UPCAST)
+    af = a.to(tl.float32)
+    bf = b.to(tl.float32)
+    if B_TRANSPOSED:  # a [M, K], b [N, K]
+        return acc + tl.sum(af[:, None, :] * bf[None, :, :], axis=2)
+    return acc + tl.sum(af[:, :, None] * bf[None, :, :], axis=1)  # a [M, K], b [K, N]
 
 
 @triton.jit
