@@ -40,6 +40,11 @@ struct SegsDot {
   int64_t nt;
   float* out;
   int64_t ldo;
+  // optional second weight of the same layout, summed against the same tokens into out2
+  // (a gated FFN's W_gate next to W_up): with whole rows and one token, row r of both is
+  // computed together (two memory streams, twice the independent FMA chains)
+  const void* w2 = nullptr;
+  float* out2 = nullptr;
 };
 
 void segs_dot_generic(const SegsDot& a);

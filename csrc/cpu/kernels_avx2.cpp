@@ -128,10 +128,40 @@ PP_INLINE void row_block(const SegsDot& a, const typename W::T* w, int64_t r0) {
 // 2-core Zen 4 (BENCHMARKS.md, session 15). Row pieces a stride apart (W_down's runs of expert
 // columns, nn.Linear layout) are read several rows at a time: 8 for one token, 2 for more.
 template <typename W>
+PP_TARGET void segs_dot(const SegsDot& a);
+
+// Row r of a.w and of a.w2 together for one token (whole rows): out[r], out2[r].
+template <typename W>
+PP_INLINE void pair_rows(const SegsDot& a) {
+  const auto* w = static_cast<const typename W::T*>(a.w);
+  const auto* w2 = static_cast<const typename W::T*>(a.w2);
+  const float* const xs[1] = {a.h[0]};
+  for (int64_t r = 0; r < a.nrows; ++r) {
+    const typename W::T* const ws[2] = {w + r * a.ldw, w2 + r * a.ldw};
+    __m256 acc[2][1][2];
+    float tail[2][1] = {{0.f}, {0.f}};
+    for (int i = 0; i < 2; ++i) acc[i][0][0] = acc[i][0][1] = _mm256_setzero_ps();
+    accumulate<W, 2, 1, 2>(ws, xs, a.ldw, acc, tail);
+    a.out[r] = hsum(_mm256_add_ps(acc[0][0][0], acc[0][0][1])) + tail[0][0];
+    a.out2[r] = hsum(_mm256_add_ps(acc[1][0][0], acc[1][0][1])) + tail[1][0];
+  }
+}
+
+template <typename W>
 PP_TARGET void segs_dot(const SegsDot& a) {
   const auto* w = static_cast<const typename W::T*>(a.w);
   int64_t r = 0;
   const bool whole_rows = a.nseg == 1 && a.seg_col[0] == 0 && a.seg_len[0] == a.ldw;
+  if (a.w2 != nullptr) {
+    if (whole_rows && a.nt == 1) return pair_rows<W>(a);
+    SegsDot first = a, second = a;
+    first.w2 = second.w2 = nullptr;
+    first.out2 = second.out2 = nullptr;
+    second.w = a.w2;
+    second.out = a.out2;
+    segs_dot<W>(first);
+    return segs_dot<W>(second);
+  }
   if (!whole_rows && a.nt == 1) {
     for (; r + 8 <= a.nrows; r += 8) row_block<W, 8>(a, w, r);
   } else if (!whole_rows) {
