@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# One device-machine call that decides the Triton routed FFN's T <= 2 mode (FFNConfig.fused,
+# session 17: built and tested under the CPU interpreter, not yet timed on a GPU):
+#
+#   run(command="bash bench/run_fused_device.sh", carry=[".whl"], timeout_s=600)
+#
+# 1. GPU tests of the fused configs (tests/test_triton.py -k "fused or up_programs_loop").
+# 2. T=1 sweep, Llama-3-8B FFN shape (4096 x 14336, E=64, packed W_down^T), at 0.5 / 0.75 / 0
+#    sparsity: the current default, the compacted two-phase config and the fused variants
+#    (bench/ops_gpu.py --sweep; names fused*, fused_sums_*) -> $OUT/sweep.json.
+# 3. The fused variant with the least time at 0.5 + 0.75 goes into the compiled B=1 decode
+#    (PRUNEPATH_TRITON_FFN_T2 = its fields as JSON; W_down packed so the routed FFNs take the
+#    T <= 2 path), then the same decode with the default config -> $OUT/dec_{fused,split}/gpu.json.
+# Time limits per stage: TT (tests, 80 s), ST (sweep, 230), DT / DT2 (decodes, 160 / 120).
+# .whl must hold transformers==5.23.0 (see bench/run_decode_device.sh).
+set -uo pipefail
+T0=$(date +%s); el() { echo $(( $(date +%s) - T0 )); }
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD PRUNEPATH_REQUIRE_GPU_BACKENDS=triton PRUNEPATH_CACHE_DIR=/tmp/ppc \
+  PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader
+python3 -c "import torch, triton; print(torch.__version__, triton.__version__)"
+echo "== tests $(el) s"
+timeout "${TT:-80}" python3 -m pytest -q -x -n 8 tests/test_triton.py -k "${TK:-fused or up_programs_loop}" \
+  2>&1 | tail -4
+echo "== sweep $(el) s"
+VARIANTS=default,compact,fused,fused_n32,fused_p1,fused_p3,fused_p4,fused_k128,fused_k512,fused_d64
+VARIANTS+=,fused_d256,fused_st2,fused_st4,fused_w8,fused_w8_p1,fused_n32_p1,fused_nopdl,fused_sums_n8
+VARIANTS+=,fused_sums_n8_t1,fused_sums_n16,fused_sums_n4,fused_sums_n8_p4,fused_sums_n8_w8
+timeout "${ST:-230}" python3 bench/ops_gpu.py --backends triton --shapes 4096x14336 --experts 64 \
+  --tokens 1 --sparsities 0.5 --no-route --sweep --sweep-only --sweep-cases 1:0.5,1:0.75,1:0.0 \
+  --sweep-variants "${SV:-$VARIANTS}" --json "$OUT/sweep.json" 2>&1 | grep -v Warning | tail -4
+echo "== pick $(el) s"
+BEST=$(python3 - "$OUT/sweep.json" <<'PY'
+import json, sys
+runs = json.load(open(sys.argv[1]))["sweep"]
+times, cfgs = {}, {}
+for run in runs:
+    for r in run["results"]:
+        if isinstance(r["ms"], float):
+            times.setdefault(r["name"], []).append(r["ms"])
+            cfgs[r["name"]] = r["cfg"]
+for name, v in sorted(times.items(), key=lambda kv: sum(kv[1][:2])):
+    print(f"{name:22s}", " ".join(f"{1e3 * t:6.1f}" for t in v), "us", file=sys.stderr)
+fused = {k: v for k, v in times.items() if k.startswith("fused") and len(v) >= 2}
+best = min(fused, key=lambda k: sum(fused[k][:2]))  # 0.5 + 0.75 sparsity
+keep = ("fused", "block_t", "up_block_n", "up_block_k", "down_block_d", "up_programs",
+        "num_stages", "num_warps", "pdl")
+print(json.dumps({k: cfgs[best][k] for k in keep}))
+PY
+)
+echo "best fused: $BEST"
+DA="--models llama3-8b --batches 1 --sparsities 0.5,0.75 --modes compile --compile-batches 1 --steps lean"
+DA+=" --variants= --no-profile --repeats 2 --packed-down"
+echo "== decode, fused $(el) s"
+PRUNEPATH_TRITON_FFN_T2="$BEST" timeout "${DT:-160}" python3 bench/decode.py gpu $DA --deadline 130 \
+  --out "$OUT/dec_fused" 2>&1 | grep -E "llama|dense|independent" | tail -6
+echo "== decode, default $(el) s"
+timeout "${DT2:-120}" python3 bench/decode.py gpu $DA --deadline 95 --out "$OUT/dec_split" 2>&1 \
+  | grep -E "llama|dense|independent" | tail -6
+echo "== end $(el) s"
