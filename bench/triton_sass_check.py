@@ -7,7 +7,8 @@ load/matrix instructions in the SASS: weight tiles should use 16-byte loads
 16-token tiles use ``HMMA``, 64-token tiles ``HGMMA`` (wgmma). Uses Triton's bundled
 ``ptxas``/``cuobjdump``; relies on Triton's compiler API (tested with Triton 3.9).
 
-    python bench/triton_sass_check.py
+    python bench/triton_sass_check.py            # everything
+    python bench/triton_sass_check.py --fused    # only the one-launch FFN's variants (session 17)
 
 It also reports the route kernel's registers and spills for E = 64 .. 896 (the sorting tail
 above 128 experts, session 10), and checks the compacted small-expert FFN (E = 448 and 896
@@ -113,6 +114,70 @@ def ffn_kernels(t, d, f, e, dtype="bf16", packed=True):
     return cfg, ks, s, up, down
 
 
+def fused_kernel(t, d, f, e, change, dtype="bf16"):
+    """The one-launch FFN kernel (``FFNConfig(fused=True)``) as ``launch._routed_ffn_fused``
+    launches it with a packed W_down^T: the T <= 2 default config with ``change`` applied."""
+    import dataclasses
+
+    ne = f // e
+    cfg = dataclasses.replace(launch.default_config(t, d, f, 132, False, ne), fused=True,
+                              **change)
+    list_t, block_e, _ = launch._list_blocks(t, e, f, cfg.up_block_n)
+    sig = dict(x_ptr=f"*{dtype}", wg_ptr=f"*{dtype}", wu_ptr=f"*{dtype}", bu_ptr=f"*{dtype}",
+               wd_ptr=f"*{dtype}", mask_ptr="*u8", part_ptr="*fp32",
+               T="i32", D="i32", F="i32", NE="i32", E="i32", stride_xt="i32", stride_wn="i32",
+               stride_dn="i32", stride_dd="i32", stride_mt="i32", stride_pp="i32",
+               stride_pt="i32")
+    consts = dict(GATED=True, HAS_BU=False, ACT=0, IEEE=dtype == "fp32", UPCAST=False,
+                  BLOCK_T=cfg.block_t, BLOCK_N=cfg.up_block_n, BLOCK_K=cfg.up_block_k,
+                  BLOCK_D=cfg.down_block_d, LIST_T=list_t, BLOCK_E=block_e,
+                  LOG2_E=block_e.bit_length() - 1, PDL=True, stride_dd=1)
+    return cfg, compile_for_sm90(
+        ffn._ffn_fused_kernel, sig, consts,
+        div16=("x_ptr", "wg_ptr", "wu_ptr", "wd_ptr", "part_ptr", "mask_ptr", "D", "F",
+               "stride_xt", "stride_wn", "stride_dn", "stride_pp", "stride_pt"),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+# the fused variants of bench/ops_gpu.py's T <= 2 sweep (its fz base with one change)
+FUSED_VARIANTS = {
+    "fused": {}, "fused_n32": {"up_block_n": 32}, "fused_k128": {"up_block_k": 128},
+    "fused_k512": {"up_block_k": 512}, "fused_d64": {"down_block_d": 64},
+    "fused_d256": {"down_block_d": 256}, "fused_st2": {"num_stages": 2},
+    "fused_st4": {"num_stages": 4}, "fused_w8": {"num_warps": 8},
+    "fused_sums_n8": {"block_t": 2, "up_block_n": 8, "up_block_k": 512, "down_block_d": 256},
+    "fused_sums_n8_t1": {"block_t": 1, "up_block_n": 8, "up_block_k": 512, "down_block_d": 256},
+    "fused_sums_n16": {"block_t": 2, "up_block_n": 16, "up_block_k": 256, "down_block_d": 256},
+    "fused_sums_n4": {"block_t": 2, "up_block_n": 4, "up_block_k": 1024, "down_block_d": 512},
+    "fused_sums_n8_w8": {"block_t": 2, "up_block_n": 8, "up_block_k": 512, "down_block_d": 256,
+                         "num_warps": 8},
+}
+FUSED_BASE = {"up_block_n": 16, "up_block_k": 256, "down_block_d": 128, "num_stages": 3,
+              "num_warps": 4}
+
+
+def check_fused():
+    """Registers, spills, shared memory and load widths of the fused variants (4096 x 14336,
+    E = 64, T = 1, bf16)."""
+    print(f"{'fused variant (4096x14336 E=64 T=1)':36} {'reg':>4} {'local':>5} {'smem':>6} "
+          + " ".join(f"{k:>19}" for k in COUNT))
+    bad = 0
+    for name, change in FUSED_VARIANTS.items():
+        try:
+            _, ck = fused_kernel(1, 4096, 14336, 64, {**FUSED_BASE, **change})
+        except Exception as err:  # a variant that does not compile is a finding, not a crash
+            print(f"{name:36} does not compile: {str(err).splitlines()[0][:120]}")
+            bad += 1
+            continue
+        r = inspect(ck)
+        wide = r["LDGSTS.E.BYPASS.128"] + r["LDG.E.128"] + r["LDG.E.64"]
+        flag = "" if r["local"] == 0 and wide else "  <-- check"
+        bad += bool(flag)
+        print(f"{name:36} {r['reg']:>4} {r['local']:>5} {r['smem_dyn']:>6} "
+              + " ".join(f"{r[k]:>19}" for k in COUNT) + flag)
+    return bad
+
+
 def route_kernel(e, low_rank, rank=64, ks=2):
     """The route kernel as ``launch.route`` (logits) or ``launch.router_route`` with a
     low-rank router (``ks`` projection partials) would launch it for ``e`` experts."""
@@ -144,7 +209,12 @@ def router_out_kernel(rank=64, ks=2):
 
 
 def main():
+    import sys
+
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    if "--fused" in sys.argv[1:]:  # only the one-launch FFN's variants
+        print(f"\n{check_fused()} kernels flagged")
+        return
     print(f"{'route kernel':44} {'reg':>4} {'stack':>5} {'local':>5}")
     for e in (64, 128, 448, 896):
         for low in (False, True):

@@ -603,10 +603,10 @@ def _ffn_fused_kernel(
             w_mask = live[:, None] & k_ok[None, :]
             w_off = rows[:, None] * stride_wn + offs_k[None, :]
             wu = tl.load(wu_ptr + w_off, mask=w_mask, other=0.0)
-            acc_u = _fused_mm(xk, wu, acc_u, IEEE, UPCAST, DOT, True)
+            acc_u = _mm_bt(xk, wu, acc_u, IEEE, UPCAST, DOT)
             if GATED:
                 wg = tl.load(wg_ptr + w_off, mask=w_mask, other=0.0)
-                acc_g = _fused_mm(xk, wg, acc_g, IEEE, UPCAST, DOT, True)
+                acc_g = _mm_bt(xk, wg, acc_g, IEEE, UPCAST, DOT)
         if HAS_BU:
             acc_u += tl.load(bu_ptr + rows, mask=live, other=0.0).to(tl.float32)[None, :]
         if GATED:
@@ -624,7 +624,7 @@ def _ffn_fused_kernel(
                         mask=live[:, None] & d_ok[None, :], other=0.0)
             o_mask = t_ok[:, None] & d_ok[None, :]
             prev = tl.load(part_rows + offs_d[None, :], mask=o_mask & again, other=0.0)
-            tl.store(part_rows + offs_d[None, :], _fused_mm(h, w, prev, IEEE, UPCAST, DOT, False),
+            tl.store(part_rows + offs_d[None, :], _mm(h, w, prev, IEEE, UPCAST, DOT),
                      mask=o_mask)
     if pid >= n_items:
         for d0 in range(0, D, BLOCK_D):
@@ -634,19 +634,24 @@ def _ffn_fused_kernel(
 
 
 @triton.jit
-def _fused_mm(a, b, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr, DOT: tl.constexpr,
-              B_TRANSPOSED: tl.constexpr):
-    """acc + a @ b (or a @ b^T with B_TRANSPOSED) in fp32: tl.dot, or without DOT a broadcast
-    product summed over the shared axis (any tile sizes; for one or two token rows)."""
+def _mm_bt(a, b, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr, DOT: tl.constexpr):
+    """acc + a @ b^T in fp32 (a [M, K], b [N, K]): tl.dot, or without DOT a broadcast product
+    summed over K (any tile sizes; for one or two token rows)."""
     if DOT:
-        if B_TRANSPOSED:
-            return _dot(a, tl.trans(b), acc, IEEE, UPCAST)
-        return _dot(a, b, acc, IEEE, UPCAST)
-    af = a.to(tl.float32)
-    bf = b.to(tl.float32)
-    if B_TRANSPOSED:  # a [M, K], b [N, K]
-        return acc + tl.sum(af[:, None, :] * bf[None, :, :], axis=2)
-    return acc + tl.sum(af[:, :, None] * bf[None, :, :], axis=1)  # a [M, K], b [K, N]
+        acc = _dot(a, tl.trans(b), acc, IEEE, UPCAST)
+    else:
+        acc += tl.sum(a.to(tl.float32)[:, None, :] * b.to(tl.float32)[None, :, :], axis=2)
+    return acc
+
+
+@triton.jit
+def _mm(a, b, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr, DOT: tl.constexpr):
+    """acc + a @ b in fp32 (a [M, K], b [K, N]), as :func:`_mm_bt`."""
+    if DOT:
+        acc = _dot(a, b, acc, IEEE, UPCAST)
+    else:
+        acc += tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], axis=1)
+    return acc
 
 
 @triton.jit
