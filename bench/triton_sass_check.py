@@ -175,6 +175,16 @@ def check_fused():
         bad += bool(flag)
         print(f"{name:36} {r['reg']:>4} {r['local']:>5} {r['smem_dyn']:>6} "
               + " ".join(f"{r[k]:>19}" for k in COUNT) + flag)
+    # its reduce as launched for d = 4096, T = 1, 264 partials: 16-column slabs, 256 rows a tile
+    sig = dict(part_ptr="*fp32", bd_ptr="*bf16", out_ptr="*bf16", D="i32", P="i32",
+               stride_pp="i32", stride_pt="i32", stride_ot="i32")
+    r = inspect(compile_for_sm90(ffn._ffn_partials_reduce_kernel, sig,
+                                 dict(HAS_BD=False, BLOCK_P=256, BLOCK_D=16, PDL=True),
+                                 div16=("part_ptr", "out_ptr", "D", "stride_pp", "stride_pt")))
+    flag = "" if r["local"] == 0 else "  <-- check"
+    bad += bool(flag)
+    print(f"{'partials reduce (P=264, 16 columns)':36} {r['reg']:>4} {r['local']:>5} "
+          f"{r['smem_dyn']:>6} " + " ".join(f"{r[k]:>19}" for k in COUNT) + flag)
     return bad
 
 
