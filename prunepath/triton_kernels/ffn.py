@@ -301,21 +301,9 @@ def _ffn_up_kernel(
                 tok = _token_neuron_mask(mask_ptr, offs_t, chunk_start, t_ok, n_ok, NE, F,
                                          stride_mt, BLOCK_N, TWO_EXPERTS)
                 live = tl.max(tok.to(tl.int32), axis=0) > 0
-        acc_u = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
-        acc_g = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
-        k_start = (s * kpb) * BLOCK_K
-        for kb in range(0, kpb):
-            offs_k = k_start + kb * BLOCK_K + tl.arange(0, BLOCK_K)
-            k_ok = offs_k < D
-            xk = tl.load(x_ptr + offs_t[:, None] * stride_xt + offs_k[None, :],
-                         mask=t_ok[:, None] & k_ok[None, :], other=0.0)
-            w_mask = live[:, None] & k_ok[None, :]
-            w_off = rows[:, None] * stride_wn + offs_k[None, :]
-            wu = tl.load(wu_ptr + w_off, mask=w_mask, other=0.0)
-            acc_u = _dot(xk, tl.trans(wu), acc_u, IEEE, UPCAST)
-            if GATED:
-                wg = tl.load(wg_ptr + w_off, mask=w_mask, other=0.0)
-                acc_g = _dot(xk, tl.trans(wg), acc_g, IEEE, UPCAST)
+        acc_u, acc_g = _up_tile(x_ptr, wg_ptr, wu_ptr, offs_t, t_ok, rows, live,
+                                (s * kpb) * BLOCK_K, kpb, D, stride_xt, stride_wn, GATED,
+                                IEEE, UPCAST, True, BLOCK_T, BLOCK_N, BLOCK_K)
 
         if not COMPACT:
             if TWO_EXPERTS:  # loaded after the k-loop (its registers are free by now)
@@ -340,14 +328,45 @@ def _store_activated(acc_u, acc_g, ptrs, out_mask, bu_ptr, rows, n_ok, tok,
                      GATED: tl.constexpr, HAS_BU: tl.constexpr, ACT: tl.constexpr):
     """h = act(gate) * (up + b_up) (or act(up + b_up)), zero where the token did not choose
     the neuron's expert (``tok``), stored in the pointers' dtype; ``rows``: the neurons."""
+    h = _hidden(acc_u, acc_g, bu_ptr, rows, n_ok, tok, GATED, HAS_BU, ACT)
+    tl.store(ptrs, h.to(ptrs.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _hidden(acc_u, acc_g, bu_ptr, rows, n_ok, tok,
+            GATED: tl.constexpr, HAS_BU: tl.constexpr, ACT: tl.constexpr):
+    """fp32 h = act(gate) * (up + b_up) (or act(up + b_up)), 0 where ``tok`` is False."""
     if HAS_BU:
         acc_u += tl.load(bu_ptr + rows, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if GATED:
         h = _activate(acc_g, ACT) * acc_u
     else:
         h = _activate(acc_u, ACT)
-    h = tl.where(tok, h, 0.0)
-    tl.store(ptrs, h.to(ptrs.dtype.element_ty), mask=out_mask)
+    return tl.where(tok, h, 0.0)
+
+
+@triton.jit
+def _up_tile(x_ptr, wg_ptr, wu_ptr, offs_t, t_ok, rows, live, k_start, n_kb, D,
+             stride_xt, stride_wn, GATED: tl.constexpr, IEEE: tl.constexpr,
+             UPCAST: tl.constexpr, DOT: tl.constexpr, BLOCK_T: tl.constexpr,
+             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """fp32 (x @ W_up[rows]^T, x @ W_gate[rows]^T) [BLOCK_T, BLOCK_N] over the ``n_kb``
+    BLOCK_K-blocks of d from ``k_start``; weight rows where ``live`` is False are not read."""
+    acc_u = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
+    acc_g = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
+    for kb in range(0, n_kb):
+        offs_k = k_start + kb * BLOCK_K + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < D
+        xk = tl.load(x_ptr + offs_t[:, None] * stride_xt + offs_k[None, :],
+                     mask=t_ok[:, None] & k_ok[None, :], other=0.0)
+        w_mask = live[:, None] & k_ok[None, :]
+        w_off = rows[:, None] * stride_wn + offs_k[None, :]
+        wu = tl.load(wu_ptr + w_off, mask=w_mask, other=0.0)
+        acc_u = _mm_bt(xk, wu, acc_u, IEEE, UPCAST, DOT)
+        if GATED:
+            wg = tl.load(wg_ptr + w_off, mask=w_mask, other=0.0)
+            acc_g = _mm_bt(xk, wg, acc_g, IEEE, UPCAST, DOT)
+    return acc_u, acc_g
 
 
 @triton.jit
@@ -593,27 +612,11 @@ def _ffn_fused_kernel(
     for item in range(pid, n_items, n_prog):
         _cols, live, rows, ex = _compact_tile(live_e, item, NE, n_neur, BLOCK_N)
         tok = _compact_token_mask(mask_ptr, offs_t, t_ok, ex, live, stride_mt)
-        acc_u = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
-        acc_g = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, D, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            k_ok = offs_k < D
-            xk = tl.load(x_ptr + offs_t[:, None] * stride_xt + offs_k[None, :],
-                         mask=t_ok[:, None] & k_ok[None, :], other=0.0)
-            w_mask = live[:, None] & k_ok[None, :]
-            w_off = rows[:, None] * stride_wn + offs_k[None, :]
-            wu = tl.load(wu_ptr + w_off, mask=w_mask, other=0.0)
-            acc_u = _mm_bt(xk, wu, acc_u, IEEE, UPCAST, DOT)
-            if GATED:
-                wg = tl.load(wg_ptr + w_off, mask=w_mask, other=0.0)
-                acc_g = _mm_bt(xk, wg, acc_g, IEEE, UPCAST, DOT)
-        if HAS_BU:
-            acc_u += tl.load(bu_ptr + rows, mask=live, other=0.0).to(tl.float32)[None, :]
-        if GATED:
-            h = _activate(acc_g, ACT) * acc_u
-        else:
-            h = _activate(acc_u, ACT)
-        h = tl.where(tok, h, 0.0).to(wd_ptr.dtype.element_ty)
+        acc_u, acc_g = _up_tile(x_ptr, wg_ptr, wu_ptr, offs_t, t_ok, rows, live, 0,
+                                tl.cdiv(D, BLOCK_K), D, stride_xt, stride_wn, GATED, IEEE,
+                                UPCAST, DOT, BLOCK_T, BLOCK_N, BLOCK_K)
+        h = _hidden(acc_u, acc_g, bu_ptr, rows, live, tok, GATED, HAS_BU, ACT)
+        h = h.to(wd_ptr.dtype.element_ty)
         # the previous tile's stores of part[p] (other threads' elements) land before reloading
         tl.debug_barrier()
         again = tl.full([BLOCK_T, 1], item, tl.int32) != pid  # not this program's first tile
