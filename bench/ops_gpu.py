@@ -22,6 +22,7 @@ card's measured copy bandwidth. Weight copies are rotated so L2 never holds them
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import itertools
 import json
@@ -185,6 +186,53 @@ def bench_route(d, e, t, dtype, backends, gen, rank=64):
             out["router_route_lowrank_" + b + "_eager"] = time_eager(low, 1)
         except Exception as err:
             out["error_" + b] = repr(err)[:300]
+    return out
+
+
+def bench_route_ffn(copies, d, f, e, t, dtype, gen, budgets=(0.5, 0.8), rank=64):
+    """Graph time of routing + routed FFN at ``t`` tokens with a low-rank GELU router (packed
+    W_down^T, weight copies rotated): ``router_route`` + the two-phase ``routed_ffn`` (today's
+    decode path), ``router_route`` + the fused ``routed_ffn``, and ``router_routed_ffn``
+    (routing in the fused kernel's prologue). The router is random, so each budget's union of
+    experts is measured and reported."""
+    from prunepath.triton_kernels import launch
+
+    x = torch.randn(t, d, device="cuda", generator=gen).to(dtype)
+    w1 = (torch.randn(rank, d, device="cuda", generator=gen) / d**0.5).to(dtype)
+    b1 = torch.randn(rank, device="cuda", generator=gen) * 0.1
+    w2 = torch.randn(e, rank, device="cuda", generator=gen) * 2 / rank**0.5
+    b2 = torch.randn(e, device="cuda", generator=gen) * 0.1
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    fused = launch.fused_config(t, d, f, sms, False)
+    env = os.environ.get("PRUNEPATH_TRITON_FFN_T2")  # the tuned fused fields, if given
+    if env:
+        fused = dataclasses.replace(fused, **json.loads(env))
+    out = []
+    for b in budgets:
+        budget = torch.full((t,), b, device="cuda")
+        rr = dict(b1=b1, w2=w2, b2=b2, hidden_activation="gelu", budget=budget, min_experts=1,
+                  max_experts=e)
+        mask, _ = launch.router_route(x, w1, **rr)
+        row = {"budget": b, "union": float(mask.any(0).float().mean()), "fused_cfg":
+               dataclasses.asdict(fused)}
+
+        def two(i, cfg=None):
+            c = copies[i]
+            m, _ = launch.router_route(x, w1, **rr)
+            return launch.routed_ffn(x, c["wg"], c["wu"], c["wdt"], m, "silu", None, None,
+                                     config=cfg)
+
+        def one(i):
+            c = copies[i]
+            return launch.router_routed_ffn(x, w1, b1, w2, b2, "gelu", budget, 1, e, c["wg"],
+                                            c["wu"], c["wdt"], "silu", None, None, config=fused)
+        for name, fn in (("route+ffn", two), ("route+ffn_fused", lambda i: two(i, fused)),
+                         ("route_ffn_one_kernel", one)):
+            try:
+                row[name] = time_graph(fn, len(copies), batches=5)
+            except Exception as err:
+                row[name] = repr(err)[:200]
+        out.append(row)
     return out
 
 
@@ -404,6 +452,9 @@ def main(argv=None):
                     help="comma list of sweep variant names (default: all)")
     ap.add_argument("--sweep-layouts", default="packed",
                     help="W_down layouts of --sweep: packed, linear or both (comma list)")
+    ap.add_argument("--route-ffn", action="store_true",
+                    help="also time routing + routed FFN as two ops vs routing in the fused "
+                    "kernel (launch.router_routed_ffn), every shape, E and --tokens")
     ap.add_argument("--sweep-only", action="store_true",
                     help="with --sweep: skip the table rows and routing timings")
     args = ap.parse_args(argv)
@@ -438,11 +489,11 @@ def main(argv=None):
     except ImportError:
         pass
     print(json.dumps(meta))
-    rows, routes, sweeps, profiles = [], [], [], []
+    rows, routes, sweeps, profiles, route_ffns = [], [], [], [], []
 
     def save():
         result = {"meta": meta, "rows": rows, "route": routes, "sweep": sweeps,
-                  "profile": profiles}
+                  "profile": profiles, "route_ffn": route_ffns}
         tmp = args.json + ".tmp"
         with open(tmp, "w") as fh:
             json.dump(result, fh, indent=1)
@@ -488,6 +539,13 @@ def main(argv=None):
                             f"{x['name']}={1e3 * x['ms']:.1f}" if isinstance(x["ms"], float)
                             else f"{x['name']}=ERR" for x in sw)
                             + f" | best {b['name'] if b else None}", flush=True)
+                for t in (tokens if args.route_ffn else []):
+                    for rf in bench_route_ffn(copies, d, f, e, t, dtype, gen):
+                        rf.update({"d": d, "F": f, "E": e, "T": t, "dtype": dname})
+                        route_ffns.append(rf)
+                        print(json.dumps({k: v for k, v in rf.items() if k != "fused_cfg"}),
+                              flush=True)
+                    save()
                 if args.profile:
                     rp = profile_router(d, e, dtype, gen)
                     profiles.append({"d": d, "E": e, "T": 1, "router_route_lowrank_kernels_us": rp})

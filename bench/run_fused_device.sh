@@ -4,14 +4,17 @@
 #
 #   run(command="bash bench/run_fused_device.sh", carry=[".whl"], timeout_s=600)
 #
-# 1. GPU tests of the fused configs (tests/test_triton.py -k "fused or up_programs_loop").
+# 1. GPU tests of the fused configs and of routing in the fused kernel (tests/test_triton.py).
 # 2. T=1 sweep, Llama-3-8B FFN shape (4096 x 14336, E=64, packed W_down^T), at 0.5 / 0.75 / 0
 #    sparsity: the current default, the compacted two-phase config and the fused variants
 #    (bench/ops_gpu.py --sweep; names fused*, fused_sums_*) -> $OUT/sweep.json.
-# 3. The fused variant with the least time at 0.5 + 0.75 goes into the compiled B=1 decode
+# 3. Routing + FFN at T = 1 and 2 as today's two ops, with the fused FFN, and as one fused kernel
+#    that routes in its prologue (launch.router_routed_ffn) -> $OUT/route_ffn.json.
+# 4. The fused variant with the least time at 0.5 + 0.75 goes into the compiled B=1 decode
 #    (PRUNEPATH_TRITON_FFN_T2 = its fields as JSON; W_down packed so the routed FFNs take the
 #    T <= 2 path), then the same decode with the default config -> $OUT/dec_{fused,split}/gpu.json.
-# Time limits per stage: TT (tests, 80 s), ST (sweep, 230), DT / DT2 (decodes, 160 / 120).
+# Time limits per stage: TT (tests, 80 s), ST (sweep, 230), RT (routing, 60), DT / DT2 (decodes,
+# 160 / 120): the last stage is cut if the call's limit comes first.
 # .whl must hold transformers==5.23.0 (see bench/run_decode_device.sh).
 set -uo pipefail
 T0=$(date +%s); el() { echo $(( $(date +%s) - T0 )); }
@@ -22,7 +25,8 @@ export PYTHONPATH=/tmp/site:$PWD PRUNEPATH_REQUIRE_GPU_BACKENDS=triton PRUNEPATH
 nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader
 python3 -c "import torch, triton; print(torch.__version__, triton.__version__)"
 echo "== tests $(el) s"
-timeout "${TT:-80}" python3 -m pytest -q -x -n 8 tests/test_triton.py -k "${TK:-fused or up_programs_loop}" \
+timeout "${TT:-80}" python3 -m pytest -q -x -n 8 tests/test_triton.py \
+  -k "${TK:-fused or up_programs_loop or router_routed_ffn}" \
   2>&1 | tail -4
 echo "== sweep $(el) s"
 VARIANTS=default,compact,fused,fused_n32,fused_p1,fused_p3,fused_p4,fused_k128,fused_k512,fused_d64
@@ -51,6 +55,10 @@ print(json.dumps({k: cfgs[best][k] for k in keep}))
 PY
 )
 echo "best fused: $BEST"
+echo "== routing in the fused kernel $(el) s"
+PRUNEPATH_TRITON_FFN_T2="$BEST" timeout "${RT:-60}" python3 bench/ops_gpu.py --backends triton \
+  --shapes 4096x14336 --experts 64 --tokens 1,2 --sparsities 0.5 --no-route --sweep-only \
+  --route-ffn --json "$OUT/route_ffn.json" 2>&1 | grep '"budget"' | cut -c1-400
 DA="--models llama3-8b --batches 1 --sparsities 0.5,0.75 --modes compile --compile-batches 1 --steps lean"
 DA+=" --variants= --no-profile --repeats 2 --packed-down"
 echo "== decode, fused $(el) s"

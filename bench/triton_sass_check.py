@@ -159,6 +159,8 @@ FUSED_BASE = {"up_block_n": 16, "up_block_k": 256, "down_block_d": 128, "num_sta
 def check_fused():
     """Registers, spills, shared memory and load widths of the fused variants (4096 x 14336,
     E = 64, T = 1, bf16)."""
+    import dataclasses
+
     print(f"{'fused variant (4096x14336 E=64 T=1)':36} {'reg':>4} {'local':>5} {'smem':>6} "
           + " ".join(f"{k:>19}" for k in COUNT))
     bad = 0
@@ -174,6 +176,32 @@ def check_fused():
         flag = "" if r["local"] == 0 and wide else "  <-- check"
         bad += bool(flag)
         print(f"{name:36} {r['reg']:>4} {r['local']:>5} {r['smem_dyn']:>6} "
+              + " ".join(f"{r[k]:>19}" for k in COUNT) + flag)
+    # routing in the fused kernel's prologue (launch.router_routed_ffn), rank-64 GELU router
+    route_ffn = importlib.import_module("prunepath.triton_kernels.route_ffn")
+    base = dataclasses.replace(launch.default_config(1, 4096, 14336, 132, False), fused=True,
+                               **FUSED_BASE)
+    sig = {n: "i32" for n in route_ffn._route_ffn_fused_kernel.arg_names}
+    sig.update({n: "*fp32" for n in ("z_ptr", "budget_ptr", "w2_ptr", "b1_ptr", "b2_ptr",
+                                     "part_ptr")})
+    sig.update({n: "*bf16" for n in ("x_ptr", "wg_ptr", "wu_ptr", "bu_ptr", "wd_ptr")})
+    sig.update({"ok_ptr": "*i1", "mask_ptr": "*u8"})
+    consts = dict(KS=32, LOW_RANK=True, HAS_B1=True, HAS_B2=True, HIDDEN_ACT=1, BLOCK_J=64,
+                  BLOCK_R=64, KS_P2=32, BLOCK_B=64, GATED=True, HAS_BU=False, ACT=0,
+                  IEEE=False, UPCAST=False, BLOCK_T=base.block_t, BLOCK_N=base.up_block_n,
+                  BLOCK_K=base.up_block_k, BLOCK_D=base.down_block_d, BLOCK_E=64, LOG2_E=6,
+                  PDL=True, stride_dd=1)
+    for label, extra in (("route+fused (E=64, rank 64)", {}),
+                         ("route+fused, sums n8 (E=64, rank 64)",
+                          dict(BLOCK_T=2, BLOCK_N=8, BLOCK_K=512, BLOCK_D=256))):
+        r = inspect(compile_for_sm90(
+            route_ffn._route_ffn_fused_kernel, sig, {**consts, **extra},
+            div16=("x_ptr", "wg_ptr", "wu_ptr", "wd_ptr", "part_ptr", "z_ptr", "D", "stride_xt",
+                   "stride_wn", "stride_dn", "stride_pp", "stride_pt", "stride_zs"),
+            num_warps=base.num_warps, num_stages=base.num_stages))
+        flag = "" if r["local"] == 0 else "  <-- check"
+        bad += bool(flag)
+        print(f"{label:36} {r['reg']:>4} {r['local']:>5} {r['smem_dyn']:>6} "
               + " ".join(f"{r[k]:>19}" for k in COUNT) + flag)
     # its reduce as launched for d = 4096, T = 1, 264 partials: 16-column slabs, 256 rows a tile
     sig = dict(part_ptr="*fp32", bd_ptr="*bf16", out_ptr="*bf16", D="i32", P="i32",

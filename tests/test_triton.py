@@ -232,6 +232,44 @@ def test_router_route_matches_reference(router, dtype, t, e):
     assert torch.equal(ops.router_route(x, w1, budget, backend="torch", **kw), ref)
 
 
+@pytest.mark.parametrize("router", ["linear", "lowrank_gelu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("t,e,f", [(1, 12, 120), (2, 17, 136), (20, 8, 64), (3, 300, 600)])
+def test_router_routed_ffn_matches_the_two_ops(router, dtype, t, e, f):
+    """Routing in the fused FFN kernel's prologue (launch.router_routed_ffn): its mask is the
+    router's (up to rounding at the budget), its output the routed FFN of that mask; budgets
+    0, inside (0, 1) and 1 per token; T = 20 takes two 16-token blocks (with 3 programs: the
+    tile loop), E = 300 a low-rank router's separate second layer (the two-op path)."""
+    cfg = ROUTERS[router]
+    gen = torch.Generator().manual_seed(hash((router, t, e, str(dtype))) % 2**31)
+    d = 40
+    r = cfg["r"] or e
+    x, wg, wu, wd, bu, bd = _ffn(t, d, f, dtype, True, router == "linear", gen)
+    w1 = (torch.randn(r, d, generator=gen) / d**0.5 * 3).to(DEV, dtype)
+    b1 = torch.randn(r, generator=gen).to(DEV) if cfg.get("b1") or router == "linear" else None
+    w2 = (torch.randn(e, r, generator=gen) / r**0.5 * 3).to(DEV) if cfg["r"] else None
+    b2 = torch.randn(e, generator=gen).to(DEV) if cfg.get("b2") else None
+    budget = torch.rand(t, generator=gen)
+    budget[0] = 0.0
+    budget[-1] = 1.0 if t > 1 else budget[-1]
+    budget = budget.to(DEV)
+    fcfg = launch.FFNConfig(16, 16, 16, 1, 16, 16, 1, up_programs=3 if t == 20 else 0,
+                            fused=True)
+    out = torch.full((t, d), float("nan"), dtype=dtype, device=DEV)
+    y, mask, ok = launch.router_routed_ffn(
+        x, w1, b1, w2, b2, cfg["act"], budget, 1, e, wg, wu, wd.t().contiguous(), "silu", bu,
+        bd, config=fcfg, out=out, poison=True)
+    assert y is out and bool(ok)
+    logits = router_logits_reference(x, w1, b1, w2, b2, cfg["act"])
+    assert_mask_equal_up_to_rounding(mask, route_reference(logits, budget, 1, e), logits, budget)
+    assert_close_rel(y, _ref(x, wg, wu, wd, mask, "silu", bu, bd), dtype)
+    bad = budget.clone()
+    bad[-1] = 1.5
+    assert not bool(launch.router_routed_ffn(
+        x, w1, b1, w2, b2, cfg["act"], bad, 1, e, wg, wu, wd.t().contiguous(), "silu", bu, bd,
+        config=fcfg)[2])
+
+
 def _budget_router_case(gen, low_rank, e=8, t=70):
     """70 tokens (two budget-check blocks), d=40, E=8; a linear or a rank-6 GELU router."""
     d = 40

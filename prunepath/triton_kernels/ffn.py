@@ -160,7 +160,12 @@ def _live_experts(mask_ptr, T, E, stride_mt, LIST_T: tl.constexpr, BLOCK_E: tl.c
 
     live_e[k] = #{e : incl[e] <= k} for the inclusive prefix count ``incl`` (nondecreasing),
     found by a binary search of LOG2_E register gathers."""
-    union = _union(mask_ptr, T, E, stride_mt, LIST_T, BLOCK_E)
+    return _live_from_union(_union(mask_ptr, T, E, stride_mt, LIST_T, BLOCK_E), BLOCK_E, LOG2_E)
+
+
+@triton.jit
+def _live_from_union(union, BLOCK_E: tl.constexpr, LOG2_E: tl.constexpr):
+    """:func:`_live_experts` for a union ([BLOCK_E] int32, 1 = live) already in registers."""
     incl = tl.cumsum(union, axis=0)
     k = tl.arange(0, BLOCK_E)
     pos = tl.zeros([BLOCK_E], dtype=tl.int32)
@@ -606,12 +611,34 @@ def _ffn_fused_kernel(
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     t_ok = offs_t < T
     live_e, n_exp = _live_experts(mask_ptr, T, E, stride_mt, LIST_T, BLOCK_E, LOG2_E)
+    _fused_tiles(x_ptr, wg_ptr, wu_ptr, bu_ptr, wd_ptr, mask_ptr, live_e, part_ptr, live_e,
+                 n_exp, pid, n_prog, offs_t, t_ok, D, NE, stride_xt, stride_wn, stride_dn,
+                 stride_dd, stride_mt, stride_pp, stride_pt, GATED, HAS_BU, ACT, IEEE, UPCAST,
+                 DOT, False, BLOCK_T, BLOCK_N, BLOCK_K, BLOCK_D)
+
+
+@triton.jit
+def _fused_tiles(x_ptr, wg_ptr, wu_ptr, bu_ptr, wd_ptr, mask_ptr, mrows, part_ptr, live_e, n_exp,
+                 pid, n_prog, offs_t, t_ok, D, NE,
+                 stride_xt, stride_wn, stride_dn, stride_dd, stride_mt, stride_pp, stride_pt,
+                 GATED: tl.constexpr, HAS_BU: tl.constexpr, ACT: tl.constexpr,
+                 IEEE: tl.constexpr, UPCAST: tl.constexpr, DOT: tl.constexpr,
+                 TOK_FROM_ROWS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The fused kernels' work after their live-expert list (``live_e``, ``n_exp``): program
+    ``pid`` of ``n_prog`` computes its tiles into ``part[pid]``. A token chose a tile's expert
+    per the mask in memory, or with TOK_FROM_ROWS per ``mrows`` [BLOCK_T, BLOCK_E] (int32, the
+    token block's mask rows in registers)."""
     n_neur = n_exp * NE
     n_items = tl.cdiv(n_neur, BLOCK_N)
     part_rows = part_ptr + pid * stride_pp + offs_t[:, None] * stride_pt
     for item in range(pid, n_items, n_prog):
         _cols, live, rows, ex = _compact_tile(live_e, item, NE, n_neur, BLOCK_N)
-        tok = _compact_token_mask(mask_ptr, offs_t, t_ok, ex, live, stride_mt)
+        if TOK_FROM_ROWS:
+            idx = tl.broadcast_to(ex[None, :], [BLOCK_T, BLOCK_N])
+            tok = (tl.gather(mrows, idx, axis=1) != 0) & live[None, :] & t_ok[:, None]
+        else:
+            tok = _compact_token_mask(mask_ptr, offs_t, t_ok, ex, live, stride_mt)
         acc_u, acc_g = _up_tile(x_ptr, wg_ptr, wu_ptr, offs_t, t_ok, rows, live, 0,
                                 tl.cdiv(D, BLOCK_K), D, stride_xt, stride_wn, GATED, IEEE,
                                 UPCAST, DOT, BLOCK_T, BLOCK_N, BLOCK_K)

@@ -16,6 +16,7 @@ import triton
 
 from . import ffn as _ffn
 from . import route as _route
+from . import route_ffn as _route_ffn
 
 
 def _interpreted(t: torch.Tensor) -> bool:
@@ -75,6 +76,30 @@ def route(logits: torch.Tensor, budget: torch.Tensor, min_experts: int, max_expe
     return mask
 
 
+def _router_project(x, w1, pdl):
+    """The router projection's ``ks`` fp32 partial sums ``[ks, T, R]`` of ``x @ w1^T``, split
+    over d (enough programs to read W1 at full bandwidth). Returns ``(partials, ks)``."""
+    t, d = x.shape
+    r = w1.shape[0]
+    interp = _interpreted(x)
+    block_t = 16 if t <= 16 else 32 if t <= 32 else 64
+    block_r = min(64, max(16, triton.next_power_of_2(r)))
+    block_k = 32 if interp else 128
+    r_blocks = triton.cdiv(r, block_r)
+    t_blocks = triton.cdiv(t, block_t)
+    ks = max(1, min(triton.cdiv(d, block_k), (2 * _sms(x)) // max(1, r_blocks * t_blocks), 32))
+    k_per = triton.cdiv(triton.cdiv(d, ks), block_k) * block_k
+    ks = triton.cdiv(d, k_per)
+    part = torch.empty((ks, t, r), dtype=torch.float32, device=x.device)
+    _route._router_project_kernel[(r_blocks, ks, t_blocks)](
+        x, w1, part, t, d, r,
+        x.stride(0), w1.stride(0), part.stride(0), part.stride(1),
+        BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_K=block_k, K_PER_SPLIT=k_per,
+        IEEE=x.dtype == torch.float32, UPCAST=interp, PDL=pdl, num_warps=4,
+    )
+    return part, ks
+
+
 def router_route(x, w1, b1, w2, b2, hidden_activation, budget, min_experts, max_experts):
     """Fused router + routing: logits = ``x @ w1^T + b1`` (linear router, w1 [E, d]) or
     ``act(x @ w1^T + b1) @ w2^T + b2`` (low-rank router, w1 [R, d], w2 [E, R]) -> mask [T, E].
@@ -94,21 +119,7 @@ def router_route(x, w1, b1, w2, b2, hidden_activation, budget, min_experts, max_
         return mask, ok.fill_(True)
     interp = _interpreted(x)
     pdl = not interp and _pdl_supported(x)
-    block_t = 16 if t <= 16 else 32 if t <= 32 else 64
-    block_r = min(64, max(16, triton.next_power_of_2(r)))
-    block_k = 32 if interp else 128
-    r_blocks = triton.cdiv(r, block_r)
-    t_blocks = triton.cdiv(t, block_t)
-    ks = max(1, min(triton.cdiv(d, block_k), (2 * _sms(x)) // max(1, r_blocks * t_blocks), 32))
-    k_per = triton.cdiv(triton.cdiv(d, ks), block_k) * block_k
-    ks = triton.cdiv(d, k_per)
-    part = torch.empty((ks, t, r), dtype=torch.float32, device=x.device)
-    _route._router_project_kernel[(r_blocks, ks, t_blocks)](
-        x, w1, part, t, d, r,
-        x.stride(0), w1.stride(0), part.stride(0), part.stride(1),
-        BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_K=block_k, K_PER_SPLIT=k_per,
-        IEEE=x.dtype == torch.float32, UPCAST=interp, PDL=pdl, num_warps=4,
-    )
+    part, ks = _router_project(x, w1, pdl)
     block_e = triton.next_power_of_2(e)
     low = w2 is not None
     act = -1 if hidden_activation in (None, "none") else _ffn.ACT_IDS[hidden_activation]
@@ -401,16 +412,12 @@ def _routed_ffn_fused(x, w_gate, w_up, w_down_t, mask, activation, b_up, b_down,
     e = mask.shape[1]
     interp = _interpreted(x)
     t_blocks = triton.cdiv(t, cfg.block_t)
-    programs = cfg.up_programs or 2 * _sms(x)
-    programs = max(1, min(programs, triton.cdiv(f, cfg.up_block_n)))
-    part = torch.empty((programs, t, d), dtype=torch.float32, device=x.device)
-    if poison:
-        part.fill_(float("nan"))
+    part = _fused_partials(x, f, cfg, poison)
     pdl = cfg.pdl and not interp and _pdl_supported(x)
     mask_u8 = mask.view(torch.uint8)
     list_t, block_e, _ = _list_blocks(t, e, f, cfg.up_block_n)
     gated = w_gate is not None
-    _ffn._ffn_fused_kernel[(programs, t_blocks)](
+    _ffn._ffn_fused_kernel[(part.shape[0], t_blocks)](
         x, w_gate if gated else w_up, w_up, b_up if b_up is not None else x, w_down_t, mask_u8,
         part, t, d, f, f // e, e,
         x.stride(0), w_up.stride(0), w_down_t.stride(0), w_down_t.stride(1), mask_u8.stride(0),
@@ -422,16 +429,101 @@ def _routed_ffn_fused(x, w_gate, w_up, w_down_t, mask, activation, b_up, b_down,
         LOG2_E=block_e.bit_length() - 1, PDL=pdl,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    # ~2 reduce programs per SM; at most 4096 partial elements per loaded tile
-    block_d = max(16, min(128, triton.next_power_of_2(triton.cdiv(d * t, 2 * _sms(x)))))
+    _reduce_partials(part, b_down, out, pdl)
+    return out
+
+
+def _fused_partials(x, f, cfg, poison):
+    """The fused kernels' per-program fp32 partial outputs [P, T, d]: ``cfg.up_programs``
+    programs (0: 2 per SM), at most one per tile of the F neurons; NaN-filled with ``poison``."""
+    programs = cfg.up_programs or 2 * _sms(x)
+    programs = max(1, min(programs, triton.cdiv(f, cfg.up_block_n)))
+    part = torch.empty((programs, *x.shape), dtype=torch.float32, device=x.device)
+    return part.fill_(float("nan")) if poison else part
+
+
+def _reduce_partials(part, b_down, out, pdl):
+    """out = sum over the fused kernel's P partials ``part`` [P, T, d] (+ b_down), a fixed
+    order; ~2 programs per SM, at most 4096 partial elements per loaded tile."""
+    programs, t, d = part.shape
+    interp = _interpreted(out)
+    block_d = max(16, min(128, triton.next_power_of_2(triton.cdiv(d * t, 2 * _sms(out)))))
     block_p = min(triton.next_power_of_2(programs), max(1, 4096 // block_d))
     _ffn._ffn_partials_reduce_kernel[(triton.cdiv(d, block_d), t)](
-        part, b_down if b_down is not None else x, out, d, programs,
+        part, b_down if b_down is not None else out, out, d, programs,
         part.stride(0), part.stride(1), out.stride(0),
         HAS_BD=b_down is not None, BLOCK_P=block_p, BLOCK_D=block_d, PDL=pdl,
         num_warps=4, **({} if interp else {"launch_pdl": pdl}),
     )
-    return out
+
+
+def fused_config(t: int, d: int, f: int, sms: int, interpreted: bool) -> FFNConfig:
+    """The one-launch FFN's blocks for ``t`` tokens (a starting point: 16-neuron tiles of the
+    compacted list, 2 programs per SM; bench/ops_gpu.py --sweep times its variants)."""
+    cfg = default_config(t, d, f, sms, interpreted)
+    return dataclasses.replace(cfg, fused=True, up_block_n=16, up_programs=0)
+
+
+def router_routed_ffn(x, w1, b1, w2, b2, hidden_activation, budget, min_experts, max_experts,
+                      w_gate, w_up, w_down_t, activation, b_up, b_down, config=None, out=None,
+                      poison=False):
+    """:func:`router_route` and :func:`routed_ffn` in two launches plus the partials reduce:
+    the router projection, then ``route_ffn._route_ffn_fused_kernel`` (routing in every
+    program's prologue, then the fused FFN's tiles). Returns ``(y [T, d], mask [T, E],
+    budget_ok)``. A low-rank router with more than 128 experts takes :func:`router_route`
+    and the fused :func:`routed_ffn` instead (its second layer has a kernel of its own).
+    ``config``: a fused :class:`FFNConfig` (default :func:`fused_config`)."""
+    t, d = x.shape
+    f = w_up.shape[0]
+    r = w1.shape[0]
+    e = r if w2 is None else w2.shape[0]
+    interp = _interpreted(x)
+    cfg = config or fused_config(t, d, f, _sms(x), interp)
+    if not cfg.fused:
+        raise ValueError("router_routed_ffn needs a fused FFNConfig (fused=True)")
+    block_e = triton.next_power_of_2(e)
+    if out is None:
+        out = torch.empty((t, d), dtype=x.dtype, device=x.device)
+    if t == 0 or (w2 is not None and block_e > 128):
+        mask, ok = router_route(x, w1, b1, w2, b2, hidden_activation, budget, min_experts,
+                                max_experts)
+        routed_ffn(x, w_gate, w_up, w_down_t, mask, activation, b_up, b_down, config=cfg,
+                   out=out, poison=poison)
+        return out, mask, ok
+    if w_up.stride(1) != 1 or (w_gate is not None and w_gate.stride(1) != 1):
+        raise ValueError("w_up/w_gate must have unit stride along d")
+    if w_gate is not None and w_gate.stride(0) != w_up.stride(0):
+        w_gate, w_up = w_gate.contiguous(), w_up.contiguous()
+    pdl = cfg.pdl and not interp and _pdl_supported(x)
+    part_r, ks = _router_project(x, w1, pdl)
+    mask = torch.empty((t, e), dtype=torch.bool, device=x.device)
+    ok = torch.empty((), dtype=torch.bool, device=x.device)
+    t_blocks = triton.cdiv(t, cfg.block_t)
+    part = _fused_partials(x, f, cfg, poison)
+    low = w2 is not None
+    act = -1 if hidden_activation in (None, "none") else _ffn.ACT_IDS[hidden_activation]
+    gated = w_gate is not None
+    mask_u8 = mask.view(torch.uint8)
+    _route_ffn._route_ffn_fused_kernel[(part.shape[0], t_blocks)](
+        part_r, budget, w2 if low else part_r, b1 if b1 is not None else part_r,
+        b2 if low and b2 is not None else part_r, ok, mask_u8,
+        x, w_gate if gated else w_up, w_up, b_up if b_up is not None else x, w_down_t, part,
+        t, d, f // e, e, r, min_experts, max_experts,
+        part_r.stride(0), part_r.stride(1), w2.stride(0) if low else 0, budget.stride(0),
+        mask_u8.stride(0), x.stride(0), w_up.stride(0), w_down_t.stride(0), w_down_t.stride(1),
+        part.stride(0), part.stride(1),
+        KS=ks, LOW_RANK=low, HAS_B1=b1 is not None, HAS_B2=low and b2 is not None,
+        HIDDEN_ACT=act if low else -1, BLOCK_J=_route_block_j(block_e),
+        BLOCK_R=triton.next_power_of_2(r), KS_P2=triton.next_power_of_2(ks), BLOCK_B=64,
+        GATED=gated, HAS_BU=b_up is not None, ACT=_ffn.ACT_IDS[activation],
+        IEEE=x.dtype == torch.float32, UPCAST=interp,
+        BLOCK_T=cfg.block_t, BLOCK_N=cfg.up_block_n, BLOCK_K=cfg.up_block_k,
+        BLOCK_D=cfg.down_block_d, BLOCK_E=block_e, LOG2_E=block_e.bit_length() - 1, PDL=pdl,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **({} if interp else {"launch_pdl": pdl}),
+    )
+    _reduce_partials(part, b_down, out, pdl)
+    return out, mask, ok
 
 
 def live_chunks_reference(mask: torch.Tensor, f: int, block_n: int):

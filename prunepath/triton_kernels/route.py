@@ -125,12 +125,7 @@ def _route_kernel(
     b = tl.load(budget_ptr + t * stride_b)  # stride 0: one budget broadcast to every token
     if CHECK:
         if t == 0:
-            good = tl.zeros([BLOCK_B], dtype=tl.int32)
-            for t0 in range(0, T, BLOCK_B):
-                offs_b = t0 + tl.arange(0, BLOCK_B)
-                bb = tl.load(budget_ptr + offs_b * stride_b, mask=offs_b < T, other=0.5)
-                good += ((bb >= 0.0) & (bb <= 1.0)).to(tl.int32) - 1  # NaN fails both
-            tl.store(ok_ptr, tl.sum(good, axis=0) == 0)
+            tl.store(ok_ptr, _budgets_ok(budget_ptr, T, stride_b, BLOCK_B))
     if LOW_RANK:  # (BLOCK_E <= 128: above, _router_out_kernel makes the logits first)
         z = _low_rank_logits(z_ptr, w2_ptr, b1_ptr, b2_ptr, t, offs_i, valid_i, R, KS,
                              stride_zs, stride_zt, stride_w2e, HAS_B1, HAS_B2, HIDDEN_ACT,
@@ -156,6 +151,17 @@ def _route_kernel(
     keep = _route_tail(p, offs_i, valid_i, z_ptr + t * stride_zt, zmax, zsum, b, min_e, max_e,
                        E, BLOCK_E, BLOCK_J, FROM_VECTOR)
     tl.store(mask_ptr + t * stride_mt + offs_i, keep, mask=valid_i)
+
+
+@triton.jit
+def _budgets_ok(budget_ptr, T, stride_b, BLOCK_B: tl.constexpr):
+    """Whether every one of the T budgets lies in [0, 1] (NaN does not)."""
+    good = tl.zeros([BLOCK_B], dtype=tl.int32)
+    for t0 in range(0, T, BLOCK_B):
+        offs_b = t0 + tl.arange(0, BLOCK_B)
+        bb = tl.load(budget_ptr + offs_b * stride_b, mask=offs_b < T, other=0.5)
+        good += ((bb >= 0.0) & (bb <= 1.0)).to(tl.int32) - 1  # NaN fails both
+    return tl.sum(good, axis=0) == 0
 
 
 @triton.jit
