@@ -47,6 +47,16 @@ struct SegsDot {
   float* out2 = nullptr;
 };
 
+// A SegsDot with a second weight as two plain ones (w, out) and (w2, out2).
+inline void split_pair(const SegsDot& a, SegsDot& first, SegsDot& second) {
+  first = a;
+  first.w2 = nullptr;
+  first.out2 = nullptr;
+  second = first;
+  second.w = a.w2;
+  second.out = a.out2;
+}
+
 void segs_dot_generic(const SegsDot& a);
 
 // Segmented row-weighted sums (the down projection with a packed W_down^T [F, d]):

@@ -154,11 +154,8 @@ PP_TARGET void segs_dot(const SegsDot& a) {
   const bool whole_rows = a.nseg == 1 && a.seg_col[0] == 0 && a.seg_len[0] == a.ldw;
   if (a.w2 != nullptr) {
     if (whole_rows && a.nt == 1) return pair_rows<W>(a);
-    SegsDot first = a, second = a;
-    first.w2 = second.w2 = nullptr;
-    first.out2 = second.out2 = nullptr;
-    second.w = a.w2;
-    second.out = a.out2;
+    SegsDot first, second;
+    split_pair(a, first, second);
     segs_dot<W>(first);
     return segs_dot<W>(second);
   }

@@ -101,11 +101,8 @@ void segs_axpy_generic(const SegsAxpy& a) {
 
 void segs_dot_generic(const SegsDot& a) {
   if (a.w2 != nullptr) {  // the two weights one after the other
-    SegsDot first = a, second = a;
-    first.w2 = second.w2 = nullptr;
-    first.out2 = second.out2 = nullptr;
-    second.w = a.w2;
-    second.out = a.out2;
+    SegsDot first, second;
+    split_pair(a, first, second);
     segs_dot_generic(first);
     return segs_dot_generic(second);
   }
