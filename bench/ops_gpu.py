@@ -236,6 +236,35 @@ def bench_route_ffn(copies, d, f, e, t, dtype, gen, budgets=(0.5, 0.8), rank=64)
     return out
 
 
+# the one-launch FFN's sweep (FFNConfig.fused): a base, and variants changing a few fields
+FUSED_BASE = {"fused": True, "up_block_n": 16, "up_block_k": 256, "down_block_d": 128,
+              "num_stages": 3, "num_warps": 4}
+_SUMS_N8 = {"block_t": 2, "up_block_n": 8, "up_block_k": 512, "down_block_d": 256}
+
+
+def fused_variants(sms: int) -> dict:
+    """Sweep name -> FFNConfig fields changed from FUSED_BASE with 2 programs per SM (``sms``:
+    the GPU's SM count). ``sums_*``: 1-2 token rows, products and sums, tiles under 16 neurons."""
+    return {
+        "fused": {}, "fused_n32": {"up_block_n": 32},
+        "fused_p1": {"up_programs": sms}, "fused_p3": {"up_programs": 3 * sms},
+        "fused_p4": {"up_programs": 4 * sms}, "fused_k128": {"up_block_k": 128},
+        "fused_k512": {"up_block_k": 512}, "fused_d64": {"down_block_d": 64},
+        "fused_d256": {"down_block_d": 256}, "fused_st2": {"num_stages": 2},
+        "fused_st4": {"num_stages": 4}, "fused_w8": {"num_warps": 8},
+        "fused_w8_p1": {"num_warps": 8, "up_programs": sms},
+        "fused_n32_p1": {"up_block_n": 32, "up_programs": sms},
+        "fused_nopdl": {"pdl": False},
+        "fused_sums_n8": _SUMS_N8, "fused_sums_n8_t1": {**_SUMS_N8, "block_t": 1},
+        "fused_sums_n16": {"block_t": 2, "up_block_n": 16, "up_block_k": 256,
+                           "down_block_d": 256},
+        "fused_sums_n4": {"block_t": 2, "up_block_n": 4, "up_block_k": 1024,
+                          "down_block_d": 512},
+        "fused_sums_n8_p4": {**_SUMS_N8, "up_programs": 4 * sms},
+        "fused_sums_n8_w8": {**_SUMS_N8, "num_warps": 8},
+    }
+
+
 def sweep_triton(copies, d, f, e, t, sparsity, dtype, gen, packed=True, only=None):
     """Graph time of Triton block configs for one case (a tuning aid for launch.default_config):
     variants of the default, one field changed at a time (``only``: these names)."""
@@ -286,31 +315,8 @@ def sweep_triton(copies, d, f, e, t, sparsity, dtype, gen, packed=True, only=Non
                      ("up_k=256,stages=4", {"up_block_k": 256, "num_stages": 4}),
                      ("up_n=16,up_k=256", {"up_block_n": 16, "up_block_k": 256})]
     if t <= 2:  # one launch for both phases (FFNConfig.fused) and its knobs
-        fz = {"fused": True, "up_block_n": 16, "up_block_k": 256, "down_block_d": 128,
-              "up_programs": 2 * sms, "num_stages": 3, "num_warps": 4}
-        for name, change in [("", {}), ("n32", {"up_block_n": 32}),
-                             ("p1", {"up_programs": sms}), ("p3", {"up_programs": 3 * sms}),
-                             ("p4", {"up_programs": 4 * sms}), ("k128", {"up_block_k": 128}),
-                             ("k512", {"up_block_k": 512}), ("d64", {"down_block_d": 64}),
-                             ("d256", {"down_block_d": 256}), ("st2", {"num_stages": 2}),
-                             ("st4", {"num_stages": 4}), ("w8", {"num_warps": 8}),
-                             ("w8_p1", {"num_warps": 8, "up_programs": sms}),
-                             ("n32_p1", {"up_block_n": 32, "up_programs": sms}),
-                             ("nopdl", {"pdl": False}),
-                             # 1-2 token rows: products and sums, tiles under 16 neurons
-                             ("sums_n8", {"block_t": 2, "up_block_n": 8, "up_block_k": 512,
-                                          "down_block_d": 256}),
-                             ("sums_n8_t1", {"block_t": 1, "up_block_n": 8, "up_block_k": 512,
-                                             "down_block_d": 256}),
-                             ("sums_n16", {"block_t": 2, "up_block_n": 16, "up_block_k": 256,
-                                           "down_block_d": 256}),
-                             ("sums_n4", {"block_t": 2, "up_block_n": 4, "up_block_k": 1024,
-                                          "down_block_d": 512}),
-                             ("sums_n8_p4", {"block_t": 2, "up_block_n": 8, "up_block_k": 512,
-                                             "down_block_d": 256, "up_programs": 4 * sms}),
-                             ("sums_n8_w8", {"block_t": 2, "up_block_n": 8, "up_block_k": 512,
-                                             "down_block_d": 256, "num_warps": 8})]:
-            variants.append(("fused" + ("_" + name if name else ""), {**fz, **change}))
+        for name, change in fused_variants(sms).items():
+            variants.append((name, {**FUSED_BASE, "up_programs": 2 * sms, **change}))
     if t > 16:
         variants.append(("stages=4", {"num_stages": 4}))
         variants.append(("up_n=32", {"up_block_n": 32}))

@@ -120,12 +120,12 @@ def fused_kernel(t, d, f, e, change, dtype="bf16"):
     import dataclasses
 
     ne = f // e
-    cfg = dataclasses.replace(launch.default_config(t, d, f, 132, False, ne), fused=True,
-                              **change)
+    cfg = dataclasses.replace(launch.default_config(t, d, f, 132, False, ne),
+                              **{"fused": True, **change})
     list_t, block_e, _ = launch._list_blocks(t, e, f, cfg.up_block_n)
     sig = dict(x_ptr=f"*{dtype}", wg_ptr=f"*{dtype}", wu_ptr=f"*{dtype}", bu_ptr=f"*{dtype}",
                wd_ptr=f"*{dtype}", mask_ptr="*u8", part_ptr="*fp32",
-               T="i32", D="i32", F="i32", NE="i32", E="i32", stride_xt="i32", stride_wn="i32",
+               T="i32", D="i32", NE="i32", E="i32", stride_xt="i32", stride_wn="i32",
                stride_dn="i32", stride_dd="i32", stride_mt="i32", stride_pp="i32",
                stride_pt="i32")
     consts = dict(GATED=True, HAS_BU=False, ACT=0, IEEE=dtype == "fp32", UPCAST=False,
@@ -134,26 +134,9 @@ def fused_kernel(t, d, f, e, change, dtype="bf16"):
                   LOG2_E=block_e.bit_length() - 1, PDL=True, stride_dd=1)
     return cfg, compile_for_sm90(
         ffn._ffn_fused_kernel, sig, consts,
-        div16=("x_ptr", "wg_ptr", "wu_ptr", "wd_ptr", "part_ptr", "mask_ptr", "D", "F",
+        div16=("x_ptr", "wg_ptr", "wu_ptr", "wd_ptr", "part_ptr", "mask_ptr", "D",
                "stride_xt", "stride_wn", "stride_dn", "stride_pp", "stride_pt"),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-
-
-# the fused variants of bench/ops_gpu.py's T <= 2 sweep (its fz base with one change)
-FUSED_VARIANTS = {
-    "fused": {}, "fused_n32": {"up_block_n": 32}, "fused_k128": {"up_block_k": 128},
-    "fused_k512": {"up_block_k": 512}, "fused_d64": {"down_block_d": 64},
-    "fused_d256": {"down_block_d": 256}, "fused_st2": {"num_stages": 2},
-    "fused_st4": {"num_stages": 4}, "fused_w8": {"num_warps": 8},
-    "fused_sums_n8": {"block_t": 2, "up_block_n": 8, "up_block_k": 512, "down_block_d": 256},
-    "fused_sums_n8_t1": {"block_t": 1, "up_block_n": 8, "up_block_k": 512, "down_block_d": 256},
-    "fused_sums_n16": {"block_t": 2, "up_block_n": 16, "up_block_k": 256, "down_block_d": 256},
-    "fused_sums_n4": {"block_t": 2, "up_block_n": 4, "up_block_k": 1024, "down_block_d": 512},
-    "fused_sums_n8_w8": {"block_t": 2, "up_block_n": 8, "up_block_k": 512, "down_block_d": 256,
-                         "num_warps": 8},
-}
-FUSED_BASE = {"up_block_n": 16, "up_block_k": 256, "down_block_d": 128, "num_stages": 3,
-              "num_warps": 4}
 
 
 def check_fused():
@@ -164,7 +147,11 @@ def check_fused():
     print(f"{'fused variant (4096x14336 E=64 T=1)':36} {'reg':>4} {'local':>5} {'smem':>6} "
           + " ".join(f"{k:>19}" for k in COUNT))
     bad = 0
-    for name, change in FUSED_VARIANTS.items():
+    from ops_gpu import FUSED_BASE, fused_variants  # bench/ is this script's directory
+
+    for name, change in fused_variants(132).items():
+        if set(change) <= {"up_programs", "pdl"}:
+            continue  # the grid and the launch, not the compiled kernel: same as "fused"
         try:
             _, ck = fused_kernel(1, 4096, 14336, 64, {**FUSED_BASE, **change})
         except Exception as err:  # a variant that does not compile is a finding, not a crash
@@ -179,8 +166,7 @@ def check_fused():
               + " ".join(f"{r[k]:>19}" for k in COUNT) + flag)
     # routing in the fused kernel's prologue (launch.router_routed_ffn), rank-64 GELU router
     route_ffn = importlib.import_module("prunepath.triton_kernels.route_ffn")
-    base = dataclasses.replace(launch.default_config(1, 4096, 14336, 132, False), fused=True,
-                               **FUSED_BASE)
+    base = dataclasses.replace(launch.default_config(1, 4096, 14336, 132, False), **FUSED_BASE)
     sig = {n: "i32" for n in route_ffn._route_ffn_fused_kernel.arg_names}
     sig.update({n: "*fp32" for n in ("z_ptr", "budget_ptr", "w2_ptr", "b1_ptr", "b2_ptr",
                                      "part_ptr")})

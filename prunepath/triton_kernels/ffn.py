@@ -586,7 +586,7 @@ def _ffn_reduce_kernel(part_ptr, bd_ptr, out_ptr, N, D, stride_ps,
 @triton.jit
 def _ffn_fused_kernel(
     x_ptr, wg_ptr, wu_ptr, bu_ptr, wd_ptr, mask_ptr, part_ptr,
-    T, D, F, NE, E,
+    T, D, NE, E,
     stride_xt, stride_wn, stride_dn, stride_dd, stride_mt, stride_pp, stride_pt,
     GATED: tl.constexpr, HAS_BU: tl.constexpr, ACT: tl.constexpr,
     IEEE: tl.constexpr, UPCAST: tl.constexpr,

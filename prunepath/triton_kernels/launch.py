@@ -286,6 +286,16 @@ def _list_blocks(t: int, e: int, f: int, block_n: int):
     return list_t, block_e, triton.next_power_of_2(triton.cdiv(f, block_n))
 
 
+def _up_weights(w_gate, w_up):
+    """(w_gate, w_up) as the up kernels index them: unit stride along d (else ValueError) and
+    one row stride for both (copied contiguous if they differ)."""
+    if w_up.stride(1) != 1 or (w_gate is not None and w_gate.stride(1) != 1):
+        raise ValueError("w_up/w_gate must have unit stride along d")
+    if w_gate is not None and w_gate.stride(0) != w_up.stride(0):
+        return w_gate.contiguous(), w_up.contiguous()
+    return w_gate, w_up
+
+
 def routed_ffn(x, w_gate, w_up, w_down_t, mask, activation, b_up, b_down, config=None, out=None,
                poison=False):
     """``w_down_t`` is W_down^T as an [F, d] view (any strides: a .T view of nn.Linear's
@@ -300,11 +310,7 @@ def routed_ffn(x, w_gate, w_up, w_down_t, mask, activation, b_up, b_down, config
         out = torch.empty((t, d), dtype=x.dtype, device=x.device)
     if t == 0:
         return out
-    if w_up.stride(1) != 1 or (w_gate is not None and w_gate.stride(1) != 1):
-        raise ValueError("w_up/w_gate must have unit stride along d")
-    if w_gate is not None and w_gate.stride(0) != w_up.stride(0):
-        w_gate = w_gate.contiguous()
-        w_up = w_up.contiguous()
+    w_gate, w_up = _up_weights(w_gate, w_up)
     interp = _interpreted(x)
     n_contiguous = w_down_t.stride(0) == 1 and w_down_t.stride(1) != 1
     cfg = config or default_config(t, d, f, _sms(x), interp, f // e, linear_down=n_contiguous,
@@ -419,7 +425,7 @@ def _routed_ffn_fused(x, w_gate, w_up, w_down_t, mask, activation, b_up, b_down,
     gated = w_gate is not None
     _ffn._ffn_fused_kernel[(part.shape[0], t_blocks)](
         x, w_gate if gated else w_up, w_up, b_up if b_up is not None else x, w_down_t, mask_u8,
-        part, t, d, f, f // e, e,
+        part, t, d, f // e, e,
         x.stride(0), w_up.stride(0), w_down_t.stride(0), w_down_t.stride(1), mask_u8.stride(0),
         part.stride(0), part.stride(1),
         GATED=gated, HAS_BU=b_up is not None, ACT=_ffn.ACT_IDS[activation],
@@ -490,10 +496,7 @@ def router_routed_ffn(x, w1, b1, w2, b2, hidden_activation, budget, min_experts,
         routed_ffn(x, w_gate, w_up, w_down_t, mask, activation, b_up, b_down, config=cfg,
                    out=out, poison=poison)
         return out, mask, ok
-    if w_up.stride(1) != 1 or (w_gate is not None and w_gate.stride(1) != 1):
-        raise ValueError("w_up/w_gate must have unit stride along d")
-    if w_gate is not None and w_gate.stride(0) != w_up.stride(0):
-        w_gate, w_up = w_gate.contiguous(), w_up.contiguous()
+    w_gate, w_up = _up_weights(w_gate, w_up)
     pdl = cfg.pdl and not interp and _pdl_supported(x)
     part_r, ks = _router_project(x, w1, pdl)
     mask = torch.empty((t, e), dtype=torch.bool, device=x.device)

@@ -140,17 +140,26 @@ def _route_kernel(
                    axis=0)
         if HAS_B1:
             z += b1
+    # chunks of more than 64 experts re-read the logits from memory when they are there
+    # (plain routing), else pick the probabilities out of the register vector
+    FROM_VECTOR: tl.constexpr = LOW_RANK or KS > 1 or HAS_B1
+    keep = _route_logits(z, offs_i, valid_i, z_ptr + t * stride_zt, b, min_e, max_e, E,
+                         BLOCK_E, BLOCK_J, FROM_VECTOR)
+    tl.store(mask_ptr + t * stride_mt + offs_i, keep, mask=valid_i)
+
+
+@triton.jit
+def _route_logits(z, offs_i, valid_i, z_ptr_row, b, min_e, max_e, E,
+                  BLOCK_E: tl.constexpr, BLOCK_J: tl.constexpr, FROM_VECTOR: tl.constexpr):
+    """One token's bool mask [BLOCK_E] from its fp32 logits ``z``: softmax, then the
+    cumulative-mass rule (:func:`_route_tail`; ``z_ptr_row``: the logits in memory, read only
+    without FROM_VECTOR)."""
     z = tl.where(valid_i, z, float("-inf"))
     zmax = tl.max(z, axis=0)
     ez = tl.where(valid_i, tl.exp(z - zmax), 0.0)
     zsum = tl.sum(ez, axis=0)
-    p = ez / zsum
-    # chunks of more than 64 experts re-read the logits from memory when they are there
-    # (plain routing), else pick the probabilities out of the register vector
-    FROM_VECTOR: tl.constexpr = LOW_RANK or KS > 1 or HAS_B1
-    keep = _route_tail(p, offs_i, valid_i, z_ptr + t * stride_zt, zmax, zsum, b, min_e, max_e,
-                       E, BLOCK_E, BLOCK_J, FROM_VECTOR)
-    tl.store(mask_ptr + t * stride_mt + offs_i, keep, mask=valid_i)
+    return _route_tail(ez / zsum, offs_i, valid_i, z_ptr_row, zmax, zsum, b, min_e, max_e, E,
+                       BLOCK_E, BLOCK_J, FROM_VECTOR)
 
 
 @triton.jit

@@ -6,7 +6,7 @@ After the router projection kernel (``route._router_project_kernel``: KS partial
 ``x @ W1^T`` split over d), ``_route_ffn_fused_kernel`` is the fused FFN kernel
 (``ffn._ffn_fused_kernel``) whose prologue routes instead of reading a mask: every program
 sums the projection partials of its token block, applies a low-rank router's second layer,
-takes the softmax and the cumulative-mass rule (``route._route_tail``), and so knows the live
+takes the softmax and the cumulative-mass rule (``route._route_logits``), and so knows the live
 experts without a route kernel between the two launches; program 0 of each token block writes
 the mask rows (the op's second output). The work is repeated in every program: a few KB of
 L2 reads and a [tokens, E] computation against the tile loop's megabytes.
@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from .ffn import _fused_tiles, _live_from_union
-from .route import _budgets_ok, _low_rank_logits, _route_tail
+from .route import _budgets_ok, _low_rank_logits, _route_logits
 
 
 @triton.jit
@@ -78,13 +78,8 @@ def _route_ffn_fused_kernel(
         z = _token_logits(z_ptr, w2_ptr, b1_ptr, b2_ptr, t, offs_e, e_ok, R, KS, stride_zs,
                           stride_zt, stride_w2e, LOW_RANK, HAS_B1, HAS_B2, HIDDEN_ACT, BLOCK_R,
                           KS_P2)
-        z = tl.where(e_ok, z, float("-inf"))
-        zmax = tl.max(z, axis=0)
-        ez = tl.where(e_ok, tl.exp(z - zmax), 0.0)
-        zsum = tl.sum(ez, axis=0)
         b = tl.load(budget_ptr + t * stride_b)
-        keep = _route_tail(ez / zsum, offs_e, e_ok, z_ptr, zmax, zsum, b, min_e, max_e, E,
-                           BLOCK_E, BLOCK_J, True)
+        keep = _route_logits(z, offs_e, e_ok, z_ptr, b, min_e, max_e, E, BLOCK_E, BLOCK_J, True)
         if pid == 0:
             tl.store(mask_ptr + t * stride_mt + offs_e, keep, mask=e_ok)
         rows = tl.where((tl.arange(0, BLOCK_T) == r)[:, None], keep.to(tl.int32)[None, :], rows)
