@@ -216,6 +216,69 @@ def install_masks(model, chosen: torch.Tensor, project: bool = True) -> None:
     prunepath.set_budget(model, 1.0 - 0.5 / k)
 
 
+class LogitInjector:
+    """Controls routing through the router's logits instead of replacing the mask (what
+    ``--mask-source bias`` uses; the only way to control routing that happens inside the FFN
+    kernel, ``Decoder(fuse_routing=True)``). A forward pre-hook on each RoutedFFN writes the
+    current step's logits into the layer's folded router bias ``b2`` (fp32 [E], read in place
+    by the captured step): ``LOGIT`` on the step's chosen experts, 0 elsewhere; the router's
+    second-layer weight is scaled to ~0 (``NOISE``), so the softmax gives each chosen expert
+    ~1/k and the budget ``1 - 0.5/k`` takes exactly those k. The real routing work runs (both
+    router layers, the softmax, the cumulative-mass rule). One bias per layer: every token of
+    a step gets the same experts, so this serves batch 1."""
+
+    LOGIT = 20.0
+    NOISE = 1e-4
+
+    def __init__(self, index: int, bank: torch.Tensor, cur: torch.Tensor, step: torch.Tensor,
+                 b2: torch.Tensor, advance: bool):
+        self.index, self.bank, self.cur, self.step = index, bank, cur, step
+        self.b2, self.advance = b2, advance
+
+    def __call__(self, module, args):
+        if self.index == 0:
+            torch.index_select(self.bank, 0, self.step, out=self.cur)
+        self.b2.copy_(self.cur[0, self.index])
+        if self.advance:
+            self.step.add_(1).remainder_(self.bank.shape[0])
+
+
+def install_router_logits(model, chosen: torch.Tensor, dtype: torch.dtype) -> None:
+    """:class:`LogitInjector` hooks over ``chosen`` [L, S, 1, E] (batch 1) on every RoutedFFN
+    (an MLP router, folded for inputs of ``dtype``); budget 1 - 0.5/k. Hooks already
+    installed with the same bank shape are refilled in place (a captured step keeps reading
+    the same tensors); ``prunepath.unload`` drops them with the wrappers."""
+    import prunepath
+    from prunepath.budget import routed_layers
+
+    if chosen.shape[2] != 1:
+        raise ValueError(f"router-logit masks serve batch 1, got batch {chosen.shape[2]}")
+    layers = routed_layers(model)
+    dev = layers[0].budget.device
+    bank = (chosen[:, :, 0].permute(1, 0, 2).float() * LogitInjector.LOGIT).contiguous().to(dev)
+    old = [h for m in layers for h in m._forward_pre_hooks.values() if isinstance(h, LogitInjector)]
+    if len(old) == len(layers) and tuple(old[0].bank.shape) == tuple(bank.shape):
+        old[0].bank.copy_(bank)
+        old[0].step.zero_()
+    else:
+        if old:
+            raise ValueError("router-logit hooks of another bank shape are installed")
+        step = torch.zeros(1, dtype=torch.long, device=dev)
+        cur = torch.empty((1,) + tuple(bank.shape[1:]), device=dev)
+        for t in (bank, cur, step):
+            torch._dynamo.mark_static_address(t)
+        for i, layer in enumerate(layers):
+            with torch.no_grad():
+                layer.router.fc2.weight.mul_(LogitInjector.NOISE)
+            folded = layer.fused_router(dtype)
+            if folded is None or folded[3] is None:
+                raise ValueError("router-logit masks need an MLP router with a fused form")
+            layer.register_forward_pre_hook(
+                LogitInjector(i, bank, cur, step, folded[3], advance=i == len(layers) - 1))
+    k = int(chosen[0, 0, 0].sum())
+    prunepath.set_budget(model, 1.0 - 0.5 / k)
+
+
 def union_density(chosen: torch.Tensor) -> float:
     """Mean over layers and steps of the fraction of experts some token of the batch uses."""
     return chosen.any(dim=2).float().mean().item()
@@ -507,18 +570,24 @@ def gpu_suite(args) -> list[dict]:
                                                   prefill="dense", backend=args.backend))
             kinds = ["independent"] if batch == 1 else list(MASK_MODELS)
             configs = [(s_, kind, "") for s_ in args.sparsities for kind in kinds]
-            if batch == 1 and mode != "compile":  # overhead variants (statistics; no routing)
+            logits = args.mask_source == "logits"
+            if logits and batch > 1:
+                log(f"[{name} B={batch}: --mask-source logits serves batch 1; routed rows skipped]")
+                configs = []
+            if batch == 1 and mode != "compile" and not logits:  # overhead variants
                 configs += [(s_, "independent", v) for v in args.variants
                             for s_ in args.sparsities if s_ in (0.5, 0.75)]
             dec = Decoder(model, batch, max_len, mode=mode, ffn_path=args.ffn_path, step=step,
-                          packed_down=args.packed_down, fuse_qkv=args.fuse_qkv)
+                          packed_down=args.packed_down, fuse_qkv=args.fuse_qkv,
+                          fuse_routing=args.fuse_routing)
             for sparsity, kind, variant in configs:
                 if time_left() < 10:
                     log(f"[deadline: {name} B={batch} s={sparsity} {kind} {variant} skipped]")
                     break
                 if kind == "smollm2" and overlap is None:
                     continue
-                label = kind + (f"+{variant}" if variant else "")
+                label = kind + (f"+{variant}" if variant else "") + ("+logits" if logits else "")
+                label += "+fusedroute" if args.fuse_routing else ""
 
                 def sparse_run():
                     k = max(1, round(e * (1 - sparsity)))
@@ -530,12 +599,15 @@ def gpu_suite(args) -> list[dict]:
                         pop = None
                     chosen = make_bank(cfg.num_hidden_layers, args.bank_steps, batch, e, k, pop,
                                        seed=batch * 100 + k)
-                    install_masks(model, chosen, project=variant != "norouter")
+                    if logits:
+                        install_router_logits(model, chosen, dtype)
+                    else:
+                        install_masks(model, chosen, project=variant != "norouter")
                     used = dec
                     if variant:  # a fresh decoder: its steps capture the variant's kernels
                         used = Decoder(model, batch, max_len, mode=mode, ffn_path=args.ffn_path,
                                        record_stats=variant == "stats", step=step,
-                                       fuse_qkv=args.fuse_qkv)
+                                       fuse_qkv=args.fuse_qkv, fuse_routing=args.fuse_routing)
                     u = union_density(chosen)
                     profile = profile_this and batch in (1, 8)
                     t, prof, peak = measure(used, model, prompt, batch, profile)
@@ -645,7 +717,8 @@ def cpu_suite(args) -> list[dict]:
     prompt = _text_prompt(tok, args.prompt)
     max_len = args.prompt + args.new
     dec = Decoder(model, 1, max_len, mode=args.mode, record_stats=True,  # sparsity column
-                  fast_linears=args.fast_linears, step=args.steps[0], fuse_qkv=args.fuse_qkv)
+                  fast_linears=args.fast_linears, step=args.steps[0], fuse_qkv=args.fuse_qkv,
+                  fuse_routing=args.fuse_routing)
     configs = [("dense", None)] + [(p, p) for p in presets]
     if dec.fast_linears:  # also the dense model with torch's F.linear everywhere (stock HF)
         configs.append(("dense_torch_linear", "torch_linear"))
@@ -809,6 +882,14 @@ def parse_args(argv=None):
     p.add_argument("--fuse-qkv", default="auto", choices=("auto", "on", "off"),
                    help="lean step: q/k/v weights fused into one product (prunepath.fused_qkv); "
                    "auto: Decoder's default (on)")
+    p.add_argument("--mask-source", default="where", choices=("where", "logits"),
+                   help="gpu suite: how the synthetic expert sets reach the routed FFNs: where "
+                   "(MaskInjector: the real routing runs, then its mask is replaced) or logits "
+                   "(LogitInjector: the router's logits are set so the real routing picks "
+                   "them; batch 1 only; needed by --fuse-routing on)")
+    p.add_argument("--fuse-routing", default="off", choices=("off", "on"),
+                   help="Decoder(fuse_routing=...): routing and the routed FFN as one op "
+                   "(prunepath.ops.router_routed_ffn)")
     p.add_argument("--steps", default="auto",
                    help="Decoder step(s): auto, hf (the model's forward), lean (prunepath.lean_step); "
                         "the gpu suite runs each, the cpu suite the first")
@@ -839,6 +920,10 @@ def parse_args(argv=None):
                    "so (Decoder(packed_down=True))")
     a = p.parse_args(argv)
     a.fuse_qkv = {"auto": None, "on": True, "off": False}[a.fuse_qkv]
+    a.fuse_routing = a.fuse_routing == "on"
+    if a.fuse_routing and a.suite == "gpu" and a.mask_source != "logits":
+        p.error("--fuse-routing on routes inside the FFN op, past MaskInjector: "
+                "add --mask-source logits")
     a.models = a.models.split(",")
     a.batches = [int(b) for b in a.batches.split(",")]
     a.sparsities = [float(s) for s in a.sparsities.split(",")]

@@ -10,11 +10,9 @@
 #    (bench/ops_gpu.py --sweep; names fused*, fused_sums_*) -> $OUT/sweep.json.
 # 3. Routing + FFN at T = 1 and 2 as today's two ops, with the fused FFN, and as one fused kernel
 #    that routes in its prologue (launch.router_routed_ffn) -> $OUT/route_ffn.json.
-# 4. The fused variant with the least time at 0.5 + 0.75 goes into the compiled B=1 decode
-#    (PRUNEPATH_TRITON_FFN_T2 = its fields as JSON; W_down packed so the routed FFNs take the
-#    T <= 2 path), then the same decode with the default config -> $OUT/dec_{fused,split}/gpu.json.
-# Time limits per stage: TT (tests, 80 s), ST (sweep, 230), RT (routing, 60), DT / DT2 (decodes,
-# 160 / 120): the last stage is cut if the call's limit comes first.
+# 4. The fused variant with the least time at 0.5 + 0.75 -> $OUT/best_fused.json (its fields as
+#    JSON, for PRUNEPATH_TRITON_FFN_T2); the decodes with it: bench/run_fused_decode_device.sh.
+# Time limits per stage: TT (tests, 120 s), ST (sweep, 230), RT (routing, 60).
 # .whl must hold transformers==5.23.0 (see bench/run_decode_device.sh).
 set -uo pipefail
 T0=$(date +%s); el() { echo $(( $(date +%s) - T0 )); }
@@ -25,7 +23,8 @@ export PYTHONPATH=/tmp/site:$PWD PRUNEPATH_REQUIRE_GPU_BACKENDS=triton PRUNEPATH
 nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader
 python3 -c "import torch, triton; print(torch.__version__, triton.__version__)"
 echo "== tests $(el) s"
-timeout "${TT:-80}" python3 -m pytest -q -x -n 8 tests/test_triton.py \
+timeout "${TT:-120}" python3 -m pytest -q -x -n 8 tests/test_triton.py \
+  tests/test_router_routed_ffn.py tests/test_decode.py \
   -k "${TK:-fused or up_programs_loop or router_routed_ffn}" \
   2>&1 | tail -4
 echo "== sweep $(el) s"
@@ -59,12 +58,5 @@ echo "== routing in the fused kernel $(el) s"
 PRUNEPATH_TRITON_FFN_T2="$BEST" timeout "${RT:-60}" python3 bench/ops_gpu.py --backends triton \
   --shapes 4096x14336 --experts 64 --tokens 1,2 --sparsities 0.5 --no-route --sweep-only \
   --route-ffn --json "$OUT/route_ffn.json" 2>&1 | grep '"budget"' | cut -c1-400
-DA="--models llama3-8b --batches 1 --sparsities 0.5,0.75 --modes compile --compile-batches 1 --steps lean"
-DA+=" --variants= --no-profile --repeats 2 --packed-down"
-echo "== decode, fused $(el) s"
-PRUNEPATH_TRITON_FFN_T2="$BEST" timeout "${DT:-160}" python3 bench/decode.py gpu $DA --deadline 130 \
-  --out "$OUT/dec_fused" 2>&1 | grep -E "llama|dense|independent" | tail -6
-echo "== decode, default $(el) s"
-timeout "${DT2:-120}" python3 bench/decode.py gpu $DA --deadline 95 --out "$OUT/dec_split" 2>&1 \
-  | grep -E "llama|dense|independent" | tail -6
+echo "$BEST" > "$OUT/best_fused.json"
 echo "== end $(el) s"

@@ -29,6 +29,14 @@ TORCH_LIBRARY(prunepath, m) {
       "router_route(Tensor x, Tensor w_router, Tensor? b_router, Tensor? w_router_out, "
       "Tensor? b_router_out, str hidden_activation, Tensor budget, int min_experts, "
       "int max_experts) -> Tensor");
+  // router_route, then routed_ffn (packed_down = false: w_down [d, F]) or routed_ffn_packed
+  // (packed_down = true: w_down = W_down^T [F, d]) on its mask, as one op -> (y [T, d], mask)
+  // (CPU kernel: csrc/cpu/router_routed_ffn.cpp)
+  m.def(
+      "router_routed_ffn(Tensor x, Tensor w_router, Tensor? b_router, Tensor? w_router_out, "
+      "Tensor? b_router_out, str hidden_activation, Tensor budget, int min_experts, "
+      "int max_experts, Tensor? w_gate, Tensor w_up, Tensor w_down, str activation, "
+      "Tensor? b_up, Tensor? b_down, bool packed_down) -> (Tensor, Tensor)");
   // x [T, d]; weight [N, d] (nn.Linear layout, dtype of x); bias [N] -> x weight^T + bias [T, N]
   // (CPU kernel for decode steps: csrc/cpu/linear.cpp)
   m.def("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");

@@ -98,7 +98,7 @@ def _routing_key(layers) -> tuple:
          tuple(m.budget.shape), m.budget.data_ptr(),
          getattr(m, "backend", None), getattr(m, "ffn_backend", None), id(m.router),
          getattr(m, "record_stats", True), getattr(m, "temperature", 1.0),
-         getattr(m, "fuse_router", None), _fused_ptrs(m))
+         getattr(m, "fuse_router", None), getattr(m, "fuse_routing", None), _fused_ptrs(m))
         for m in layers
     )
 
@@ -280,6 +280,10 @@ class Decoder:
             thread instead of two small single-threaded ones; both measured in BENCHMARKS.md);
             ``False`` leaves the model's layout alone;
             ``prunepath.fused_qkv.unfuse(model)`` restores it.
+        fuse_routing: sparse steps run each routed layer's routing and FFN as one
+            :func:`prunepath.ops.router_routed_ffn` call (``RoutedFFN.fuse_routing``; with
+            the Triton backend at batch 1-2 one kernel routes in the FFN's prologue). Default
+            ``None``: the layers' own setting (off unless set). Same tokens either way.
     """
 
     def __init__(
@@ -296,6 +300,7 @@ class Decoder:
         packed_down: bool | None = None,
         step: str = "auto",
         fuse_qkv: bool | None = None,
+        fuse_routing: bool | None = None,
     ):
         from transformers import StaticCache
 
@@ -323,6 +328,7 @@ class Decoder:
         self.mode, self.batch_size, self.max_length = mode, batch_size, max_length
         self.check_every = check_every
         self.record_stats = bool(record_stats)
+        self.fuse_routing = None if fuse_routing is None else bool(fuse_routing)
         if fast_linears is None:
             fast_linears = self.device.type == "cpu"
         if fast_linears:
@@ -418,21 +424,26 @@ class Decoder:
         decoder records them; settings are restored afterwards."""
         attrs = ["ffn_backend" if hasattr(m, "ffn_backend") else "backend" for m in self.layers]
         own = [(getattr(m, a), getattr(m, "record_stats", True), getattr(m, "masked_dense", False),
-                getattr(m, "router_stream", None)) for m, a in zip(self.layers, attrs)]
+                getattr(m, "router_stream", None), getattr(m, "fuse_routing", False))
+               for m, a in zip(self.layers, attrs)]
         kind, _, backend = path.partition(":")
         for m, a in zip(self.layers, attrs):
             if kind == "dense":
                 m.masked_dense, m.router_stream = True, self._router_stream
-            elif backend:
-                setattr(m, a, backend)
+            else:
+                if backend:
+                    setattr(m, a, backend)
+                if self.fuse_routing is not None:
+                    m.fuse_routing = self.fuse_routing
             if not self.record_stats:
                 m.record_stats = False
         try:
             yield
         finally:
-            for m, a, (b, st, md, rs) in zip(self.layers, attrs, own):
+            for m, a, (b, st, md, rs, fr) in zip(self.layers, attrs, own):
                 setattr(m, a, b)
                 m.record_stats, m.masked_dense, m.router_stream = st, md, rs
+                m.fuse_routing = fr
 
     def _prepare_routers(self) -> None:
         """Fold (or refresh in place) every routed layer's fused router before a step is

@@ -112,6 +112,12 @@ class RoutedFFN(nn.Module):
     differ). The folded tensors are cached on the module (:meth:`fused_router`) and rebuilt
     when the router, its weights (in-place updates are seen through tensor versions), the
     temperature or the dtype change; in-place weight updates refold into the same tensors.
+
+    ``fuse_routing`` (attribute, default ``False``): with a fused router (above) and the
+    routed FFN, a forward makes one :func:`prunepath.ops.router_routed_ffn` call instead of
+    ``router_route`` + ``routed_ffn`` (same mask and output; with the Triton backend at 1-2
+    tokens one kernel routes in the FFN's prologue). The decoder sets it per decode
+    (``Decoder(fuse_routing=...)``).
     """
 
     def __init__(self, base: nn.Module, fam: Family, activation: str, num_experts: int,
@@ -140,6 +146,7 @@ class RoutedFFN(nn.Module):
         self.topk = self.num_experts
         self.record_stats = True
         self.fuse_router = True  # router_route on folded weights for linear/mlp routers
+        self.fuse_routing = False  # router_routed_ffn: routing and the FFN as one op
         # masked-dense FFN (ops.masked_dense_ffn): cuBLAS over every expert, the mask applied to
         # the hidden state; routing runs on ``router_stream`` (CUDA) beside the up projections
         self.masked_dense = False
@@ -221,14 +228,11 @@ class RoutedFFN(nn.Module):
         if policy in ("budget", "topk"):
             router = self._bound_ops(x.dtype)[0]  # inside frozen(): bound once
             if router is not None:
-                return router(x, self.token_budget(t, batch) if policy == "budget" else 1.0)
+                return router(x, self._route_args(t, batch)[0])
             fused = self.fused_router(x.dtype)
             if fused is not None:
                 w1, b1, w2, b2, act = fused
-                if policy == "budget":
-                    budget, lo, hi = self.token_budget(t, batch), self.min_experts, None
-                else:
-                    budget, lo, hi = 1.0, self.topk, self.topk
+                budget, lo, hi = self._route_args(t, batch)
                 return ops.router_route(x, w1, budget, b_router=b1, w_router_out=w2,
                                         b_router_out=b2, hidden_activation=act,
                                         min_experts=lo, max_experts=hi, backend=self.backend)
@@ -242,6 +246,12 @@ class RoutedFFN(nn.Module):
         if policy == "threshold":
             return torch.sigmoid(logits.float()) > self.tau
         raise ValueError(f"routing policy must be one of {POLICIES}, got {policy!r}")
+
+    def _route_args(self, t: int, batch: int | None):
+        """(budget, min_experts, max_experts) of the "budget" / "topk" policy's routing."""
+        if self.policy == "budget":
+            return self.token_budget(t, batch), self.min_experts, None
+        return 1.0, self.topk, self.topk
 
     # --- fused router ---------------------------------------------------------------------
     def _router_sources(self):
@@ -316,15 +326,16 @@ class RoutedFFN(nn.Module):
 
     # --- frozen: bound ops for decode loops ------------------------------------------------
     def _bound_ops(self, dtype: torch.dtype):
-        """(bound router_route or None, bound routed_ffn or None) for the current settings:
-        made once per :func:`frozen` block and settings; (None, None) outside one or while
-        tracing. None where the general path is needed (another policy or router kind,
-        non-contiguous weights)."""
+        """(bound router_route or None, bound routed_ffn or None, the two as one bound
+        router_routed_ffn or None) for the current settings: made once per :func:`frozen`
+        block and settings; Nones outside one or while tracing. None where the general path
+        is needed (another policy or router kind, non-contiguous weights, ``fuse_routing``
+        off for the third)."""
         # is_compiling first: a traced step must not read (and so guard on) _frozen
         if torch.compiler.is_compiling() or not self._frozen:
-            return (None, None)
+            return (None, None, None)
         key = (dtype, self.policy, self.backend, self.ffn_backend, self.temperature,
-               self.min_experts, self.topk, self.fuse_router)
+               self.min_experts, self.topk, self.fuse_router, self.fuse_routing)
         cached = self._bound
         if cached is not None and cached[0] == key:
             return cached[1]
@@ -341,8 +352,10 @@ class RoutedFFN(nn.Module):
             ffn = ops.bind_routed_ffn(w.w_gate, w.w_up, w.w_down, activation=self.activation,
                                       b_up=w.b_up, b_down=w.b_down,
                                       backend=self.ffn_backend or self.backend)
-        self._bound = (key, (router, ffn))
-        return router, ffn
+        both = (ops.BoundRouterRoutedFFN(router, ffn)
+                if self.fuse_routing and router is not None and ffn is not None else None)
+        self._bound = (key, (router, ffn, both))
+        return router, ffn, both
 
     # --- forward ------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -367,6 +380,10 @@ class RoutedFFN(nn.Module):
                 x2, w.w_gate, w.w_up, w.w_down, lambda: self.expert_mask(x2, batch),
                 activation=self.activation, b_up=w.b_up, b_down=w.b_down, stream=self.router_stream)
             return self._finish(y, mask, shape)
+        if self.fuse_routing and self.policy in ("budget", "topk"):
+            done = self._routed_with_routing(x2, batch)
+            if done is not None:
+                return self._finish(*done, shape)
         mask = self.expert_mask(x2, batch)
         ffn = self._bound_ops(x2.dtype)[1]
         if ffn is not None:
@@ -378,6 +395,28 @@ class RoutedFFN(nn.Module):
                                b_up=w.b_up, b_down=w.b_down,
                                backend=self.ffn_backend or self.backend)
         return self._finish(y, mask, shape)
+
+    def _routed_with_routing(self, x2, batch):
+        """``(y, mask)`` from one :func:`prunepath.ops.router_routed_ffn` call, or None where
+        the router has no fused form, W_gate/W_up are not contiguous or this instance's
+        ``expert_mask`` was replaced (custom routing): the two-op path."""
+        if "expert_mask" in self.__dict__:
+            return None
+        args = self._route_args(x2.shape[0], batch)
+        both = self._bound_ops(x2.dtype)[2]  # inside frozen(): bound once
+        if both is not None:
+            return both(x2, args[0])
+        fused = self.fused_router(x2.dtype)
+        w = self.weights()
+        if fused is None or not all(t is None or t.is_contiguous() for t in (w.w_gate, w.w_up)):
+            return None
+        w1, b1, w2, b2, act = fused
+        budget, lo, hi = args
+        return ops.router_routed_ffn(
+            x2, w1, w.w_gate, w.w_up, w.w_down, budget, b_router=b1, w_router_out=w2,
+            b_router_out=b2, hidden_activation=act, min_experts=lo, max_experts=hi,
+            activation=self.activation, b_up=w.b_up, b_down=w.b_down,
+            backend=self.ffn_backend or self.backend)
 
     def _finish(self, y, mask, shape):
         if self.record_stats:

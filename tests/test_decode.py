@@ -11,6 +11,7 @@ import torch
 import prunepath
 from prunepath.convert import wrap
 from prunepath.decode import Decoder, HostSyncError, generate, no_host_sync
+from prunepath.layers import RoutedFFN
 
 from .tiny_models import FAMILIES, VOCAB, tiny_model
 
@@ -349,6 +350,30 @@ def test_every_compiled_cpu_step_skips_module_guards(monkeypatch):
     assert seen == [True, True]
 
 
+@pytest.mark.parametrize("mode", ["eager", "compile"])
+@pytest.mark.parametrize("policy", ["budget", "topk"])
+def test_fused_routing_decodes_the_same_tokens(monkeypatch, mode, policy):
+    # Decoder(fuse_routing=True): each routed layer makes one router_routed_ffn call (bound,
+    # in eager steps) instead of router_route + routed_ffn; same tokens as HF's eager generate
+    from prunepath.ops import bound
+
+    calls = []
+    real = bound._run_router_routed_ffn
+    monkeypatch.setattr(bound, "_run_router_routed_ffn", lambda *a: calls.append(1) or real(*a))
+    model = routed(seed=49)
+    if policy == "budget":
+        prunepath.set_budget(model, 0.5)
+    else:
+        prunepath.set_routing(model, "topk", k=3)
+    ids, _ = prompts(2, 5, seed=50)
+    layers = prunepath.budget.routed_layers(model)
+    dec = Decoder(model, 2, 5 + NEW, mode=mode, ffn_path="sparse", fuse_routing=True)
+    assert torch.equal(dec.generate(ids, NEW, eos_token_id=[]), hf_greedy(model, ids))
+    if mode == "eager":  # every layer of every decode step
+        assert len(calls) == len(layers) * (NEW - 1)
+    assert not any(m.fuse_routing for m in layers)  # the layers' own setting is restored
+
+
 def test_auto_path_candidates():
     model = routed(seed=44)
     dec = Decoder(model, 1, 8)
@@ -406,6 +431,19 @@ def test_cuda_graph_greedy_matches_hf_eager(budget, ffn_path, step):
     out = dec.generate(ids, NEW, attention_mask=mask, eos_token_id=[])
     assert torch.equal(out, ref)
     assert dec.last_path in ("sparse", "dense")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("batch", [1, 2, 3])  # 1-2 tokens: routing inside the FFN kernel
+@pytest.mark.parametrize("mode", ["graph", "compile"])
+def test_fused_routing_greedy_matches_hf_eager_gpu(batch, mode):
+    model = routed(seed=25, device="cuda")
+    prunepath.set_budget(model, 0.5)
+    ids, _ = prompts(batch, 6, seed=26, device="cuda")
+    ref = hf_greedy(model, ids)
+    dec = Decoder(model, batch, 6 + NEW, mode=mode, ffn_path="sparse", fuse_routing=True)
+    assert torch.equal(dec.generate(ids, NEW, eos_token_id=[]), ref)
 
 
 @pytest.mark.gpu
@@ -494,6 +532,42 @@ def _bench_module():
     sys.modules[spec.name] = mod
     spec.loader.exec_module(mod)
     return mod
+
+
+@pytest.mark.parametrize("fuse_routing", [False, True])
+@pytest.mark.parametrize("k", [1, 3])
+def test_bench_router_logits_pick_exactly_k_experts(k, fuse_routing):
+    # --mask-source logits: the real routing (fused into the FFN op or not) picks the bank's
+    # k experts of each step, because the router's logits are set to pick them
+    bench = _bench_module()
+    model = tiny_model("llama", seed=34)
+    wrap(model, prunepath.PrunePathConfig(num_experts=8, clustering="none", router="mlp",
+                                          router_rank=4, prefill="dense"))
+    chosen = bench.make_bank(2, 5, 1, 8, k, seed=k)
+    bench.install_router_logits(model, chosen, torch.float32)
+    bench.install_router_logits(model, chosen, torch.float32)  # refilled, not stacked
+    layers = prunepath.budget.routed_layers(model)
+    assert all(len(m._forward_pre_hooks) == 1 for m in layers)
+    ids, _ = prompts(1, 4, seed=35)
+    masks = []  # (layer, mask) of every routed forward
+    real_finish = RoutedFFN._finish
+
+    def spy(self, y, mask, shape):
+        masks.append((self.layer_idx, mask.clone()))
+        return real_finish(self, y, mask, shape)
+
+    RoutedFFN._finish = spy
+    try:
+        dec = Decoder(model, 1, 4 + 6, record_stats=True, ffn_path="sparse",
+                      fuse_routing=fuse_routing)
+        dec.generate(ids, 6, eos_token_id=[])
+    finally:
+        RoutedFFN._finish = real_finish
+    assert prunepath.stats(model)["active_experts"] == pytest.approx([float(k)] * 2)
+    # decode step j uses the bank's step j + 1 (the dense prefill advanced it once)
+    assert len(masks) == 2 * 5
+    for i, (layer, mask) in enumerate(masks):
+        assert torch.equal(mask[0], chosen[layer, (1 + i // 2) % 5, 0])
 
 
 @pytest.mark.parametrize("k", [1, 3, 8])

@@ -152,5 +152,12 @@ def test_frozen_layers_use_the_bound_path():
         model(ids)
         bound = [m._bound for m in layers]
         model(ids)  # reused, not rebuilt
-        assert all(b is not None and None not in b[1] for b in bound)
+        # bound router and FFN; no router_routed_ffn while fuse_routing is off
+        assert all(b is not None and None not in b[1][:2] and b[1][2] is None for b in bound)
         assert [m._bound for m in layers] == bound
+        want = model(ids).logits
+        for m in layers:
+            m.fuse_routing = True
+        got = model(ids).logits  # rebound: the two as one router_routed_ffn
+        assert all(isinstance(m._bound[1][2], prunepath.ops.BoundRouterRoutedFFN) for m in layers)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)

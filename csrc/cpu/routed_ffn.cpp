@@ -39,6 +39,7 @@
 
 #include "kernels.h"
 #include "op_utils.h"
+#include "ops_cpu.h"
 
 namespace prunepath {
 namespace cpu {
@@ -333,9 +334,11 @@ at::Tensor routed_ffn_gather(const Ffn& f) {
   return y.to(f.x.scalar_type());
 }
 
+}  // namespace
+
 // ------------------------------------------------------------------------------ entry point
 
-// w_down: [d, F] contiguous, or packed: W_down^T [F, d] contiguous.
+// w_down: [d, F] contiguous, or packed: W_down^T [F, d] contiguous (declared in ops_cpu.h).
 at::Tensor routed_ffn_any(const at::Tensor& x, const std::optional<at::Tensor>& w_gate,
                           const at::Tensor& w_up, const at::Tensor& w_down, const at::Tensor& mask,
                           c10::string_view activation, const std::optional<at::Tensor>& b_up,
@@ -391,8 +394,6 @@ at::Tensor routed_ffn_packed_cpu(const at::Tensor& x, const std::optional<at::Te
                                  const std::optional<at::Tensor>& b_down) {
   return routed_ffn_any(x, w_gate, w_up, w_down_t, mask, activation, b_up, b_down, true);
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(prunepath, CPU, m) {
   m.impl("routed_ffn", &routed_ffn_cpu);

@@ -25,6 +25,7 @@
 
 #include "kernels.h"
 #include "op_utils.h"
+#include "ops_cpu.h"
 #include "route_row.h"
 
 namespace prunepath {
@@ -63,6 +64,8 @@ void softmax_row(const float* z, int64_t E, float* p) {
   const float inv = static_cast<float>(1.0 / sum);
   for (int64_t e = 0; e < E; ++e) p[e] *= inv;
 }
+
+}  // namespace
 
 at::Tensor router_route_cpu(const at::Tensor& x, const at::Tensor& w1,
                             const std::optional<at::Tensor>& b1,
@@ -143,8 +146,6 @@ at::Tensor router_route_cpu(const at::Tensor& x, const at::Tensor& w1,
   });
   return mask;
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(prunepath, CPU, m) { m.impl("router_route", &router_route_cpu); }
 

@@ -4,7 +4,8 @@
 >>> y = prunepath.ops.routed_ffn(x, w_gate, w_up, w_down, mask)   # [T, d]
 
 Also: :func:`router_route` (router projection + routing in one call, fused on GPU with
-backend="triton"), :func:`prepack_ffn` / :func:`routed_ffn_packed` (W_down^T stored
+backend="triton"), :func:`router_routed_ffn` (that and the routed FFN as one op: on a GPU at
+1-2 tokens one kernel routes in the FFN's prologue), :func:`prepack_ffn` / :func:`routed_ffn_packed` (W_down^T stored
 [F, d] once, so every expert's block is contiguous; see :mod:`prunepath.ops.packed`; a
 ``w_down`` that is the transposed view of such a W_down^T, :func:`checks.is_packed_down`, is
 read that way by :func:`routed_ffn` too),
@@ -22,12 +23,14 @@ import torch
 
 from . import backends, checks
 from .backends import BACKENDS, BackendUnavailable
-from .bound import BoundRoutedFFN, BoundRouterRoute, bind_routed_ffn, bind_router_route
+from .bound import (BoundRoutedFFN, BoundRouterRoute, BoundRouterRoutedFFN, bind_routed_ffn,
+                    bind_router_route)
 from .decode_linear import linear
 from .masked_dense import masked_act, masked_dense_ffn
 from .packed import PackedFFN, prepack_ffn, routed_ffn_packed
 from .reference import ACTIVATIONS
 from .router_route import router_route
+from .router_routed_ffn import router_routed_ffn
 
 
 def route(
@@ -98,11 +101,13 @@ __all__ = [
     "route",
     "routed_ffn",
     "router_route",
+    "router_routed_ffn",
     "linear",
     "bind_routed_ffn",
     "bind_router_route",
     "BoundRoutedFFN",
     "BoundRouterRoute",
+    "BoundRouterRoutedFFN",
     "prepack_ffn",
     "routed_ffn_packed",
     "PackedFFN",

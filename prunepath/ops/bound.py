@@ -10,6 +10,7 @@ call, only what changes: the input (shape, dtype, device), the mask, the budget.
 >>> ffn = prunepath.ops.bind_routed_ffn(w_gate, w_up, w_down, activation="silu")
 >>> router = prunepath.ops.bind_router_route(w1, b_router=b1, w_router_out=w2, b_router_out=b2)
 >>> y = ffn(x, router(x, budget=0.5))      # == routed_ffn(x, ..., router_route(x, ..., 0.5))
+>>> y, mask = prunepath.ops.BoundRouterRoutedFFN(router, ffn)(x, 0.5)  # router_routed_ffn
 
 The bound op holds references to the tensors it was given: in-place updates of them are seen,
 a tensor replaced by another (``param.data = ...``, ``model.to(...)``) is not -- bind again.
@@ -23,6 +24,7 @@ import torch
 
 from . import backends, checks
 from . import router_route as _rr
+from .router_routed_ffn import run as _run_router_routed_ffn
 
 
 class BoundRoutedFFN:
@@ -42,18 +44,22 @@ class BoundRoutedFFN:
     def __call__(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         checks.check_ffn_inputs(x, mask, d=self.d, f=self.f, dtype=self.dtype, device=self.device)
         w_gate, w_up, w_down, b_up, b_down = self.weights
-        t = x.shape[0]
-        if checks.needs_grad(x, *self.weights):
-            name = "torch"
-        else:
-            name = self._names.get(t)
-            if name is None:
-                key = (self.dtype, self.d, self.f, mask.shape[1], w_gate is not None, t)
-                name = backends.resolve(self.backend, self.device, "routed_ffn", key)
-                if not checks._tracing():  # a choice made while tracing is a static default
-                    self._names[t] = name
+        name = self.backend_for(x, mask.shape[1])
         return backends.load(name).routed_ffn(x.contiguous(), w_gate, w_up, w_down,
                                               mask.contiguous(), self.activation, b_up, b_down)
+
+    def backend_for(self, x: torch.Tensor, num_experts: int) -> str:
+        """The concrete backend for a call on ``x`` (chosen once per token count)."""
+        if checks.needs_grad(x, *self.weights):
+            return "torch"
+        t = x.shape[0]
+        name = self._names.get(t)
+        if name is None:
+            key = (self.dtype, self.d, self.f, num_experts, self.weights[0] is not None, t)
+            name = backends.resolve(self.backend, self.device, "routed_ffn", key)
+            if not checks._tracing():  # a choice made while tracing is a static default
+                self._names[t] = name
+        return name
 
 
 class BoundRouterRoute:
@@ -91,6 +97,30 @@ class BoundRouterRoute:
         w, b, w_out, b_out = self.tensors
         return _rr.run(name, x, w, b, w_out, b_out, self.hidden_activation, budget, self.lo,
                        self.hi)
+
+
+class BoundRouterRoutedFFN:
+    """:func:`prunepath.ops.router_routed_ffn` with a bound router and a bound FFN; call as
+    ``both(x, budget)`` -> ``(y, mask)``. The FFN's backend choice serves both."""
+
+    def __init__(self, router: BoundRouterRoute, ffn: BoundRoutedFFN):
+        if (router.d, router.dtype, router.device) != (ffn.d, ffn.dtype, ffn.device):
+            raise ValueError(
+                f"the router takes [T, {router.d}] {router.dtype} inputs on {router.device} but "
+                f"the FFN takes [T, {ffn.d}] {ffn.dtype} on {ffn.device}")
+        if ffn.f % router.e:
+            raise ValueError(f"the router's E={router.e} experts must divide the FFN width "
+                             f"F={ffn.f}")
+        self.router, self.ffn = router, ffn
+
+    def __call__(self, x: torch.Tensor, budget=1.0):
+        r, f = self.router, self.ffn
+        if x.dim() != 2 or x.shape[1] != f.d or x.dtype != f.dtype or x.device != f.device:
+            raise ValueError(f"x must be a [T, d={f.d}] {f.dtype} tensor on {f.device}, got "
+                             f"{tuple(x.shape)} {x.dtype} on {x.device}")
+        name = f.backend_for(x, r.e)
+        return _run_router_routed_ffn(name, x, r.tensors, r.hidden_activation, budget, r.lo,
+                                      r.hi, f.weights, f.activation)
 
 
 def bind_routed_ffn(w_gate, w_up, w_down, *, activation="silu", b_up=None, b_down=None,

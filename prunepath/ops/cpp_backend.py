@@ -3,7 +3,8 @@
 The extension registers ``torch.ops.prunepath.route``, ``torch.ops.prunepath.routed_ffn``
 and ``torch.ops.prunepath.routed_ffn_packed`` (W_down^T [F, d]) (CPU kernels always; CUDA
 kernels when built with nvcc) and ``torch.ops.prunepath.router_route``
-(router projection + route; CPU kernel) and ``torch.ops.prunepath.linear`` (decode-step
+(router projection + route; CPU kernel), ``torch.ops.prunepath.router_routed_ffn`` (the two
+in one call; CPU kernel) and ``torch.ops.prunepath.linear`` (decode-step
 matrix-vector products; CPU kernel). Fake kernels for ``torch.compile``
 are registered here, once, when the extension is first loaded.
 """
@@ -43,6 +44,13 @@ def _register_fakes() -> None:
           min_experts, max_experts):
         e = (w_router if w_router_out is None else w_router_out).shape[0]
         return torch.empty((x.shape[0], e), dtype=torch.bool, device=x.device)
+
+    @torch.library.register_fake("prunepath::router_routed_ffn")
+    def _(x, w_router, b_router, w_router_out, b_router_out, hidden_activation, budget,
+          min_experts, max_experts, w_gate, w_up, w_down, activation, b_up, b_down, packed_down):
+        e = (w_router if w_router_out is None else w_router_out).shape[0]
+        return (torch.empty_like(x),
+                torch.empty((x.shape[0], e), dtype=torch.bool, device=x.device))
 
     @torch.library.register_fake("prunepath::linear")
     def _(x, weight, bias):

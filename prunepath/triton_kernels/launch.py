@@ -465,8 +465,11 @@ def _reduce_partials(part, b_down, out, pdl):
 
 def fused_config(t: int, d: int, f: int, sms: int, interpreted: bool) -> FFNConfig:
     """The one-launch FFN's blocks for ``t`` tokens (a starting point: 16-neuron tiles of the
-    compacted list, 2 programs per SM; bench/ops_gpu.py --sweep times its variants)."""
+    compacted list, 2 programs per SM; bench/ops_gpu.py --sweep times its variants), or the
+    T <= 2 default itself where it is fused (``PRUNEPATH_TRITON_FFN_T2``)."""
     cfg = default_config(t, d, f, sms, interpreted)
+    if cfg.fused:
+        return cfg
     return dataclasses.replace(cfg, fused=True, up_block_n=16, up_programs=0)
 
 

@@ -1,0 +1,98 @@
+"""Routing and the routed FFN as one op: :func:`router_route`, then :func:`routed_ffn` on its mask.
+
+>>> y, mask = prunepath.ops.router_routed_ffn(x, w_router, w_gate, w_up, w_down, budget=0.5,
+...                                            w_router_out=w2, b_router_out=b2)
+
+Same results as the two ops (``mask`` is the routing mask the FFN used), with fewer steps
+between them:
+
+* ``backend="triton"``, at most 2 tokens: one fused kernel (after the router projection)
+  routes in every program's prologue and runs the one-launch FFN
+  (:func:`prunepath.triton_kernels.router_routed_ffn`): no route kernel, no mask round trip,
+  one FFN launch. More tokens: the two Triton ops.
+* ``backend="cpu"``: one call into the extension (``torch.ops.prunepath.router_routed_ffn``,
+  the two C++ kernels back to back): one dispatch instead of two.
+* other backends: the two ops.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import backends, checks
+from .router_route import _budget_for_kernel, _check
+from .router_route import run as _route
+
+# the fused Triton kernel serves decode steps of this many tokens or fewer
+TRITON_FUSED_MAX_TOKENS = 2
+
+
+def router_routed_ffn(
+    x: torch.Tensor,
+    w_router: torch.Tensor,
+    w_gate: torch.Tensor | None,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    budget=1.0,
+    *,
+    b_router: torch.Tensor | None = None,
+    w_router_out: torch.Tensor | None = None,
+    b_router_out: torch.Tensor | None = None,
+    hidden_activation: str = "gelu",
+    min_experts: int = 1,
+    max_experts: int | None = None,
+    activation: str = "silu",
+    b_up: torch.Tensor | None = None,
+    b_down: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(y [T, d], mask [T, E])``: ``mask = router_route(x, w_router, budget, ...)`` and
+    ``y = routed_ffn(x, w_gate, w_up, w_down, mask, ...)``; arguments as those two ops take
+    them (the router's E must divide the FFN width). ``backend`` picks the FFN's backend
+    ("auto": as :func:`routed_ffn` chooses it); the routing runs on the same one."""
+    _check(x, w_router, b_router, w_router_out, b_router_out, hidden_activation)
+    e = w_router.shape[0] if w_router_out is None else w_router_out.shape[0]
+    lo, hi = checks.expert_count_bounds(min_experts, max_experts, e)
+    checks.check_ffn_weights(w_gate, w_up, w_down, activation, b_up, b_down, d=x.shape[1],
+                             dtype=x.dtype, device=x.device, dtype_of="x")
+    if w_up.shape[0] % e:
+        raise ValueError(f"the router's E={e} experts must divide the FFN width F={w_up.shape[0]}")
+    if checks.needs_grad(x, w_gate, w_up, w_down, b_up, b_down):
+        backend = "torch"
+    key = (x.dtype, x.shape[1], w_up.shape[0], e, w_gate is not None, x.shape[0])
+    name = backends.resolve(backend, x.device, "routed_ffn", key)
+    return run(name, x, (w_router, b_router, w_router_out, b_router_out), hidden_activation,
+               budget, lo, hi, (w_gate, w_up, w_down, b_up, b_down), activation)
+
+
+def run(name, x, router, hidden_activation, budget, lo, hi, ffn, activation):
+    """:func:`router_routed_ffn` on checked arguments with a concrete backend ``name``;
+    ``router`` = (w_router, b_router, w_router_out, b_router_out), ``ffn`` = (w_gate, w_up,
+    w_down, b_up, b_down) in nn.Linear layout (``w_down`` maybe the transposed view of a
+    packed W_down^T)."""
+    w1, b1, w2, b2 = router
+    w_gate, w_up, w_down, b_up, b_down = ffn
+    t = x.shape[0]
+    c = _contiguous
+    if name == "triton" and t <= TRITON_FUSED_MAX_TOKENS:
+        from prunepath import triton_kernels
+
+        b, kernel_check = _budget_for_kernel(budget, t, x.device)
+        return triton_kernels.router_routed_ffn(
+            x.contiguous(), w1.contiguous(), c(b1), c(w2), c(b2), hidden_activation, b, lo, hi,
+            c(w_gate), c(w_up), w_down.t(), activation, b_up, b_down, check_budget=kernel_check)
+    if name == "cpu" and x.dtype != torch.float64:
+        backends.load(name)  # the extension registers the op
+        packed = checks.is_packed_down(w_down)
+        return torch.ops.prunepath.router_routed_ffn(
+            x.contiguous(), w1.contiguous(), c(b1), c(w2), c(b2), hidden_activation,
+            checks.budget_tensor(budget, t, x.device), lo, hi, c(w_gate), c(w_up),
+            w_down.t() if packed else w_down.contiguous(), activation, c(b_up), c(b_down), packed)
+    mask = _route(name, x, w1, b1, w2, b2, hidden_activation, budget, lo, hi)
+    y = backends.load(name).routed_ffn(x.contiguous(), w_gate, w_up, w_down, mask, activation,
+                                       b_up, b_down)
+    return y, mask
+
+
+def _contiguous(t):
+    return None if t is None else t.contiguous()
