@@ -217,6 +217,34 @@ def test_reads_only_active_experts(t, packed):
     assert_close_rel(out, reference(x, wg, wu, wd, mask, "silu", bu, bd), torch.float32)
 
 
+@pytest.mark.parametrize("isa", ["default", "generic"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("packed", [False, True])
+def test_one_token_expert_pairs_and_row_quarters(monkeypatch, isa, dtype, packed):
+    """One token at SmolLM2's FFN shape (E=96, 16-neuron experts), masks that give the
+    kernels odd and even expert counts per thread (two experts' gate/up rows at a time, the
+    odd one alone), runs and isolated experts (the packed down projection's quarters of the
+    chunk's rows cross expert boundaries at different rows), 1 and 2 threads."""
+    if isa == "generic":
+        monkeypatch.setenv("PRUNEPATH_CPU_ISA", "generic")
+    d, f, e = 576, 1536, 96
+    x, wg, wu, wd, _, bu, bd = ffn_args(1, d, f, e, dtype, bias=True, seed=11)
+    gen = torch.Generator().manual_seed(12)
+    picks = [[5], [0, 40, 95], list(range(0, e, 2)), list(range(47)), list(range(1, 96, 3)),
+             torch.randperm(e, generator=gen)[:61].tolist()]
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            for chosen in picks:
+                mask = torch.zeros(1, e, dtype=torch.bool)
+                mask[0, chosen] = True
+                out = run_ffn(packed, x, wg, wu, wd, mask, "silu", bu, bd)
+                assert_close_rel(out, reference(x, wg, wu, wd, mask, "silu", bu, bd), dtype)
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("packed", [False, True])
 def test_thread_count_does_not_change_result(packed):
     x, wg, wu, wd, mask, _, _ = ffn_args(3, 64, 256, 16, torch.float32, seed=5)

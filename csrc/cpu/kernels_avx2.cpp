@@ -148,6 +148,41 @@ PP_INLINE void pair_rows(const SegsDot& a) {
 }
 
 template <typename W>
+PP_TARGET void pair_blocks(const PairBlocks& a) {
+  using T = typename W::T;
+  const int64_t half = (a.nblk + 1) / 2;
+  const float* const xs[1] = {a.x};
+  for (int64_t b = 0; b < half; ++b) {
+    const int64_t b2 = b + half;
+    const T* wu = static_cast<const T*>(a.w[b]);
+    const T* wg = static_cast<const T*>(a.w2[b]);
+    if (b2 < a.nblk) {
+      const T* wu2 = static_cast<const T*>(a.w[b2]);
+      const T* wg2 = static_cast<const T*>(a.w2[b2]);
+      for (int64_t r = 0; r < a.nrows; ++r) {
+        const int64_t o = r * a.d;
+        const T* const ws[4] = {wu + o, wg + o, wu2 + o, wg2 + o};
+        __m256 acc[4][1][2];
+        float tail[4][1] = {{0.f}, {0.f}, {0.f}, {0.f}};
+        for (int i = 0; i < 4; ++i) acc[i][0][0] = acc[i][0][1] = _mm256_setzero_ps();
+        accumulate<W, 4, 1, 2>(ws, xs, a.d, acc, tail);
+        float v[4];
+        for (int i = 0; i < 4; ++i) v[i] = hsum(_mm256_add_ps(acc[i][0][0], acc[i][0][1])) + tail[i][0];
+        a.out[b * a.nrows + r] = v[0];
+        a.out2[b * a.nrows + r] = v[1];
+        a.out[b2 * a.nrows + r] = v[2];
+        a.out2[b2 * a.nrows + r] = v[3];
+      }
+    } else {
+      const int64_t zero = 0;
+      const SegsDot one{a.wtype, wu, a.d, a.nrows, &zero, &a.d, &zero, 1, xs, 1,
+                        a.out + b * a.nrows, a.nrows, wg, a.out2 + b * a.nrows};
+      pair_rows<W>(one);
+    }
+  }
+}
+
+template <typename W>
 PP_TARGET void segs_dot(const SegsDot& a) {
   const auto* w = static_cast<const typename W::T*>(a.w);
   int64_t r = 0;
@@ -194,39 +229,71 @@ PP_INLINE void axpy_rows(const typename W::T* const (&w)[R], const float (&hv)[N
     }
 }
 
-// Rows j, j + step, ..., j + (R-1) step of segment s against tokens [k0, k0 + NT): R rows
-// `step` apart are R independent memory streams (one front-to-back stream per thread left
-// the prefetchers short of bytes in flight).
+// A position in the concatenation of the segments' rows: segment s, row j of it.
+struct RowCursor {
+  int64_t s, j;
+};
+
+PP_INLINE RowCursor row_at(const SegsAxpy& a, int64_t p) {
+  int64_t s = 0;
+  while (p >= a.seg_len[s]) p -= a.seg_len[s++];
+  return {s, p};
+}
+
+PP_INLINE void next_row(const SegsAxpy& a, RowCursor& c) {
+  if (++c.j == a.seg_len[c.s]) {
+    c.j = 0;
+    ++c.s;
+  }
+}
+
+// The R rows under the cursors against tokens [k0, k0 + NT).
 template <typename W, int R, int NT>
-PP_INLINE void axpy_tile(const SegsAxpy& a, const typename W::T* w, int64_t s, int64_t j,
-                         int64_t step, int64_t k0) {
+PP_INLINE void axpy_tile(const SegsAxpy& a, const typename W::T* w, const RowCursor (&c)[R],
+                         int64_t k0) {
   const typename W::T* ws[R];
   float hv[NT][R];
   float* outs[NT];
-  for (int r = 0; r < R; ++r) ws[r] = w + (a.seg_row[s] + j + r * step) * a.ldw;
+  for (int r = 0; r < R; ++r) ws[r] = w + (a.seg_row[c[r].s] + c[r].j) * a.ldw;
   for (int k = 0; k < NT; ++k) {
     outs[k] = a.out + (k0 + k) * a.ldo;
-    for (int r = 0; r < R; ++r) hv[k][r] = a.h[k0 + k][a.seg_off[s] + j + r * step];
+    for (int r = 0; r < R; ++r) hv[k][r] = a.h[k0 + k][a.seg_off[c[r].s] + c[r].j];
   }
   axpy_rows<W, R, NT>(ws, hv, outs, a.ncols);
 }
 
 template <typename W, int R>
-PP_INLINE void axpy_rows_all_tokens(const SegsAxpy& a, const typename W::T* w, int64_t s,
-                                    int64_t j, int64_t step) {
+PP_INLINE void axpy_rows_all_tokens(const SegsAxpy& a, const typename W::T* w,
+                                    const RowCursor (&c)[R]) {
   int64_t k0 = 0;
-  for (; k0 + 2 <= a.nt; k0 += 2) axpy_tile<W, R, 2>(a, w, s, j, step, k0);
-  if (k0 < a.nt) axpy_tile<W, R, 1>(a, w, s, j, step, k0);
+  for (; k0 + 2 <= a.nt; k0 += 2) axpy_tile<W, R, 2>(a, w, c, k0);
+  if (k0 < a.nt) axpy_tile<W, R, 1>(a, w, c, k0);
 }
 
+// The rows of all segments, taken as one list and read as 4 interleaved quarters of it: 4
+// memory streams that jump from one segment (an expert's run of rows) to the next at
+// different times, so one stream's restart overlaps the others' steady reading. Quarters of
+// each segment started and ended the 4 streams together at every segment: SmolLM2's FFN
+// (16-neuron experts), T=1, paired, 2-core Zen 4: bf16 1.05-1.11x with 24-72 of 96 experts
+// live at random or every other one, fp32 1.01-1.04x, one run of experts unchanged; 8 streams
+// instead of 4 gained nothing (BENCHMARKS.md, session 18).
 template <typename W>
 PP_TARGET void segs_axpy(const SegsAxpy& a) {
   const auto* w = static_cast<const typename W::T*>(a.w);
-  for (int64_t s = 0; s < a.nseg; ++s) {
-    // the segment's first 4q rows as 4 interleaved quarters, then the rest one by one
-    const int64_t q = a.seg_len[s] / 4;
-    for (int64_t j = 0; j < q; ++j) axpy_rows_all_tokens<W, 4>(a, w, s, j, q);
-    for (int64_t j = 4 * q; j < a.seg_len[s]; ++j) axpy_rows_all_tokens<W, 1>(a, w, s, j, 1);
+  int64_t n = 0;
+  for (int64_t s = 0; s < a.nseg; ++s) n += a.seg_len[s];
+  const int64_t q = n / 4;
+  if (q > 0) {
+    RowCursor c[4];
+    for (int r = 0; r < 4; ++r) c[r] = row_at(a, r * q);
+    for (int64_t i = 0; i < q; ++i) {
+      axpy_rows_all_tokens<W, 4>(a, w, c);
+      for (int r = 0; r < 4; ++r) next_row(a, c[r]);
+    }
+  }
+  for (int64_t p = 4 * q; p < n; ++p) {
+    const RowCursor c1[1] = {row_at(a, p)};
+    axpy_rows_all_tokens<W, 1>(a, w, c1);
   }
 }
 
@@ -237,6 +304,14 @@ PP_TARGET void segs_axpy_avx2(const SegsAxpy& a) {
     case WType::F32: return segs_axpy<F32>(a);
     case WType::BF16: return segs_axpy<BF16>(a);
     case WType::F16: return segs_axpy<F16>(a);
+  }
+}
+
+PP_TARGET void pair_blocks_avx2(const PairBlocks& a) {
+  switch (a.wtype) {
+    case WType::F32: return pair_blocks<F32>(a);
+    case WType::BF16: return pair_blocks<BF16>(a);
+    case WType::F16: return pair_blocks<F16>(a);
   }
 }
 
@@ -264,6 +339,7 @@ namespace cpu {
 bool cpu_has_avx2() { return false; }
 void segs_dot_avx2(const SegsDot& a) { segs_dot_generic(a); }
 void segs_axpy_avx2(const SegsAxpy& a) { segs_axpy_generic(a); }
+void pair_blocks_avx2(const PairBlocks& a) { pair_blocks_generic(a); }
 }  // namespace cpu
 }  // namespace prunepath
 

@@ -99,6 +99,15 @@ void segs_axpy_generic(const SegsAxpy& a) {
   }
 }
 
+void pair_blocks_generic(const PairBlocks& a) {
+  const int64_t zero = 0;
+  for (int64_t b = 0; b < a.nblk; ++b) {
+    SegsDot one{a.wtype, a.w[b], a.d, a.nrows, &zero, &a.d, &zero, 1, &a.x, 1,
+                a.out + b * a.nrows, a.nrows, a.w2[b], a.out2 + b * a.nrows};
+    segs_dot_generic(one);
+  }
+}
+
 void segs_dot_generic(const SegsDot& a) {
   if (a.w2 != nullptr) {  // the two weights one after the other
     SegsDot first, second;

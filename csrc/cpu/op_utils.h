@@ -109,6 +109,10 @@ inline void (*segs_dot_kernel())(const SegsDot&) {
   return use_avx2_kernels() ? segs_dot_avx2 : segs_dot_generic;
 }
 
+inline void (*pair_blocks_kernel())(const PairBlocks&) {
+  return use_avx2_kernels() ? pair_blocks_avx2 : pair_blocks_generic;
+}
+
 inline void (*segs_axpy_kernel())(const SegsAxpy&) {
   return use_avx2_kernels() ? segs_axpy_avx2 : segs_axpy_generic;
 }
