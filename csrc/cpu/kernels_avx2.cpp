@@ -167,7 +167,8 @@ PP_TARGET void pair_blocks(const PairBlocks& a) {
         for (int i = 0; i < 4; ++i) acc[i][0][0] = acc[i][0][1] = _mm256_setzero_ps();
         accumulate<W, 4, 1, 2>(ws, xs, a.d, acc, tail);
         float v[4];
-        for (int i = 0; i < 4; ++i) v[i] = hsum(_mm256_add_ps(acc[i][0][0], acc[i][0][1])) + tail[i][0];
+        for (int i = 0; i < 4; ++i)
+          v[i] = hsum(_mm256_add_ps(acc[i][0][0], acc[i][0][1])) + tail[i][0];
         a.out[b * a.nrows + r] = v[0];
         a.out2[b * a.nrows + r] = v[1];
         a.out[b2 * a.nrows + r] = v[2];

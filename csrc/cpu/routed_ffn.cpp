@@ -168,6 +168,12 @@ at::Tensor routed_ffn_decode(const Ffn& f) {
   const char* wd = static_cast<const char*>(f.w_down.const_data_ptr());
   const int64_t zero = 0;  // the single segment of a w_up/w_gate row: columns [0, d)
 
+  // neuron n's h from its up and gate products: act(g) * (u + b_up[n]), or act(u + b_up[n])
+  auto hidden = [&](float u, float g, int64_t n) {
+    if (!b_up.empty()) u += b_up[n];
+    return gated ? activate(f.act, g) * u : activate(f.act, u);
+  };
+
   // h[t, c] for the B neurons of active expert k (c = col0 + j): the tokens that chose k
   // get act(Wg x) * (Wu x + b_up), the others keep the 0 already there.
   auto expert_hidden = [&](int64_t k, float* h, int64_t ldh, int64_t col0,
@@ -188,11 +194,8 @@ at::Tensor routed_ffn_decode(const Ffn& f) {
     segs_dot(up);
     for (int64_t i = 0; i < nt; ++i) {
       float* h_row = h + toks[i] * ldh + col0;
-      for (int64_t j = 0; j < B; ++j) {
-        float u = ubuf[i * B + j];
-        if (!b_up.empty()) u += b_up[r0 + j];
-        h_row[j] = gated ? activate(f.act, gbuf[i * B + j]) * u : activate(f.act, u);
-      }
+      for (int64_t j = 0; j < B; ++j)
+        h_row[j] = hidden(ubuf[i * B + j], gated ? gbuf[i * B + j] : 0.0f, r0 + j);
     }
   };
 
@@ -213,11 +216,8 @@ at::Tensor routed_ffn_decode(const Ffn& f) {
                            gbuf.data()});
     for (int64_t i = 0; i < nb; ++i) {
       const int64_t r0 = plan.active[k0 + i] * B;
-      for (int64_t j = 0; j < B; ++j) {
-        float u = ubuf[i * B + j];
-        if (!b_up.empty()) u += b_up[r0 + j];
-        h[i * B + j] = activate(f.act, gbuf[i * B + j]) * u;
-      }
+      for (int64_t j = 0; j < B; ++j)
+        h[i * B + j] = hidden(ubuf[i * B + j], gbuf[i * B + j], r0 + j);
     }
   };
 
@@ -414,6 +414,8 @@ at::Tensor routed_ffn_any(const at::Tensor& x, const std::optional<at::Tensor>& 
       Ffn{x, w_gate, w_up, w_down, mask, act, b_up, b_down, T, d, F, E, F / E, packed});
 }
 
+namespace {
+
 at::Tensor routed_ffn_cpu(const at::Tensor& x, const std::optional<at::Tensor>& w_gate,
                           const at::Tensor& w_up, const at::Tensor& w_down, const at::Tensor& mask,
                           c10::string_view activation, const std::optional<at::Tensor>& b_up,
@@ -428,6 +430,8 @@ at::Tensor routed_ffn_packed_cpu(const at::Tensor& x, const std::optional<at::Te
                                  const std::optional<at::Tensor>& b_down) {
   return routed_ffn_any(x, w_gate, w_up, w_down_t, mask, activation, b_up, b_down, true);
 }
+
+}  // namespace
 
 TORCH_LIBRARY_IMPL(prunepath, CPU, m) {
   m.impl("routed_ffn", &routed_ffn_cpu);

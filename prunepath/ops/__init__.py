@@ -5,10 +5,10 @@
 
 Also: :func:`router_route` (router projection + routing in one call, fused on GPU with
 backend="triton"), :func:`router_routed_ffn` (that and the routed FFN as one op: on a GPU at
-1-2 tokens one kernel routes in the FFN's prologue), :func:`prepack_ffn` / :func:`routed_ffn_packed` (W_down^T stored
-[F, d] once, so every expert's block is contiguous; see :mod:`prunepath.ops.packed`; a
-``w_down`` that is the transposed view of such a W_down^T, :func:`checks.is_packed_down`, is
-read that way by :func:`routed_ffn` too),
+1-2 tokens one kernel routes in the FFN's prologue), :func:`prepack_ffn` /
+:func:`routed_ffn_packed` (W_down^T stored [F, d] once, so every expert's block is
+contiguous; see :mod:`prunepath.ops.packed`; a ``w_down`` that is the transposed view of such
+a W_down^T, :func:`checks.is_packed_down`, is read that way by :func:`routed_ffn` too),
 :func:`linear` (a decode step's matrix-vector products; C++ kernel on the CPU),
 :func:`masked_dense_ffn` (the same result as :func:`routed_ffn` at dense cost, the routing
 overlapped with the up projections on a side CUDA stream: for near-dense unions),
