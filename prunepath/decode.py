@@ -138,11 +138,14 @@ def _compile_options(device: torch.device):
     cost ~8-11% of a SmolLM2 step, so they are skipped and :func:`_model_key` stands in for
     them once per decode call (BENCHMARKS.md, session 15; inductor's C++ wrapper, another
     4-6% per step there, is left off: it made a cold compile 43 -> 103 s). On a GPU the step
-    replays as CUDA graphs (``mode="reduce-overhead"``) with the guards kept."""
+    replays as CUDA graphs (what ``mode="reduce-overhead"`` sets: ``triton.cudagraphs``) with
+    the guards kept. Inductor's ``freezing`` is off whatever the global config says: it turns
+    the modules' buffers into constants too, and a compiled step then ignores a new budget
+    (session 18: s50 -> s30 decoded the s50 tokens)."""
     skip = getattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe", None)
     if device.type != "cpu" or skip is None:
-        return {"mode": "reduce-overhead"}
-    return {"options": {"guard_filter_fn": skip}}
+        return {"options": {"triton.cudagraphs": device.type == "cuda", "freezing": False}}
+    return {"options": {"guard_filter_fn": skip, "freezing": False}}
 
 
 def _own_code(method, tag: str):
@@ -371,7 +374,7 @@ class Decoder:
         self._steps = {}  # (greedy, top_k, padded, ffn_path, ...) -> callable running one step
         self._compile_kwargs = _compile_options(self.device)
         # compiled CPU steps skip Dynamo's module guards: their key holds _model_key instead
-        self._unguarded = mode == "compile" and "options" in self._compile_kwargs
+        self._unguarded = mode == "compile" and "guard_filter_fn" in self._compile_kwargs["options"]
         self._path_choice = {}  # budget key -> "sparse" | "dense" (ffn_path="auto")
         self._graph_pool = None
         # the masked-dense FFN path routes on this stream beside the up projections

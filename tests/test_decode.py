@@ -374,6 +374,21 @@ def test_fused_routing_decodes_the_same_tokens(monkeypatch, mode, policy):
     assert not any(m.fuse_routing for m in layers)  # the layers' own setting is restored
 
 
+def test_compiled_step_sees_new_budgets_under_global_freezing():
+    # inductor's freezing turns module buffers into constants: the decoder compiles with it
+    # off, so a new budget (a buffer value) still reaches the same compiled step
+    import torch._inductor.config as inductor_config
+
+    model = routed(seed=51)
+    ids, _ = prompts(1, 5, seed=52)
+    with inductor_config.patch(freezing=True):
+        dec = Decoder(model, 1, 5 + NEW, mode="compile")
+        for budget in (0.6, 0.2):
+            prunepath.set_budget(model, budget)
+            assert torch.equal(dec.generate(ids, NEW, eos_token_id=[]), hf_greedy(model, ids))
+    assert len(dec._steps) == 1
+
+
 def test_auto_path_candidates():
     model = routed(seed=44)
     dec = Decoder(model, 1, 8)
