@@ -6,10 +6,12 @@
 Same results as the two ops (``mask`` is the routing mask the FFN used), with fewer steps
 between them:
 
-* ``backend="triton"``, at most 2 tokens: one fused kernel (after the router projection)
-  routes in every program's prologue and runs the one-launch FFN
-  (:func:`prunepath.triton_kernels.router_routed_ffn`): no route kernel, no mask round trip,
-  one FFN launch. More tokens: the two Triton ops.
+* ``backend="triton"``: the two Triton ops; at most 2 tokens with the one-launch FFN selected
+  (``PRUNEPATH_TRITON_FFN_T2='{"fused": true, ...}'``, a tuning switch), one fused kernel
+  (after the router projection) routes in every program's prologue and runs that FFN
+  (:func:`prunepath.triton_kernels.router_routed_ffn`): no route kernel, no mask round trip.
+  Not the default: on an H200 the one-launch FFN is slower than the two-phase kernels, more
+  than the routing it absorbs saves (BENCHMARKS.md, session 18).
 * ``backend="cpu"``: one call into the extension (``torch.ops.prunepath.router_routed_ffn``,
   the two C++ kernels back to back): one dispatch instead of two.
 * other backends: the two ops.
@@ -74,7 +76,7 @@ def run(name, x, router, hidden_activation, budget, lo, hi, ffn, activation):
     w_gate, w_up, w_down, b_up, b_down = ffn
     t = x.shape[0]
     c = _contiguous
-    if name == "triton" and t <= TRITON_FUSED_MAX_TOKENS:
+    if name == "triton" and t <= TRITON_FUSED_MAX_TOKENS and _route_in_ffn():
         from prunepath import triton_kernels
 
         b, kernel_check = _budget_for_kernel(budget, t, x.device)
@@ -92,6 +94,13 @@ def run(name, x, router, hidden_activation, budget, lo, hi, ffn, activation):
     y = backends.load(name).routed_ffn(x.contiguous(), w_gate, w_up, w_down, mask, activation,
                                        b_up, b_down)
     return y, mask
+
+
+@torch.compiler.assume_constant_result  # read once when a step is traced, not per call
+def _route_in_ffn() -> bool:
+    from prunepath.triton_kernels import launch
+
+    return launch.route_in_ffn()
 
 
 def _contiguous(t):

@@ -463,6 +463,18 @@ def _reduce_partials(part, b_down, out, pdl):
     )
 
 
+def route_in_ffn() -> bool:
+    """Whether :func:`prunepath.ops.router_routed_ffn` takes the routing-in-the-FFN kernel
+    (:func:`router_routed_ffn`) at T <= 2: only where the T <= 2 FFN runs in one launch
+    (``PRUNEPATH_TRITON_FFN_T2`` with ``"fused": true``). By default it does not: on an H200
+    (session 18, Llama-3-8B FFN, E = 64, T = 1) the best one-launch variant took 60.7 / 45.6 us
+    at 0.5 / 0.75 sparsity against 50.7 / 32.8 for the two-phase default, routing inside it
+    saved 0.5-5 us, and compiled batch-1 decode read 1.23x / 1.38x dense with it against
+    1.31x / 1.55x with router_route + the two-phase kernels."""
+    override = os.environ.get("PRUNEPATH_TRITON_FFN_T2")
+    return bool(override) and bool(json.loads(override).get("fused", False))
+
+
 def fused_config(t: int, d: int, f: int, sms: int, interpreted: bool) -> FFNConfig:
     """The one-launch FFN's blocks for ``t`` tokens (a starting point: 16-neuron tiles of the
     compacted list, 2 programs per SM; bench/ops_gpu.py --sweep times its variants), or the
