@@ -284,9 +284,9 @@ class Decoder:
             ``False`` leaves the model's layout alone;
             ``prunepath.fused_qkv.unfuse(model)`` restores it.
         fuse_routing: sparse steps run each routed layer's routing and FFN as one
-            :func:`prunepath.ops.router_routed_ffn` call (``RoutedFFN.fuse_routing``; with
-            the Triton backend at batch 1-2 one kernel routes in the FFN's prologue). Default
-            ``None``: the layers' own setting (off unless set). Same tokens either way.
+            :func:`prunepath.ops.router_routed_ffn` call (``RoutedFFN.fuse_routing``). Default
+            ``None``: the layers' own setting (off unless set; no gain measured on a CPU or an
+            H200). Same tokens either way.
     """
 
     def __init__(

@@ -115,9 +115,9 @@ class RoutedFFN(nn.Module):
 
     ``fuse_routing`` (attribute, default ``False``): with a fused router (above) and the
     routed FFN, a forward makes one :func:`prunepath.ops.router_routed_ffn` call instead of
-    ``router_route`` + ``routed_ffn`` (same mask and output; with the Triton backend at 1-2
-    tokens one kernel routes in the FFN's prologue). The decoder sets it per decode
-    (``Decoder(fuse_routing=...)``).
+    ``router_route`` + ``routed_ffn`` (same mask and output; see that op for what it fuses per
+    backend: no measured gain on a CPU or an H200, BENCHMARKS.md session 18). The decoder
+    sets it per decode (``Decoder(fuse_routing=...)``).
     """
 
     def __init__(self, base: nn.Module, fam: Family, activation: str, num_experts: int,
