@@ -96,8 +96,8 @@ def run(name, x, router, hidden_activation, budget, lo, hi, ffn, activation):
     return y, mask
 
 
-@torch.compiler.assume_constant_result  # read once when a step is traced, not per call
 def _route_in_ffn() -> bool:
+    # (the Triton backend, loaded before this runs, has imported the kernels' package)
     from prunepath.triton_kernels import launch
 
     return launch.route_in_ffn()

@@ -463,6 +463,7 @@ def _reduce_partials(part, b_down, out, pdl):
     )
 
 
+@torch.compiler.assume_constant_result  # read once when a step is traced, not per call
 def route_in_ffn() -> bool:
     """Whether :func:`prunepath.ops.router_routed_ffn` takes the routing-in-the-FFN kernel
     (:func:`router_routed_ffn`) at T <= 2: only where the T <= 2 FFN runs in one launch
