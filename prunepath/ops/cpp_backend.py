@@ -92,6 +92,19 @@ def router_route(x, w_router, b_router, w_router_out, b_router_out, hidden_activ
     )
 
 
+def router_routed_ffn(x, w_router, b_router, w_router_out, b_router_out, hidden_activation,
+                      budget, min_experts, max_experts, w_gate, w_up, w_down, activation, b_up,
+                      b_down):
+    """router_route and routed_ffn as one extension call (CPU kernel); ``w_down`` as
+    :func:`routed_ffn` takes it (a transposed view of a packed W_down^T is read in place)."""
+    c = _contiguous
+    packed = checks.is_packed_down(w_down)
+    return torch.ops.prunepath.router_routed_ffn(
+        x.contiguous(), w_router.contiguous(), c(b_router), c(w_router_out), c(b_router_out),
+        hidden_activation, budget, min_experts, max_experts, c(w_gate), c(w_up),
+        w_down.t() if packed else w_down.contiguous(), activation, c(b_up), c(b_down), packed)
+
+
 def _contiguous(t):
     return None if t is None else t.contiguous()
 

@@ -75,21 +75,18 @@ def run(name, x, router, hidden_activation, budget, lo, hi, ffn, activation):
     w1, b1, w2, b2 = router
     w_gate, w_up, w_down, b_up, b_down = ffn
     t = x.shape[0]
-    c = _contiguous
     if name == "triton" and t <= TRITON_FUSED_MAX_TOKENS and _route_in_ffn():
         from prunepath import triton_kernels
 
+        c = lambda v: None if v is None else v.contiguous()  # noqa: E731
         b, kernel_check = _budget_for_kernel(budget, t, x.device)
         return triton_kernels.router_routed_ffn(
             x.contiguous(), w1.contiguous(), c(b1), c(w2), c(b2), hidden_activation, b, lo, hi,
             c(w_gate), c(w_up), w_down.t(), activation, b_up, b_down, check_budget=kernel_check)
     if name == "cpu" and x.dtype != torch.float64:
-        backends.load(name)  # the extension registers the op
-        packed = checks.is_packed_down(w_down)
-        return torch.ops.prunepath.router_routed_ffn(
-            x.contiguous(), w1.contiguous(), c(b1), c(w2), c(b2), hidden_activation,
-            checks.budget_tensor(budget, t, x.device), lo, hi, c(w_gate), c(w_up),
-            w_down.t() if packed else w_down.contiguous(), activation, c(b_up), c(b_down), packed)
+        return backends.load(name).router_routed_ffn(
+            x, w1, b1, w2, b2, hidden_activation, checks.budget_tensor(budget, t, x.device), lo,
+            hi, w_gate, w_up, w_down, activation, b_up, b_down)
     mask = _route(name, x, w1, b1, w2, b2, hidden_activation, budget, lo, hi)
     y = backends.load(name).routed_ffn(x.contiguous(), w_gate, w_up, w_down, mask, activation,
                                        b_up, b_down)
@@ -101,7 +98,3 @@ def _route_in_ffn() -> bool:
     from prunepath.triton_kernels import launch
 
     return launch.route_in_ffn()
-
-
-def _contiguous(t):
-    return None if t is None else t.contiguous()
