@@ -193,7 +193,7 @@ def bench_route_ffn(copies, d, f, e, t, dtype, gen, budgets=(0.5, 0.8), rank=64)
     """Graph time of routing + routed FFN at ``t`` tokens with a low-rank GELU router (packed
     W_down^T, weight copies rotated): ``router_route`` + the two-phase ``routed_ffn`` (today's
     decode path), ``router_route`` + the fused ``routed_ffn``, and ``router_routed_ffn``
-    (routing in the fused kernel's prologue). The router is random, so each budget's union of
+    (routing in the fused kernel's prologue, or in the two-phase up kernel's). The router is random, so each budget's union of
     experts is measured and reported."""
     from prunepath.triton_kernels import launch
 
@@ -222,12 +222,15 @@ def bench_route_ffn(copies, d, f, e, t, dtype, gen, budgets=(0.5, 0.8), rank=64)
             return launch.routed_ffn(x, c["wg"], c["wu"], c["wdt"], m, "silu", None, None,
                                      config=cfg)
 
-        def one(i):
+        def one(i, cfg=fused):
             c = copies[i]
             return launch.router_routed_ffn(x, w1, b1, w2, b2, "gelu", budget, 1, e, c["wg"],
-                                            c["wu"], c["wdt"], "silu", None, None, config=fused)
+                                            c["wu"], c["wdt"], "silu", None, None, config=cfg)
+        two_phase = launch.default_config(t, d, f, sms, False, f // e)
         for name, fn in (("route+ffn", two), ("route+ffn_fused", lambda i: two(i, fused)),
-                         ("route_ffn_one_kernel", one)):
+                         ("route_ffn_one_kernel", one),
+                         # the two-phase kernels, the routing in the up kernel's prologue
+                         ("route_in_up", lambda i: one(i, two_phase))):
             try:
                 row[name] = time_graph(fn, len(copies), batches=5)
             except Exception as err:
@@ -313,7 +316,17 @@ def sweep_triton(copies, d, f, e, t, sparsity, dtype, gen, packed=True, only=Non
                      ("up_n=16,stages=4", {"up_block_n": 16, "num_stages": 4}),
                      ("up_n=16,up_fill=1.5", {"up_block_n": 16, "up_fill": 1.5}),
                      ("up_k=256,stages=4", {"up_block_k": 256, "num_stages": 4}),
-                     ("up_n=16,up_k=256", {"up_block_n": 16, "up_block_k": 256})]
+                     ("up_n=16,up_k=256", {"up_block_n": 16, "up_block_k": 256}),
+                     # few or no splits of F in the down phase (s<S>_d<down_block_d>_n<down_
+                     # block_n>): with s1 each program owns a narrow d-slab of every live row
+                     # and writes the output itself (no fp32 partials, no fold)
+                     ("s1_d32_n128", {"s": 1, "down_block_d": 32, "down_block_n": 128}),
+                     ("s1_d32_n256", {"s": 1, "down_block_d": 32, "down_block_n": 256}),
+                     ("s1_d16_n256", {"s": 1, "down_block_d": 16, "down_block_n": 256}),
+                     ("s1_d16_n128", {"s": 1, "down_block_d": 16, "down_block_n": 128}),
+                     ("s2_d32_n128", {"s": 2, "down_block_d": 32, "down_block_n": 128}),
+                     ("s2_d64_n128", {"s": 2, "down_block_d": 64, "down_block_n": 128}),
+                     ("s4_d64", {"s": 4, "down_block_d": 64})]
     if t <= 2:  # one launch for both phases (FFNConfig.fused) and its knobs
         for name, change in fused_variants(sms).items():
             variants.append((name, {**FUSED_BASE, "up_programs": 2 * sms, **change}))

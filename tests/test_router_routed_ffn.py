@@ -13,21 +13,27 @@ CPU_BACKENDS = [b for b in ("torch", "cpu", "triton") if b in ops.available_back
 _gpu = [pytest.mark.gpu,
         pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 # (device, backend); the cpu "triton" backend is the interpreter (TRITON_INTERPRET=1);
-# "triton:fused": with the one-launch FFN selected, 1-2 tokens route inside that kernel
-TRITON = ["triton", "triton:fused"] if "triton" in CPU_BACKENDS else []
+# "triton:fused": with the one-launch FFN selected, 1-2 tokens route inside that kernel;
+# "triton:up": 1-2 tokens route inside the two-phase FFN's up kernel (PRUNEPATH_TRITON_ROUTE_IN_UP)
+TRITON = ["triton", "triton:fused", "triton:up"] if "triton" in CPU_BACKENDS else []
 CASES = [("cpu", b) for b in CPU_BACKENDS if b != "triton"] + [("cpu", b) for b in TRITON] + [
-    pytest.param("cuda", b, marks=_gpu, id=f"cuda-{b}") for b in ("triton", "triton:fused", "torch")]
+    pytest.param("cuda", b, marks=_gpu, id=f"cuda-{b}")
+    for b in ("triton", "triton:fused", "triton:up", "torch")]
 
 
 def _select(backend, monkeypatch):
-    """(backend name, calls of the routing-in-the-FFN kernel); "triton:fused" sets
-    PRUNEPATH_TRITON_FFN_T2 to a fused config and counts that kernel's calls."""
-    name, _, fused = backend.partition(":")
+    """(backend name, calls of the routing-in-the-FFN kernels); "triton:fused" sets
+    PRUNEPATH_TRITON_FFN_T2 to a fused config, "triton:up" PRUNEPATH_TRITON_ROUTE_IN_UP=1;
+    both count the calls of triton_kernels.router_routed_ffn."""
+    name, _, where = backend.partition(":")
     calls = []
-    if fused:
+    if where:
         from prunepath import triton_kernels
 
-        monkeypatch.setenv("PRUNEPATH_TRITON_FFN_T2", '{"fused": true}')
+        if where == "fused":
+            monkeypatch.setenv("PRUNEPATH_TRITON_FFN_T2", '{"fused": true}')
+        else:
+            monkeypatch.setenv("PRUNEPATH_TRITON_ROUTE_IN_UP", "1")
         real = triton_kernels.router_routed_ffn
         monkeypatch.setattr(triton_kernels, "router_routed_ffn",
                             lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -71,7 +77,7 @@ def _budgets(t, g):
 ])
 def test_router_routed_ffn_matches_the_two_ops(monkeypatch, device, backend, dtype, t, d, f, e,
                                                low_rank, gated, bias, packed):
-    one_kernel = backend == "triton:fused"
+    one_kernel = backend in ("triton:fused", "triton:up")
     backend, calls = _select(backend, monkeypatch)
     x, router, ffn = _case(t, d, f, e, dtype, low_rank=low_rank, gated=gated, bias=bias,
                            packed=packed, seed=hash((t, d, f, e)) % 2**31, device=device)
@@ -99,7 +105,7 @@ def test_router_routed_ffn_matches_the_two_ops(monkeypatch, device, backend, dty
         else:  # the same kernels back to back: the same bits
             assert torch.equal(mask, want_mask)
             torch.testing.assert_close(y, want, rtol=0, atol=0)
-    # 1-2 tokens with the one-launch FFN selected: the routing-in-the-FFN kernel ran
+    # 1-2 tokens with routing in the FFN selected: the routing-in-the-FFN kernels ran
     assert len(calls) == (len(_budgets(t, g)) if one_kernel and t <= 2 else 0)
 
 

@@ -232,14 +232,23 @@ def test_router_route_matches_reference(router, dtype, t, e):
     assert torch.equal(ops.router_route(x, w1, budget, backend="torch", **kw), ref)
 
 
+# two-phase configs on the compacted list: (d-splits of the up phase, F-splits of the down
+# phase): one split each (h written activated, output written directly), the up phase's fp32
+# partials (4 splits of d = 40 in 16-wide blocks: 3), the down phase's folded partials
+TWO_PHASE = {"two_phase": (1, 1), "two_phase_ks": (4, 1), "two_phase_s": (1, 4)}
+
+
 @pytest.mark.parametrize("router", ["linear", "lowrank_gelu"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("t,e,f", [(1, 12, 120), (2, 17, 136), (20, 8, 64), (3, 300, 600)])
-def test_router_routed_ffn_matches_the_two_ops(router, dtype, t, e, f):
-    """Routing in the fused FFN kernel's prologue (launch.router_routed_ffn): its mask is the
+@pytest.mark.parametrize("kernels", ["fused", *TWO_PHASE])
+def test_router_routed_ffn_matches_the_two_ops(router, dtype, t, e, f, kernels):
+    """Routing in the FFN kernels' prologue (launch.router_routed_ffn): in the fused kernel or
+    the two-phase up kernel (which stores the mask for the down kernel); its mask is the
     router's (up to rounding at the budget), its output the routed FFN of that mask; budgets
-    0, inside (0, 1) and 1 per token; T = 20 takes two 16-token blocks (with 3 programs: the
-    tile loop), E = 300 a low-rank router's separate second layer (the two-op path)."""
+    0, inside (0, 1) and 1 per token; T = 20 takes two 16-token blocks (fused with 3 programs:
+    the tile loop; two-phase: the two ops, the union spans the blocks), E = 300 a low-rank
+    router's separate second layer (the two-op path)."""
     cfg = ROUTERS[router]
     gen = torch.Generator().manual_seed(hash((router, t, e, str(dtype))) % 2**31)
     d = 40
@@ -253,8 +262,13 @@ def test_router_routed_ffn_matches_the_two_ops(router, dtype, t, e, f):
     budget[0] = 0.0
     budget[-1] = 1.0 if t > 1 else budget[-1]
     budget = budget.to(DEV)
-    fcfg = launch.FFNConfig(16, 16, 16, 1, 16, 16, 1, up_programs=3 if t == 20 else 0,
-                            fused=True)
+    if kernels == "fused":
+        fcfg = launch.FFNConfig(16, 16, 16, 1, 16, 16, 1, up_programs=3 if t == 20 else 0,
+                                fused=True)
+    else:
+        ks, s = TWO_PHASE[kernels]
+        fcfg = launch.FFNConfig(16, 16, 16, ks, 16, 16, s, up_programs=3, compact=True,
+                                up_fill=4.0)
     out = torch.full((t, d), float("nan"), dtype=dtype, device=DEV)
     y, mask, ok = launch.router_routed_ffn(
         x, w1, b1, w2, b2, cfg["act"], budget, 1, e, wg, wu, wd.t().contiguous(), "silu", bu,

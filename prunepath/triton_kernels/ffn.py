@@ -196,6 +196,19 @@ def _compact_token_mask(mask_ptr, offs_t, t_ok, ex, live, stride_mt):
 
 
 @triton.jit
+def _tile_tokens(mask_ptr, mrows, offs_t, t_ok, ex, live, stride_mt, TOK_FROM_ROWS: tl.constexpr,
+                 BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
+    """[BLOCK_T, BLOCK_N] bool for a compacted tile: token t chose expert ``ex[j]``, read from
+    the mask in memory (:func:`_compact_token_mask`) or with TOK_FROM_ROWS gathered from
+    ``mrows`` [BLOCK_T, BLOCK_E] (int32, the token block's mask rows in registers)."""
+    if TOK_FROM_ROWS:
+        idx = tl.broadcast_to(ex[None, :], [BLOCK_T, BLOCK_N])
+        return (tl.gather(mrows, idx, axis=1) != 0) & live[None, :] & t_ok[:, None]
+    else:
+        return _compact_token_mask(mask_ptr, offs_t, t_ok, ex, live, stride_mt)
+
+
+@triton.jit
 def _compact_rows3(live_e, i, n_exp, NE_VEC: tl.constexpr, BLOCK_N: tl.constexpr):
     """Tile i's neurons as [experts, NE_VEC] (NE_VEC = experts' size, a power of two that
     divides BLOCK_N): keeps each expert's run of neurons visibly contiguous, so loads along
@@ -278,11 +291,34 @@ def _ffn_up_kernel(
     t_ok = offs_t < T
     if COMPACT:
         live_e, n_exp = _live_experts(mask_ptr, T, E, stride_mt, LIST_T, BLOCK_E, LOG2_E)
-        n_neur = n_exp * NE
-        n_live = tl.cdiv(n_neur, BLOCK_N)
+        n_live = tl.cdiv(n_exp * NE, BLOCK_N)
+        lo = live_e  # unused in this mode
+        hi = live_e
+        pos = live_e
     else:
         lo, hi, pos, n_live, n_exp = _live_chunks(mask_ptr, T, E, F, NE, stride_mt, BLOCK_N,
                                                   TWO_EXPERTS, LIST_T, BLOCK_E, BLOCK_C)
+        live_e = lo  # unused in this mode
+    _up_work(x_ptr, wg_ptr, wu_ptr, bu_ptr, mask_ptr, lo, out_ptr, hact_ptr, lo, hi, pos,
+             n_live, live_e, n_exp, pid, n_prog, offs_t, t_ok, D, F, NE, up_items,
+             stride_xt, stride_wn, stride_mt, stride_os, stride_og, stride_ot, stride_at,
+             GATED, HAS_BU, ACT, KS, IEEE, UPCAST, TWO_EXPERTS, COMPACT, False,
+             BLOCK_T, BLOCK_N, BLOCK_K)
+
+
+@triton.jit
+def _up_work(x_ptr, wg_ptr, wu_ptr, bu_ptr, mask_ptr, mrows, out_ptr, hact_ptr, lo, hi, pos,
+             n_live, live_e, n_exp, pid, n_prog, offs_t, t_ok, D, F, NE, up_items,
+             stride_xt, stride_wn, stride_mt, stride_os, stride_og, stride_ot, stride_at,
+             GATED: tl.constexpr, HAS_BU: tl.constexpr, ACT: tl.constexpr, KS: tl.constexpr,
+             IEEE: tl.constexpr, UPCAST: tl.constexpr, TWO_EXPERTS: tl.constexpr,
+             COMPACT: tl.constexpr, TOK_FROM_ROWS: tl.constexpr, BLOCK_T: tl.constexpr,
+             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The up phase's work items after its list (COMPACT: ``live_e``, ``n_exp``; else the
+    chunk list ``lo, hi, pos``; ``n_live`` items of either): program ``pid`` of ``n_prog``
+    takes items pid, pid + n_prog, ... A token chose a compacted tile's expert per the mask in
+    memory, or with TOK_FROM_ROWS per ``mrows`` (:func:`_tile_tokens`)."""
+    n_neur = n_exp * NE
     ks, kpb = _up_splits(n_exp, NE, D, up_items, KS, BLOCK_K, BLOCK_N)
     # work items: (live chunk or tile j, d-split s), item = j * ks + s
     for item in range(pid, n_live * ks, n_prog):
@@ -294,7 +330,8 @@ def _ffn_up_kernel(
             # and no token chose it (a store predicate of cols < F keeps the stores wide)
             cols, live, rows, ex = _compact_tile(live_e, j, NE, n_neur, BLOCK_N)
             n_ok = cols < F
-            tok = _compact_token_mask(mask_ptr, offs_t, t_ok, ex, live, stride_mt)
+            tok = _tile_tokens(mask_ptr, mrows, offs_t, t_ok, ex, live, stride_mt,
+                               TOK_FROM_ROWS, BLOCK_T, BLOCK_N)
         else:
             chunk_start, rows, in_range = _listed(lo, hi, pos, j, F, BLOCK_N)
             cols = rows
@@ -486,6 +523,7 @@ def _ffn_down_kernel(
     LIST_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_C: tl.constexpr,
     PDL: tl.constexpr = False, FOLD: tl.constexpr = False, S_P2: tl.constexpr = 1,
     COMPACT: tl.constexpr = False, LOG2_E: tl.constexpr = 0, NE_VEC: tl.constexpr = 0,
+    MASK_FROM_PRIMARY: tl.constexpr = False,
 ):
     """FOLD (S > 1): each program writes its fp32 partial, then counts its arrival on the
     slab's counter (zeroed by the up kernel); the last of the slab's S programs sums the S
@@ -493,7 +531,9 @@ def _ffn_down_kernel(
     last) and writes the output: no reduce launch. PDL: launched as a programmatic
     dependent of the up kernel; everything before ``gdc_wait`` reads only the mask and the
     weights. COMPACT: h holds the compacted live neurons (as the up kernel wrote them);
-    NE_VEC > 0: vectorized loads of nn.Linear's W_down by whole experts of NE_VEC neurons."""
+    NE_VEC > 0: vectorized loads of nn.Linear's W_down by whole experts of NE_VEC neurons.
+    MASK_FROM_PRIMARY: the up kernel writes the mask (it routes, ``route_ffn._route_up_kernel``),
+    so with PDL the live list is computed after the wait."""
     pid_d = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_t = tl.program_id(2)
@@ -502,6 +542,8 @@ def _ffn_down_kernel(
     t_ok = offs_t < T
     d_ok = offs_d < D
     acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+    if PDL and MASK_FROM_PRIMARY:
+        tl.extra.cuda.gdc_wait()  # the mask too comes from the up kernel
     if COMPACT:
         live_e, n_exp = _live_experts(mask_ptr, T, E, stride_mt, LIST_T, BLOCK_E, LOG2_E)
         n_live = tl.cdiv(n_exp * NE, BLOCK_N)
@@ -512,7 +554,7 @@ def _ffn_down_kernel(
         lo, hi, pos, n_live, n_exp = _live_chunks(mask_ptr, T, E, F, NE, stride_mt, BLOCK_N,
                                                   TWO_EXPERTS, LIST_T, BLOCK_E, BLOCK_C)
         live_e = lo  # unused in this mode
-    if PDL:
+    if PDL and not MASK_FROM_PRIMARY:
         tl.extra.cuda.gdc_wait()  # the up kernel's h (and zeroed counters) from here on
     if KS == 1:
         acc = _down_loop(acc, h_ptr, wd_ptr, bu_ptr, mask_ptr, lo, hi, pos, n_live, live_e,
@@ -634,11 +676,8 @@ def _fused_tiles(x_ptr, wg_ptr, wu_ptr, bu_ptr, wd_ptr, mask_ptr, mrows, part_pt
     part_rows = part_ptr + pid * stride_pp + offs_t[:, None] * stride_pt
     for item in range(pid, n_items, n_prog):
         _cols, live, rows, ex = _compact_tile(live_e, item, NE, n_neur, BLOCK_N)
-        if TOK_FROM_ROWS:
-            idx = tl.broadcast_to(ex[None, :], [BLOCK_T, BLOCK_N])
-            tok = (tl.gather(mrows, idx, axis=1) != 0) & live[None, :] & t_ok[:, None]
-        else:
-            tok = _compact_token_mask(mask_ptr, offs_t, t_ok, ex, live, stride_mt)
+        tok = _tile_tokens(mask_ptr, mrows, offs_t, t_ok, ex, live, stride_mt, TOK_FROM_ROWS,
+                           BLOCK_T, BLOCK_N)
         acc_u, acc_g = _up_tile(x_ptr, wg_ptr, wu_ptr, offs_t, t_ok, rows, live, 0,
                                 tl.cdiv(D, BLOCK_K), D, stride_xt, stride_wn, GATED, IEEE,
                                 UPCAST, DOT, BLOCK_T, BLOCK_N, BLOCK_K)

@@ -318,6 +318,36 @@ def routed_ffn(x, w_gate, w_up, w_down_t, mask, activation, b_up, b_down, config
     if cfg.fused:
         return _routed_ffn_fused(x, w_gate, w_up, w_down_t, mask, activation, b_up, b_down, cfg,
                                  out, poison)
+    return _two_phase(x, w_gate, w_up, w_down_t, mask, activation, b_up, b_down, cfg, out,
+                      poison, n_contiguous)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Routing:
+    """What the up kernel needs to route for itself (``route_ffn._route_up_kernel``): the
+    router projection's ``ks`` partials ``part`` [ks, T, R], the router's second layer and
+    biases, the budgets, and the outputs ``ok`` (budgets in [0, 1])."""
+
+    part: torch.Tensor
+    ks: int
+    w2: torch.Tensor | None
+    b1: torch.Tensor | None
+    b2: torch.Tensor | None
+    hidden_act: int
+    budget: torch.Tensor
+    min_experts: int
+    max_experts: int
+    ok: torch.Tensor
+
+
+def _two_phase(x, w_gate, w_up, w_down_t, mask, activation, b_up, b_down, cfg, out, poison,
+               n_contiguous, routing: _Routing | None = None):
+    """The up and down kernels (plus the reduce without fold). ``routing``: the up kernel
+    routes and writes ``mask`` itself (compacted list only), else ``mask`` is an input."""
+    t, d = x.shape
+    f = w_up.shape[0]
+    e = mask.shape[1]
+    interp = _interpreted(x)
     ieee = x.dtype == torch.float32
     gated = w_gate is not None
     act = _ffn.ACT_IDS[activation]
@@ -357,19 +387,45 @@ def routed_ffn(x, w_gate, w_up, w_down_t, mask, activation, b_up, b_down, config
     # nn.Linear's W_down in compact mode: whole power-of-two experts keep vectorized loads
     ne_vec = (ne if compact and n_contiguous and ne & (ne - 1) == 0
               and cfg.down_block_n % ne == 0 else 0)
-    _ffn._ffn_up_kernel[(up_programs, t_blocks)](
-        x, w_gate if gated else w_up, w_up, b_up if b_up is not None else dummy, mask_u8, h,
-        h_act, cnt, t, d, f, ne, e, up_items, n_cnt,
-        x.stride(0), w_up.stride(0), mask_u8.stride(0), hs, hg, ht, h_act.stride(0),
-        GATED=gated, HAS_BU=b_up is not None, ACT=act, KS=ks_max, IEEE=ieee,
-        UPCAST=interp, TWO_EXPERTS=ne >= cfg.up_block_n,
-        BLOCK_T=cfg.block_t, BLOCK_N=cfg.up_block_n, BLOCK_K=cfg.up_block_k,
-        LIST_T=list_t, BLOCK_E=block_e, BLOCK_C=up_block_c,
-        PDL=pdl,
-        BLOCK_CNT=triton.next_power_of_2(n_cnt) if n_cnt else 0,
-        COMPACT=compact, LOG2_E=log2_e,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    if routing is None:
+        _ffn._ffn_up_kernel[(up_programs, t_blocks)](
+            x, w_gate if gated else w_up, w_up, b_up if b_up is not None else dummy, mask_u8, h,
+            h_act, cnt, t, d, f, ne, e, up_items, n_cnt,
+            x.stride(0), w_up.stride(0), mask_u8.stride(0), hs, hg, ht, h_act.stride(0),
+            GATED=gated, HAS_BU=b_up is not None, ACT=act, KS=ks_max, IEEE=ieee,
+            UPCAST=interp, TWO_EXPERTS=ne >= cfg.up_block_n,
+            BLOCK_T=cfg.block_t, BLOCK_N=cfg.up_block_n, BLOCK_K=cfg.up_block_k,
+            LIST_T=list_t, BLOCK_E=block_e, BLOCK_C=up_block_c,
+            PDL=pdl,
+            BLOCK_CNT=triton.next_power_of_2(n_cnt) if n_cnt else 0,
+            COMPACT=compact, LOG2_E=log2_e,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+    else:
+        if not compact:
+            raise ValueError("routing in the up kernel needs the compacted live-neuron list")
+        rt = routing
+        low = rt.w2 is not None
+        r = rt.part.shape[2]
+        _route_ffn._route_up_kernel[(up_programs, t_blocks)](
+            rt.part, rt.budget, rt.w2 if low else rt.part,
+            rt.b1 if rt.b1 is not None else rt.part,
+            rt.b2 if low and rt.b2 is not None else rt.part, rt.ok, mask_u8,
+            x, w_gate if gated else w_up, w_up, b_up if b_up is not None else dummy, h, h_act,
+            cnt, t, d, f, ne, e, r, rt.min_experts, rt.max_experts, up_items, n_cnt,
+            rt.part.stride(0), rt.part.stride(1), rt.w2.stride(0) if low else 0,
+            rt.budget.stride(0), mask_u8.stride(0),
+            x.stride(0), w_up.stride(0), hs, hg, ht, h_act.stride(0),
+            RKS=rt.ks, LOW_RANK=low, HAS_B1=rt.b1 is not None, HAS_B2=low and rt.b2 is not None,
+            HIDDEN_ACT=rt.hidden_act if low else -1, BLOCK_J=_route_block_j(block_e),
+            BLOCK_R=triton.next_power_of_2(r), KS_P2=triton.next_power_of_2(rt.ks), BLOCK_B=64,
+            GATED=gated, HAS_BU=b_up is not None, ACT=act, KS=ks_max, IEEE=ieee, UPCAST=interp,
+            BLOCK_T=cfg.block_t, BLOCK_N=cfg.up_block_n, BLOCK_K=cfg.up_block_k,
+            BLOCK_E=block_e, LOG2_E=log2_e, PDL=pdl,
+            BLOCK_CNT=triton.next_power_of_2(n_cnt) if n_cnt else 0,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            **({} if interp else {"launch_pdl": pdl}),
+        )
 
     # phase 2
     if s == 1:
@@ -394,7 +450,7 @@ def routed_ffn(x, w_gate, w_up, w_down_t, mask, activation, b_up, b_down, config
         UP_BLOCK_N=cfg.up_block_n, UP_BLOCK_K=cfg.up_block_k,
         LIST_T=list_t, BLOCK_E=block_e, BLOCK_C=down_block_c,
         PDL=pdl, FOLD=fold, S_P2=triton.next_power_of_2(s),
-        COMPACT=compact, LOG2_E=log2_e, NE_VEC=ne_vec,
+        COMPACT=compact, LOG2_E=log2_e, NE_VEC=ne_vec, MASK_FROM_PRIMARY=routing is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **down_extra,
     )
     if s > 1 and not fold:
@@ -465,15 +521,17 @@ def _reduce_partials(part, b_down, out, pdl):
 
 @torch.compiler.assume_constant_result  # read once when a step is traced, not per call
 def route_in_ffn() -> bool:
-    """Whether :func:`prunepath.ops.router_routed_ffn` takes the routing-in-the-FFN kernel
-    (:func:`router_routed_ffn`) at T <= 2: only where the T <= 2 FFN runs in one launch
-    (``PRUNEPATH_TRITON_FFN_T2`` with ``"fused": true``). By default it does not: on an H200
-    (session 18, Llama-3-8B FFN, E = 64, T = 1) the best one-launch variant took 60.7 / 45.6 us
-    at 0.5 / 0.75 sparsity against 50.7 / 32.8 for the two-phase default, routing inside it
-    saved 0.5-5 us, and compiled batch-1 decode read 1.23x / 1.38x dense with it against
-    1.31x / 1.55x with router_route + the two-phase kernels."""
+    """Whether :func:`prunepath.ops.router_routed_ffn` routes inside the FFN kernels
+    (:func:`router_routed_ffn`) at T <= 2: where the T <= 2 FFN runs in one launch
+    (``PRUNEPATH_TRITON_FFN_T2`` with ``"fused": true``), or with
+    ``PRUNEPATH_TRITON_ROUTE_IN_UP=1`` in the two-phase kernels' up kernel. Else (the
+    default) the router_route and routed_ffn kernels run: on an H200 (session 18, Llama-3-8B
+    FFN, E = 64, T = 1) the best one-launch variant took 60.7 / 45.6 us at 0.5 / 0.75
+    sparsity against 50.7 / 32.8 for the two-phase default, routing inside it saved 0.5-5 us,
+    and compiled batch-1 decode read 1.23x / 1.38x dense with it against 1.31x / 1.55x."""
     override = os.environ.get("PRUNEPATH_TRITON_FFN_T2")
-    return bool(override) and bool(json.loads(override).get("fused", False))
+    fused = bool(override) and bool(json.loads(override).get("fused", False))
+    return fused or os.environ.get("PRUNEPATH_TRITON_ROUTE_IN_UP", "0") == "1"
 
 
 def fused_config(t: int, d: int, f: int, sms: int, interpreted: bool) -> FFNConfig:
@@ -489,24 +547,33 @@ def fused_config(t: int, d: int, f: int, sms: int, interpreted: bool) -> FFNConf
 def router_routed_ffn(x, w1, b1, w2, b2, hidden_activation, budget, min_experts, max_experts,
                       w_gate, w_up, w_down_t, activation, b_up, b_down, config=None, out=None,
                       poison=False):
-    """:func:`router_route` and :func:`routed_ffn` in two launches plus the partials reduce:
-    the router projection, then ``route_ffn._route_ffn_fused_kernel`` (routing in every
-    program's prologue, then the fused FFN's tiles). Returns ``(y [T, d], mask [T, E],
-    budget_ok)``. A low-rank router with more than 128 experts takes :func:`router_route`
-    and the fused :func:`routed_ffn` instead (its second layer has a kernel of its own).
-    ``config``: a fused :class:`FFNConfig` (default :func:`fused_config`)."""
+    """:func:`router_route` and :func:`routed_ffn` with the routing inside the FFN kernels,
+    after the router projection kernel: with a fused ``config`` (one launch,
+    ``route_ffn._route_ffn_fused_kernel``) every program routes in its prologue, then runs the
+    fused FFN's tiles (plus the partials reduce); else the two-phase kernels on the
+    compacted list, whose up kernel routes in every program's prologue and stores the mask
+    for the down kernel (``route_ffn._route_up_kernel``). No route kernel, no mask round
+    trip before the up phase. Returns ``(y [T, d], mask [T, E], budget_ok)``. Where neither
+    applies -- a low-rank router with more than 128 experts (its second layer has a kernel
+    of its own), a two-phase config on aligned chunks or with more than one token block --
+    :func:`router_route`, then
+    :func:`routed_ffn`. ``config``: default :func:`default_config` (fused where
+    ``PRUNEPATH_TRITON_FFN_T2`` says so)."""
     t, d = x.shape
     f = w_up.shape[0]
     r = w1.shape[0]
     e = r if w2 is None else w2.shape[0]
     interp = _interpreted(x)
-    cfg = config or fused_config(t, d, f, _sms(x), interp)
-    if not cfg.fused:
-        raise ValueError("router_routed_ffn needs a fused FFNConfig (fused=True)")
+    n_contiguous = w_down_t.stride(0) == 1 and w_down_t.stride(1) != 1
+    cfg = config or default_config(t, d, f, _sms(x), interp, f // e, linear_down=n_contiguous,
+                                   elem_bytes=w_up.element_size())
     block_e = triton.next_power_of_2(e)
     if out is None:
         out = torch.empty((t, d), dtype=x.dtype, device=x.device)
-    if t == 0 or (w2 is not None and block_e > 128):
+    # the two-phase kernels' list is the union over all tokens: routed inside the up kernel
+    # only where one token block holds them all
+    two_phase_ok = use_compact(cfg, f // e) and t <= cfg.block_t
+    if t == 0 or (w2 is not None and block_e > 128) or not (cfg.fused or two_phase_ok):
         mask, ok = router_route(x, w1, b1, w2, b2, hidden_activation, budget, min_experts,
                                 max_experts)
         routed_ffn(x, w_gate, w_up, w_down_t, mask, activation, b_up, b_down, config=cfg,
@@ -516,11 +583,18 @@ def router_routed_ffn(x, w1, b1, w2, b2, hidden_activation, budget, min_experts,
     pdl = cfg.pdl and not interp and _pdl_supported(x)
     part_r, ks = _router_project(x, w1, pdl)
     mask = torch.empty((t, e), dtype=torch.bool, device=x.device)
+    if poison:  # every expert live: a kernel that reads the mask before it is written shows
+        mask.fill_(True)
     ok = torch.empty((), dtype=torch.bool, device=x.device)
-    t_blocks = triton.cdiv(t, cfg.block_t)
-    part = _fused_partials(x, f, cfg, poison)
     low = w2 is not None
     act = -1 if hidden_activation in (None, "none") else _ffn.ACT_IDS[hidden_activation]
+    if not cfg.fused:
+        routing = _Routing(part_r, ks, w2, b1, b2, act, budget, min_experts, max_experts, ok)
+        _two_phase(x, w_gate, w_up, w_down_t, mask, activation, b_up, b_down, cfg, out, poison,
+                   n_contiguous, routing)
+        return out, mask, ok
+    t_blocks = triton.cdiv(t, cfg.block_t)
+    part = _fused_partials(x, f, cfg, poison)
     gated = w_gate is not None
     mask_u8 = mask.view(torch.uint8)
     _route_ffn._route_ffn_fused_kernel[(part.shape[0], t_blocks)](
