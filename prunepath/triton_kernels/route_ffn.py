@@ -10,6 +10,11 @@ takes the softmax and the cumulative-mass rule (``route._route_logits``), and so
 experts without a route kernel between the two launches; program 0 of each token block writes
 the mask rows (the op's second output). The work is repeated in every program: a few KB of
 L2 reads and a [tokens, E] computation against the tile loop's megabytes.
+
+``_route_up_kernel`` is the same prologue (:func:`_route_prologue`) in front of the two-phase
+FFN's up kernel (``ffn._ffn_up_kernel``'s work items on the compacted list, ``ffn._up_work``);
+the down kernel (``ffn._ffn_down_kernel`` with MASK_FROM_PRIMARY) reads the mask that program
+0 stored, after its programmatic-dependent-launch wait.
 """
 
 from __future__ import annotations
@@ -41,13 +46,23 @@ def _token_logits(z_ptr, w2_ptr, b1_ptr, b2_ptr, t, offs_e, e_ok, R, KS,
 
 
 @triton.jit
-def _route_rows(z_ptr, budget_ptr, w2_ptr, b1_ptr, b2_ptr, mask_ptr, pid, pid_t, offs_e, e_ok,
-                T, E, R, KS, min_e, max_e, stride_zs, stride_zt, stride_w2e, stride_b, stride_mt,
-                LOW_RANK: tl.constexpr, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr,
-                HIDDEN_ACT: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr,
-                KS_P2: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
-    """The mask rows [BLOCK_T, BLOCK_E] (int32) of token block ``pid_t``, routed from the
-    router projection's KS partials; program ``pid`` 0 also stores them (the op's mask)."""
+def _route_prologue(z_ptr, budget_ptr, w2_ptr, b1_ptr, b2_ptr, ok_ptr, mask_ptr, pid, pid_t,
+                    T, E, R, KS, min_e, max_e, stride_zs, stride_zt, stride_w2e, stride_b,
+                    stride_mt, LOW_RANK: tl.constexpr, HAS_B1: tl.constexpr,
+                    HAS_B2: tl.constexpr, HIDDEN_ACT: tl.constexpr, BLOCK_J: tl.constexpr,
+                    BLOCK_R: tl.constexpr, KS_P2: tl.constexpr, BLOCK_B: tl.constexpr,
+                    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, LOG2_E: tl.constexpr,
+                    PDL: tl.constexpr):
+    """The routing-in-the-FFN kernels' prologue: program (0, 0) writes ``ok`` (every budget in
+    [0, 1]); with PDL, wait for the projection kernel; route the token block from the
+    projection's KS partials (program ``pid`` 0 stores the mask rows). Returns the rows
+    [BLOCK_T, BLOCK_E] (int32) and the live-expert list of their union."""
+    offs_e = tl.arange(0, BLOCK_E)
+    e_ok = offs_e < E
+    if (pid == 0) & (pid_t == 0):
+        tl.store(ok_ptr, _budgets_ok(budget_ptr, T, stride_b, BLOCK_B))
+    if PDL:
+        tl.extra.cuda.gdc_wait()  # the projection's partials from here on
     rows = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.int32)
     for r in range(0, tl.minimum(T - pid_t * BLOCK_T, BLOCK_T)):
         t = pid_t * BLOCK_T + r
@@ -56,10 +71,11 @@ def _route_rows(z_ptr, budget_ptr, w2_ptr, b1_ptr, b2_ptr, mask_ptr, pid, pid_t,
                           KS_P2)
         b = tl.load(budget_ptr + t * stride_b)
         keep = _route_logits(z, offs_e, e_ok, z_ptr, b, min_e, max_e, E, BLOCK_E, BLOCK_J, True)
-        if pid == 0:
+        if pid == 0:  # the op's mask (and the down kernel's, after the up kernel)
             tl.store(mask_ptr + t * stride_mt + offs_e, keep, mask=e_ok)
         rows = tl.where((tl.arange(0, BLOCK_T) == r)[:, None], keep.to(tl.int32)[None, :], rows)
-    return rows
+    live_e, n_exp = _live_from_union(tl.max(rows, axis=0), BLOCK_E, LOG2_E)
+    return rows, live_e, n_exp
 
 
 @triton.jit
@@ -88,17 +104,10 @@ def _route_ffn_fused_kernel(
         tl.extra.cuda.gdc_launch_dependents()
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     t_ok = offs_t < T
-    offs_e = tl.arange(0, BLOCK_E)
-    e_ok = offs_e < E
-    if (pid == 0) & (pid_t == 0):
-        tl.store(ok_ptr, _budgets_ok(budget_ptr, T, stride_b, BLOCK_B))
-    if PDL:
-        tl.extra.cuda.gdc_wait()  # the projection's partials from here on
-    rows = _route_rows(z_ptr, budget_ptr, w2_ptr, b1_ptr, b2_ptr, mask_ptr, pid, pid_t, offs_e,
-                       e_ok, T, E, R, KS, min_e, max_e, stride_zs, stride_zt, stride_w2e,
-                       stride_b, stride_mt, LOW_RANK, HAS_B1, HAS_B2, HIDDEN_ACT, BLOCK_J,
-                       BLOCK_R, KS_P2, BLOCK_T, BLOCK_E)
-    live_e, n_exp = _live_from_union(tl.max(rows, axis=0), BLOCK_E, LOG2_E)
+    rows, live_e, n_exp = _route_prologue(
+        z_ptr, budget_ptr, w2_ptr, b1_ptr, b2_ptr, ok_ptr, mask_ptr, pid, pid_t, T, E, R, KS,
+        min_e, max_e, stride_zs, stride_zt, stride_w2e, stride_b, stride_mt, LOW_RANK, HAS_B1,
+        HAS_B2, HIDDEN_ACT, BLOCK_J, BLOCK_R, KS_P2, BLOCK_B, BLOCK_T, BLOCK_E, LOG2_E, PDL)
     _fused_tiles(x_ptr, wg_ptr, wu_ptr, bu_ptr, wd_ptr, mask_ptr, rows, part_ptr, live_e, n_exp,
                  pid, n_prog, offs_t, t_ok, D, NE, stride_xt, stride_wn, stride_dn, stride_dd,
                  stride_mt, stride_pp, stride_pt, GATED, HAS_BU, ACT, IEEE, UPCAST, DOT, True,
@@ -123,8 +132,8 @@ def _route_up_kernel(
 ):
     """The two-phase FFN's up kernel (``ffn._ffn_up_kernel`` on the compacted list) with the
     routing in its prologue, grid ``(P, cdiv(T, BLOCK_T))``: every program routes its token
-    block from the router projection's RKS partials (:func:`_route_rows`; program 0 stores
-    the mask rows, which ``ffn._ffn_down_kernel`` with MASK_FROM_PRIMARY reads after its
+    block from the router projection's RKS partials (:func:`_route_prologue`; program 0
+    stores the mask rows, which ``ffn._ffn_down_kernel`` with MASK_FROM_PRIMARY reads after its
     wait), then takes its up work items. PDL: a programmatic dependent of the projection
     kernel and the primary of the down kernel. Program (0, 0) writes ``ok`` (every budget
     in [0, 1]) and zeroes the down phase's arrival counters."""
@@ -135,20 +144,14 @@ def _route_up_kernel(
         tl.extra.cuda.gdc_launch_dependents()  # the down kernel waits for this grid
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     t_ok = offs_t < T
-    offs_e = tl.arange(0, BLOCK_E)
-    e_ok = offs_e < E
-    if (pid == 0) & (pid_t == 0):
-        tl.store(ok_ptr, _budgets_ok(budget_ptr, T, stride_b, BLOCK_B))
-        if BLOCK_CNT > 0:
+    if BLOCK_CNT > 0:
+        if (pid == 0) & (pid_t == 0):
             offs_c = tl.arange(0, BLOCK_CNT)
             tl.store(cnt_ptr + offs_c, tl.zeros([BLOCK_CNT], dtype=tl.int32), mask=offs_c < n_cnt)
-    if PDL:
-        tl.extra.cuda.gdc_wait()  # the projection's partials from here on
-    rows = _route_rows(z_ptr, budget_ptr, w2_ptr, b1_ptr, b2_ptr, mask_ptr, pid, pid_t, offs_e,
-                       e_ok, T, E, R, RKS, min_e, max_e, stride_zs, stride_zt, stride_w2e,
-                       stride_b, stride_mt, LOW_RANK, HAS_B1, HAS_B2, HIDDEN_ACT, BLOCK_J,
-                       BLOCK_R, KS_P2, BLOCK_T, BLOCK_E)
-    live_e, n_exp = _live_from_union(tl.max(rows, axis=0), BLOCK_E, LOG2_E)
+    rows, live_e, n_exp = _route_prologue(
+        z_ptr, budget_ptr, w2_ptr, b1_ptr, b2_ptr, ok_ptr, mask_ptr, pid, pid_t, T, E, R, RKS,
+        min_e, max_e, stride_zs, stride_zt, stride_w2e, stride_b, stride_mt, LOW_RANK, HAS_B1,
+        HAS_B2, HIDDEN_ACT, BLOCK_J, BLOCK_R, KS_P2, BLOCK_B, BLOCK_T, BLOCK_E, LOG2_E, PDL)
     _up_work(x_ptr, wg_ptr, wu_ptr, bu_ptr, mask_ptr, rows, out_ptr, hact_ptr, live_e, live_e,
              live_e, tl.cdiv(n_exp * NE, BLOCK_N), live_e, n_exp, pid, n_prog, offs_t, t_ok, D,
              F, NE, up_items, stride_xt, stride_wn, stride_mt, stride_os, stride_og, stride_ot,
