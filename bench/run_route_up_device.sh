@@ -13,7 +13,8 @@
 # STAGE=decode: compiled B=1 Llama-3-8B decode (packed W_down, logit-controlled masks, 0.5 /
 #   0.75): router_route + FFN (fuse_routing off) -> $OUT/dec_split, routing in the up kernel
 #   (fuse_routing on, PRUNEPATH_TRITON_ROUTE_IN_UP=1) -> $OUT/dec_up; with T2 (FFNConfig fields
-#   as JSON for PRUNEPATH_TRITON_FFN_T2) both again with that T <= 2 config -> dec_*_t2.
+#   as JSON for PRUNEPATH_TRITON_FFN_T2) both again with that T <= 2 config -> dec_*_t2; with
+#   B48=<seconds> compiled batch 8 and 4 at 50% (independent / smollm2 masks) -> dec_b48.
 # .whl must hold transformers==5.23.0 (see bench/run_decode_device.sh).
 set -uo pipefail
 T0=$(date +%s); el() { echo $(( $(date +%s) - T0 )); }
@@ -43,10 +44,15 @@ else
     local name=$1 limit=$2; shift 2
     echo "== $name $(el) s"
     env "$@" timeout "$limit" python3 bench/decode.py gpu $DA --deadline $((limit - 30)) \
-      ${EXTRA:-} --out "$OUT/dec_$name" 2>&1 | grep -E "llama|dense|independent|!!" | tail -6
+      ${EXTRA:-} --out "$OUT/dec_$name" 2>&1 | grep -E "llama|dense|independent|smollm|!!" | tail -8
   }
   run split "${D1:-170}" X=0
   EXTRA="--fuse-routing on" run up "${D2:-170}" PRUNEPATH_TRITON_ROUTE_IN_UP=1
+  if [ -n "${B48:-}" ]; then  # compiled batch 8 / 4 at 50%: the decoder times both FFN paths
+    DA="--models llama3-8b --batches 8,4 --sparsities 0.5 --modes compile --compile-batches 8,4"
+    DA+=" --steps lean --variants= --no-profile --repeats 2"
+    run b48 "$B48" X=0
+  fi
   if [ -n "${T2:-}" ]; then
     run split_t2 "${D3:-125}" PRUNEPATH_TRITON_FFN_T2="$T2"
     EXTRA="--fuse-routing on" run up_t2 "${D4:-125}" PRUNEPATH_TRITON_ROUTE_IN_UP=1 \
