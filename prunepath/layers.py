@@ -376,10 +376,13 @@ class RoutedFFN(nn.Module):
         x2 = x.reshape(-1, shape[-1])
         if self.masked_dense:
             w = self.weights()
-            y, mask = ops.masked_dense_ffn(
-                x2, w.w_gate, w.w_up, w.w_down, lambda: self.expert_mask(x2, batch),
-                activation=self.activation, b_up=w.b_up, b_down=w.b_down, stream=self.router_stream)
-            return self._finish(y, mask, shape)
+            done = self._masked_dense_with_routing(x2, batch, w)
+            if done is None:
+                done = ops.masked_dense_ffn(
+                    x2, w.w_gate, w.w_up, w.w_down, lambda: self.expert_mask(x2, batch),
+                    activation=self.activation, b_up=w.b_up, b_down=w.b_down,
+                    stream=self.router_stream)
+            return self._finish(*done, shape)
         if self.fuse_routing and self.policy in ("budget", "topk"):
             done = self._routed_with_routing(x2, batch)
             if done is not None:
@@ -395,6 +398,26 @@ class RoutedFFN(nn.Module):
                                b_up=w.b_up, b_down=w.b_down,
                                backend=self.ffn_backend or self.backend)
         return self._finish(y, mask, shape)
+
+    def _masked_dense_with_routing(self, x2, batch, w):
+        """``(y, mask)`` from one :func:`prunepath.ops.router_masked_dense_ffn` call while
+        ``torch.compile`` traces a GPU step (its routing stays on a side stream beside the up
+        projections; traced, :func:`~prunepath.ops.masked_dense_ffn`'s callable would run
+        inline first), or None: not compiling, not on a GPU, another policy, no fused router
+        or a replaced ``expert_mask``."""
+        if not (torch.compiler.is_compiling() and x2.is_cuda):
+            return None
+        if self.policy not in ("budget", "topk") or "expert_mask" in self.__dict__:
+            return None
+        fused = self.fused_router(x2.dtype)
+        if fused is None:
+            return None
+        w1, b1, w2, b2, act = fused
+        budget, lo, hi = self._route_args(x2.shape[0], batch)
+        return ops.router_masked_dense_ffn(
+            x2, w1, w.w_gate, w.w_up, w.w_down, budget, b_router=b1, w_router_out=w2,
+            b_router_out=b2, hidden_activation=act, min_experts=lo, max_experts=hi,
+            activation=self.activation, b_up=w.b_up, b_down=w.b_down, backend=self.backend)
 
     def _routed_with_routing(self, x2, batch):
         """``(y, mask)`` from one :func:`prunepath.ops.router_routed_ffn` call, or None where

@@ -135,3 +135,67 @@ def test_masked_dense_overlap_captures_in_a_cuda_graph():
         assert torch.equal(mask, want_mask)
         ref = routed_ffn_reference(x.double(), wg.double(), wu.double(), wd.double(), want_mask, "silu")
         assert_close_rel(y.double(), ref, dt)
+
+
+@pytest.mark.parametrize("low_rank", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("t", [1, 5])
+def test_router_masked_dense_ffn_equals_the_two_ops(low_rank, dtype, t):
+    """ops.router_masked_dense_ffn: router_route's mask and masked_dense_ffn with it, bit for
+    bit (the same kernels), budgets 0 / 0.4 / 1 / per token; eager and compiled (fullgraph:
+    one custom op)."""
+    gen = torch.Generator().manual_seed(11 + t)
+    d, e, n, rank = 24, 6, 8, 5
+    f = e * n
+    r = lambda *s, k=1.0: (torch.randn(*s, generator=gen) * k).to(DEV, dtype)  # noqa: E731
+    x, wg, wu, wd = r(t, d), r(f, d, k=d**-0.5), r(f, d, k=d**-0.5), r(d, f, k=f**-0.5)
+    router = (dict(b_router=r(rank), w_router_out=r(e, rank), hidden_activation="gelu")
+              if low_rank else dict(b_router=r(e)))
+    w1 = r(rank if low_rank else e, d, k=d**-0.5 * 3)
+    per_token = torch.rand(t, generator=gen).to(DEV)
+
+    def both(x, budget):
+        return ops.router_masked_dense_ffn(x, w1, wg, wu, wd, budget, **router)
+
+    torch._dynamo.reset()  # each float budget is a constant of its own trace
+    compiled = torch.compile(both, fullgraph=True)
+    for budget in (0.0, 0.4, 1.0, per_token):
+        mask = ops.router_route(x, w1, budget, **router)
+        want, _ = ops.masked_dense_ffn(x, wg, wu, wd, mask)
+        for fn in (both, compiled):
+            y, used = fn(x, budget)
+            assert torch.equal(used, mask)
+            torch.testing.assert_close(y, want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="budget must lie in"):
+        both(x, 1.5)
+    with pytest.raises(ValueError, match="must divide the FFN width"):
+        ops.router_masked_dense_ffn(x, w1, wg[:-1], wu[:-1], wd[:, :-1], 0.5, **router)
+    with pytest.raises(ValueError, match="w_router"):
+        ops.router_masked_dense_ffn(x, w1[:, :3], wg, wu, wd, 0.5, **router)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_compiled_masked_dense_step_routes_on_the_side_stream(monkeypatch):
+    """A compiled (reduce-overhead) step with the routed layers on the masked-dense path runs
+    router_masked_dense_ffn (routing forked onto a side stream inside the captured graph):
+    its greedy tokens equal HF's eager ones, and inductor does not skip CUDA graphs."""
+    import prunepath
+    from prunepath.decode import Decoder
+    from torch._dynamo.utils import counters
+
+    from .test_decode import NEW, hf_greedy, prompts, routed
+
+    model = routed(seed=31, device="cuda")
+    prunepath.set_budget(model, 0.5)
+    ids, _ = prompts(4, 6, seed=32, device="cuda")
+    ref = hf_greedy(model, ids)
+    calls = []
+    real = ops.router_masked_dense_ffn
+    monkeypatch.setattr(ops, "router_masked_dense_ffn",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    counters.clear()
+    dec = Decoder(model, 4, 6 + NEW, mode="compile", ffn_path="dense")
+    assert torch.equal(dec.generate(ids, NEW, eos_token_id=[]), ref)
+    assert calls, "the traced step took router_masked_dense_ffn"
+    assert not counters["inductor"].get("cudagraph_skips")

@@ -26,7 +26,7 @@ from .backends import BACKENDS, BackendUnavailable
 from .bound import (BoundRoutedFFN, BoundRouterRoute, BoundRouterRoutedFFN, bind_routed_ffn,
                     bind_router_route)
 from .decode_linear import linear
-from .masked_dense import masked_act, masked_dense_ffn
+from .masked_dense import masked_act, masked_dense_ffn, router_masked_dense_ffn
 from .packed import PackedFFN, prepack_ffn, routed_ffn_packed
 from .reference import ACTIVATIONS
 from .router_route import router_route
@@ -112,6 +112,7 @@ __all__ = [
     "routed_ffn_packed",
     "PackedFFN",
     "masked_dense_ffn",
+    "router_masked_dense_ffn",
     "masked_act",
     "available_backends",
     "ACTIVATIONS",
