@@ -21,6 +21,7 @@ per-layer expert keep-mask: static structured pruning) and "dense".
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 from torch import nn
@@ -28,6 +29,10 @@ from torch import nn
 from . import ops
 from .families import Family, FFNWeights, ffn_weights, projections
 from .ops.router_route import fold_standardization
+
+# compiled GPU steps on the masked-dense path route on a side stream inside one custom op
+# (ops.router_masked_dense_ffn; RoutedFFN._masked_dense_with_routing); off until timed on a GPU
+ROUTE_STREAM_IN_COMPILE = os.environ.get("PRUNEPATH_ROUTE_STREAM_IN_COMPILE", "0") == "1"
 
 POLICIES = ("budget", "topk", "threshold", "static", "dense")
 
@@ -404,8 +409,9 @@ class RoutedFFN(nn.Module):
         ``torch.compile`` traces a GPU step (its routing stays on a side stream beside the up
         projections; traced, :func:`~prunepath.ops.masked_dense_ffn`'s callable would run
         inline first), or None: not compiling, not on a GPU, another policy, no fused router
-        or a replaced ``expert_mask``."""
-        if not (torch.compiler.is_compiling() and x2.is_cuda):
+        or a replaced ``expert_mask``. Opt-in until timed on a GPU
+        (``PRUNEPATH_ROUTE_STREAM_IN_COMPILE=1``, read at import: :data:`ROUTE_STREAM_IN_COMPILE`)."""
+        if not (ROUTE_STREAM_IN_COMPILE and torch.compiler.is_compiling() and x2.is_cuda):
             return None
         if self.policy not in ("budget", "topk") or "expert_mask" in self.__dict__:
             return None

@@ -177,8 +177,8 @@ def test_router_masked_dense_ffn_equals_the_two_ops(low_rank, dtype, t):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_compiled_masked_dense_step_routes_on_the_side_stream(monkeypatch):
-    """A compiled (reduce-overhead) step with the routed layers on the masked-dense path runs
-    router_masked_dense_ffn (routing forked onto a side stream inside the captured graph):
+    """With PRUNEPATH_ROUTE_STREAM_IN_COMPILE on, a compiled (reduce-overhead) step with the
+    routed layers on the masked-dense path runs router_masked_dense_ffn (routing forked onto a side stream inside the captured graph):
     its greedy tokens equal HF's eager ones, and inductor does not skip CUDA graphs."""
     import prunepath
     from prunepath.decode import Decoder
@@ -190,6 +190,9 @@ def test_compiled_masked_dense_step_routes_on_the_side_stream(monkeypatch):
     prunepath.set_budget(model, 0.5)
     ids, _ = prompts(4, 6, seed=32, device="cuda")
     ref = hf_greedy(model, ids)
+    from prunepath import layers
+
+    monkeypatch.setattr(layers, "ROUTE_STREAM_IN_COMPILE", True)
     calls = []
     real = ops.router_masked_dense_ffn
     monkeypatch.setattr(ops, "router_masked_dense_ffn",

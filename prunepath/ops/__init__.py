@@ -12,6 +12,8 @@ a W_down^T, :func:`checks.is_packed_down`, is read that way by :func:`routed_ffn
 :func:`linear` (a decode step's matrix-vector products; C++ kernel on the CPU),
 :func:`masked_dense_ffn` (the same result as :func:`routed_ffn` at dense cost, the routing
 overlapped with the up projections on a side CUDA stream: for near-dense unions),
+:func:`router_masked_dense_ffn` (that with :func:`router_route`'s mask as one custom op, so a
+compiled step keeps the overlap),
 :func:`bind_routed_ffn` / :func:`bind_router_route` (the same ops bound to one layer's weights:
 checks and backend choice once, for decode loops; see :mod:`prunepath.ops.bound`).
 ``backend="auto"`` measures the GPU backends once per shape (:mod:`prunepath.ops.autotune`).

@@ -19,6 +19,10 @@ The middle step, :func:`masked_act` (``act(g) * u`` with inactive neurons zeroed
 Triton kernel on a GPU (:mod:`prunepath.triton_kernels.masked_act`): the same number of
 kernels as the dense FFN's activation and product, so the mask itself costs nothing.
 :func:`masked_act_reference` defines its semantics.
+
+:func:`router_masked_dense_ffn` is the same with :func:`prunepath.ops.router_route`'s mask, as
+one custom op: ``torch.compile`` traces a callable mask inline (no side stream), but not into
+a custom op, so a compiled step that calls this keeps the overlap in the graph it captures.
 """
 
 from __future__ import annotations

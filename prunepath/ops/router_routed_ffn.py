@@ -9,9 +9,11 @@ between them:
 * ``backend="triton"``: the two Triton ops; at most 2 tokens with the one-launch FFN selected
   (``PRUNEPATH_TRITON_FFN_T2='{"fused": true, ...}'``, a tuning switch), one fused kernel
   (after the router projection) routes in every program's prologue and runs that FFN
-  (:func:`prunepath.triton_kernels.router_routed_ffn`): no route kernel, no mask round trip.
-  Not the default: on an H200 the one-launch FFN is slower than the two-phase kernels, more
-  than the routing it absorbs saves (BENCHMARKS.md, session 18).
+  (:func:`prunepath.triton_kernels.router_routed_ffn`): no route kernel, no mask round trip;
+  with ``PRUNEPATH_TRITON_ROUTE_IN_UP=1`` (and a packed W_down) the two-phase FFN's up
+  kernel routes so instead. Neither is the default: on an H200 the one-launch FFN is slower
+  than the two-phase kernels, more than the routing it absorbs saves, and routing in the up
+  kernel gains nothing measurable (BENCHMARKS.md, sessions 18 and 19).
 * ``backend="cpu"``: one call into the extension (``torch.ops.prunepath.router_routed_ffn``,
   the two C++ kernels back to back): one dispatch instead of two.
 * other backends: the two ops.

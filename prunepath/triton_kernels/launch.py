@@ -528,7 +528,10 @@ def route_in_ffn() -> bool:
     default) the router_route and routed_ffn kernels run: on an H200 (session 18, Llama-3-8B
     FFN, E = 64, T = 1) the best one-launch variant took 60.7 / 45.6 us at 0.5 / 0.75
     sparsity against 50.7 / 32.8 for the two-phase default, routing inside it saved 0.5-5 us,
-    and compiled batch-1 decode read 1.23x / 1.38x dense with it against 1.31x / 1.55x."""
+    and compiled batch-1 decode read 1.23x / 1.38x dense with it against 1.31x / 1.55x.
+    Routing in the two-phase up kernel (session 19, same shape): 28.8 / 46.0 us against
+    28.6 / 45.7 for router_route + FFN at T = 1 (40.0 / 57.0 against 32.5 / 52.6 at T = 2),
+    compiled batch-1 decode 1.31x / 1.55x against 1.30x / 1.54x: no gain, so opt-in."""
     override = os.environ.get("PRUNEPATH_TRITON_FFN_T2")
     fused = bool(override) and bool(json.loads(override).get("fused", False))
     return fused or os.environ.get("PRUNEPATH_TRITON_ROUTE_IN_UP", "0") == "1"

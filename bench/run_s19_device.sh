@@ -3,8 +3,8 @@
 # (PRUNEPATH_TRITON_ROUTE_IN_UP=1, launch.router_routed_ffn with a two-phase config) and
 # down phases without F-splits (FFNConfig.s = 1: no fp32 partials, no fold).
 #
-#   run(command="STAGE=ops bash bench/run_route_up_device.sh", carry=[".whl"], timeout_s=600)
-#   run(command="STAGE=decode T2='<fields>' bash bench/run_route_up_device.sh", carry=[".whl"])
+#   run(command="STAGE=ops bash bench/run_s19_device.sh", carry=[".whl"], timeout_s=600)
+#   run(command="STAGE=decode T2='<fields>' bash bench/run_s19_device.sh", carry=[".whl"])
 #
 # STAGE=ops: GPU tests of the routing-in-the-FFN paths (kernels, op, decoder), then the T=1
 #   sweep (Llama-3-8B FFN 4096 x 14336, E=64, packed W_down^T; 0.5 / 0.75 / 0 sparsity) of the
@@ -15,6 +15,9 @@
 #   (fuse_routing on, PRUNEPATH_TRITON_ROUTE_IN_UP=1) -> $OUT/dec_up; with T2 (FFNConfig fields
 #   as JSON for PRUNEPATH_TRITON_FFN_T2) both again with that T <= 2 config -> dec_*_t2; with
 #   B48=<seconds> compiled batch 8 and 4 at 50% (independent / smollm2 masks) -> dec_b48.
+# STAGE=stream (not yet run): the GPU tests of ops.router_masked_dense_ffn and of a compiled
+#   masked-dense decode step that routes on a side stream inside it, then compiled B=8 / 4 at
+#   50% with PRUNEPATH_ROUTE_STREAM_IN_COMPILE off (-> dec_stream_off) and on (-> dec_stream_on).
 # .whl must hold transformers==5.23.0 (see bench/run_decode_device.sh).
 set -uo pipefail
 T0=$(date +%s); el() { echo $(( $(date +%s) - T0 )); }
@@ -23,7 +26,18 @@ python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .
 export PYTHONPATH=/tmp/site:$PWD PRUNEPATH_REQUIRE_GPU_BACKENDS=triton PRUNEPATH_CACHE_DIR=/tmp/ppc \
   PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader
-if [ "${STAGE:-ops}" = "ops" ]; then
+if [ "${STAGE:-ops}" = "stream" ]; then
+  echo "== tests $(el) s"
+  timeout "${TT:-120}" python3 -m pytest -q -n 4 -m gpu -p no:cacheprovider tests/test_masked_dense.py \
+    2>&1 | tail -3
+  for on in 0 1; do
+    echo "== stream $on $(el) s"
+    PRUNEPATH_ROUTE_STREAM_IN_COMPILE=$on timeout "${D1:-200}" python3 bench/decode.py gpu \
+      --models llama3-8b --batches 8,4 --sparsities 0.5 --modes compile --compile-batches 8,4 \
+      --steps lean --variants= --no-profile --repeats 2 --deadline $(( ${D1:-200} - 40 )) \
+      --out "$OUT/dec_stream_$on" 2>&1 | grep -E "llama|!!|Error" | tail -8
+  done
+elif [ "${STAGE:-ops}" = "ops" ]; then
   echo "== tests $(el) s"
   timeout "${TT:-200}" python3 -m pytest -q -n 8 -p no:cacheprovider tests/test_triton.py \
     tests/test_router_routed_ffn.py tests/test_decode.py \
