@@ -35,6 +35,8 @@ import torch.nn.functional as F
 
 from . import backends, checks
 from .reference import activate, neuron_mask
+from .router_route import run as route
+from .router_routed_ffn import check_router_and_ffn
 
 
 def masked_act_reference(g, u, mask, activation: str = "silu") -> torch.Tensor:
@@ -149,15 +151,9 @@ def router_masked_dense_ffn(
     ``torch.compile`` does not trace into: a compiled step keeps that overlap in the CUDA graph
     it captures, where :func:`masked_dense_ffn`'s callable would run inline before the up
     projections."""
-    from .router_route import _check
-
-    _check(x, w_router, b_router, w_router_out, b_router_out, hidden_activation)
-    e = w_router.shape[0] if w_router_out is None else w_router_out.shape[0]
-    lo, hi = checks.expert_count_bounds(min_experts, max_experts, e)
-    checks.check_ffn_weights(w_gate, w_up, w_down, activation, b_up, b_down, d=x.shape[1],
-                             dtype=x.dtype, device=x.device, dtype_of="x")
-    if w_up.shape[0] % e:
-        raise ValueError(f"the router's E={e} experts must divide the FFN width F={w_up.shape[0]}")
+    e, lo, hi = check_router_and_ffn(x, (w_router, b_router, w_router_out, b_router_out),
+                                     hidden_activation, min_experts, max_experts,
+                                     (w_gate, w_up, w_down, b_up, b_down), activation)
     name = backends.resolve(backend, x.device, "router_route", (x.dtype, x.shape[1], e))
     b = checks.budget_tensor(budget, x.shape[0], x.device)
     return _router_masked_dense_op(x, w_router, b_router, w_router_out, b_router_out,
@@ -179,8 +175,6 @@ def _router_masked_dense_op(
     w_gate: Optional[torch.Tensor], w_up: torch.Tensor, w_down: torch.Tensor, activation: str,
     b_up: Optional[torch.Tensor], b_down: Optional[torch.Tensor], route_backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    from .router_route import run as route
-
     def mask():
         return route(route_backend, x, w1, b1, w2, b2, hidden_activation, budget, lo, hi)
 
