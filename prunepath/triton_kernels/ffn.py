@@ -282,11 +282,7 @@ def _ffn_up_kernel(
         # let the down kernel start (its launch, live list) on SMs this grid leaves
         # free; it waits for this grid to finish before it reads h
         tl.extra.cuda.gdc_launch_dependents()
-    if BLOCK_CNT > 0:
-        # zero the down phase's per-slab arrival counters (it uses them after this grid ends)
-        if (pid == 0) & (pid_t == 0):
-            offs_c = tl.arange(0, BLOCK_CNT)
-            tl.store(cnt_ptr + offs_c, tl.zeros([BLOCK_CNT], dtype=tl.int32), mask=offs_c < n_cnt)
+    _zero_counters(cnt_ptr, n_cnt, pid, pid_t, BLOCK_CNT)
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     t_ok = offs_t < T
     if COMPACT:
@@ -304,6 +300,16 @@ def _ffn_up_kernel(
              stride_xt, stride_wn, stride_mt, stride_os, stride_og, stride_ot, stride_at,
              GATED, HAS_BU, ACT, KS, IEEE, UPCAST, TWO_EXPERTS, COMPACT, False,
              BLOCK_T, BLOCK_N, BLOCK_K)
+
+
+@triton.jit
+def _zero_counters(cnt_ptr, n_cnt, pid, pid_t, BLOCK_CNT: tl.constexpr):
+    """Program (0, 0) of an up kernel zeroes the down phase's ``n_cnt`` per-slab arrival
+    counters (the down kernel uses them after the up grid ends); BLOCK_CNT 0: none."""
+    if BLOCK_CNT > 0:
+        if (pid == 0) & (pid_t == 0):
+            offs_c = tl.arange(0, BLOCK_CNT)
+            tl.store(cnt_ptr + offs_c, tl.zeros([BLOCK_CNT], dtype=tl.int32), mask=offs_c < n_cnt)
 
 
 @triton.jit

@@ -22,7 +22,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .ffn import _fused_tiles, _live_from_union, _up_work
+from .ffn import _fused_tiles, _live_from_union, _up_work, _zero_counters
 from .route import _budgets_ok, _low_rank_logits, _route_logits
 
 
@@ -144,10 +144,7 @@ def _route_up_kernel(
         tl.extra.cuda.gdc_launch_dependents()  # the down kernel waits for this grid
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     t_ok = offs_t < T
-    if BLOCK_CNT > 0:
-        if (pid == 0) & (pid_t == 0):
-            offs_c = tl.arange(0, BLOCK_CNT)
-            tl.store(cnt_ptr + offs_c, tl.zeros([BLOCK_CNT], dtype=tl.int32), mask=offs_c < n_cnt)
+    _zero_counters(cnt_ptr, n_cnt, pid, pid_t, BLOCK_CNT)
     rows, live_e, n_exp = _route_prologue(
         z_ptr, budget_ptr, w2_ptr, b1_ptr, b2_ptr, ok_ptr, mask_ptr, pid, pid_t, T, E, R, RKS,
         min_e, max_e, stride_zs, stride_zt, stride_w2e, stride_b, stride_mt, LOW_RANK, HAS_B1,
