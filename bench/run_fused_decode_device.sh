@@ -16,23 +16,12 @@
 # each with its own dense row (same process). Limits: D1, D2, D3 seconds (175 each).
 # .whl must hold transformers==5.23.0 (see bench/run_decode_device.sh).
 set -uo pipefail
-T0=$(date +%s); el() { echo $(( $(date +%s) - T0 )); }
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+. bench/device_env.sh
 BEST=${BEST:-'{"fused": true, "up_block_n": 16, "up_programs": 0}'}
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PRUNEPATH_REQUIRE_GPU_BACKENDS=triton PRUNEPATH_CACHE_DIR=/tmp/ppc \
-  PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader
 echo "best fused: $BEST"
 DA="--models llama3-8b --batches 1 --sparsities 0.5,0.75 --modes compile --compile-batches 1"
 DA+=" --steps lean --variants= --no-profile --repeats 2 --packed-down --mask-source logits"
-run() {  # name, limit, env assignments..., -- extra args
-  local name=$1 limit=$2; shift 2
-  echo "== $name $(el) s"
-  env "$@" timeout "$limit" python3 bench/decode.py gpu $DA --deadline $((limit - 30)) \
-    ${EXTRA:-} --out "$OUT/dec_$name" 2>&1 | grep -E "llama|dense|independent|!!" | tail -6
-}
-run split "${D1:-175}" X=0
-run fused "${D2:-175}" PRUNEPATH_TRITON_FFN_T2="$BEST"
-EXTRA="--fuse-routing on" run fusedroute "${D3:-175}" PRUNEPATH_TRITON_FFN_T2="$BEST"
+run_decode split "${D1:-175}" X=0
+run_decode fused "${D2:-175}" PRUNEPATH_TRITON_FFN_T2="$BEST"
+EXTRA="--fuse-routing on" run_decode fusedroute "${D3:-175}" PRUNEPATH_TRITON_FFN_T2="$BEST"
 echo "== end $(el) s"

@@ -15,12 +15,7 @@
 # Time limits per stage: TT (tests, 120 s), ST (sweep, 230), RT (routing, 60).
 # .whl must hold transformers==5.23.0 (see bench/run_decode_device.sh).
 set -uo pipefail
-T0=$(date +%s); el() { echo $(( $(date +%s) - T0 )); }
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PRUNEPATH_REQUIRE_GPU_BACKENDS=triton PRUNEPATH_CACHE_DIR=/tmp/ppc \
-  PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader
+. bench/device_env.sh
 python3 -c "import torch, triton; print(torch.__version__, triton.__version__)"
 echo "== tests $(el) s"
 timeout "${TT:-120}" python3 -m pytest -q -x -n 8 tests/test_triton.py \

@@ -20,22 +20,15 @@
 #   50% with PRUNEPATH_ROUTE_STREAM_IN_COMPILE off (-> dec_stream_off) and on (-> dec_stream_on).
 # .whl must hold transformers==5.23.0 (see bench/run_decode_device.sh).
 set -uo pipefail
-T0=$(date +%s); el() { echo $(( $(date +%s) - T0 )); }
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PRUNEPATH_REQUIRE_GPU_BACKENDS=triton PRUNEPATH_CACHE_DIR=/tmp/ppc \
-  PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader
+. bench/device_env.sh
 if [ "${STAGE:-ops}" = "stream" ]; then
   echo "== tests $(el) s"
   timeout "${TT:-120}" python3 -m pytest -q -n 4 -m gpu -p no:cacheprovider tests/test_masked_dense.py \
     2>&1 | tail -3
+  DA="--models llama3-8b --batches 8,4 --sparsities 0.5 --modes compile --compile-batches 8,4"
+  DA+=" --steps lean --variants= --no-profile --repeats 2"
   for on in 0 1; do
-    echo "== stream $on $(el) s"
-    PRUNEPATH_ROUTE_STREAM_IN_COMPILE=$on timeout "${D1:-200}" python3 bench/decode.py gpu \
-      --models llama3-8b --batches 8,4 --sparsities 0.5 --modes compile --compile-batches 8,4 \
-      --steps lean --variants= --no-profile --repeats 2 --deadline $(( ${D1:-200} - 40 )) \
-      --out "$OUT/dec_stream_$on" 2>&1 | grep -E "llama|!!|Error" | tail -8
+    run_decode "stream_$on" "${D1:-200}" PRUNEPATH_ROUTE_STREAM_IN_COMPILE=$on
   done
 elif [ "${STAGE:-ops}" = "ops" ]; then
   echo "== tests $(el) s"
@@ -54,22 +47,16 @@ elif [ "${STAGE:-ops}" = "ops" ]; then
 else
   DA="--models llama3-8b --batches 1 --sparsities 0.5,0.75 --modes compile --compile-batches 1"
   DA+=" --steps lean --variants= --no-profile --repeats 2 --packed-down --mask-source logits"
-  run() {  # name, limit, env assignments..., -- extra args
-    local name=$1 limit=$2; shift 2
-    echo "== $name $(el) s"
-    env "$@" timeout "$limit" python3 bench/decode.py gpu $DA --deadline $((limit - 30)) \
-      ${EXTRA:-} --out "$OUT/dec_$name" 2>&1 | grep -E "llama|dense|independent|smollm|!!" | tail -8
-  }
-  run split "${D1:-170}" X=0
-  EXTRA="--fuse-routing on" run up "${D2:-170}" PRUNEPATH_TRITON_ROUTE_IN_UP=1
+  run_decode split "${D1:-170}" X=0
+  EXTRA="--fuse-routing on" run_decode up "${D2:-170}" PRUNEPATH_TRITON_ROUTE_IN_UP=1
   if [ -n "${B48:-}" ]; then  # compiled batch 8 / 4 at 50%: the decoder times both FFN paths
     DA="--models llama3-8b --batches 8,4 --sparsities 0.5 --modes compile --compile-batches 8,4"
     DA+=" --steps lean --variants= --no-profile --repeats 2"
-    run b48 "$B48" X=0
+    run_decode b48 "$B48" X=0
   fi
   if [ -n "${T2:-}" ]; then
-    run split_t2 "${D3:-125}" PRUNEPATH_TRITON_FFN_T2="$T2"
-    EXTRA="--fuse-routing on" run up_t2 "${D4:-125}" PRUNEPATH_TRITON_ROUTE_IN_UP=1 \
+    run_decode split_t2 "${D3:-125}" PRUNEPATH_TRITON_FFN_T2="$T2"
+    EXTRA="--fuse-routing on" run_decode up_t2 "${D4:-125}" PRUNEPATH_TRITON_ROUTE_IN_UP=1 \
       PRUNEPATH_TRITON_FFN_T2="$T2"
   fi
 fi
