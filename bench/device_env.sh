@@ -1,4 +1,4 @@
-# Sourced by the bench/run_*_device.sh scripts of sessions 18-19 (not run by itself): the
+# Sourced by bench/run_s20_device.sh (not run by itself): the
 # device machine's setup -- transformers 5.23.0 from .whl into /tmp/site, the environment for
 # the Triton backend, $OUT, an elapsed-seconds helper -- and run_decode, one bench/decode.py
 # gpu run under a time limit.

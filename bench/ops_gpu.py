@@ -189,85 +189,6 @@ def bench_route(d, e, t, dtype, backends, gen, rank=64):
     return out
 
 
-def bench_route_ffn(copies, d, f, e, t, dtype, gen, budgets=(0.5, 0.8), rank=64):
-    """Graph time of routing + routed FFN at ``t`` tokens with a low-rank GELU router (packed
-    W_down^T, weight copies rotated): ``router_route`` + the two-phase ``routed_ffn`` (today's
-    decode path), ``router_route`` + the fused ``routed_ffn``, and ``router_routed_ffn``
-    (routing in the fused kernel's prologue, or in the two-phase up kernel's). The router is random, so each budget's union of
-    experts is measured and reported."""
-    from prunepath.triton_kernels import launch
-
-    x = torch.randn(t, d, device="cuda", generator=gen).to(dtype)
-    w1 = (torch.randn(rank, d, device="cuda", generator=gen) / d**0.5).to(dtype)
-    b1 = torch.randn(rank, device="cuda", generator=gen) * 0.1
-    w2 = torch.randn(e, rank, device="cuda", generator=gen) * 2 / rank**0.5
-    b2 = torch.randn(e, device="cuda", generator=gen) * 0.1
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    fused = launch.fused_config(t, d, f, sms, False)
-    env = os.environ.get("PRUNEPATH_TRITON_FFN_T2")  # the tuned fused fields, if given
-    if env:
-        fused = dataclasses.replace(fused, **json.loads(env))
-    out = []
-    for b in budgets:
-        budget = torch.full((t,), b, device="cuda")
-        rr = dict(b1=b1, w2=w2, b2=b2, hidden_activation="gelu", budget=budget, min_experts=1,
-                  max_experts=e)
-        mask, _ = launch.router_route(x, w1, **rr)
-        row = {"budget": b, "union": float(mask.any(0).float().mean()), "fused_cfg":
-               dataclasses.asdict(fused)}
-
-        def two(i, cfg=None):
-            c = copies[i]
-            m, _ = launch.router_route(x, w1, **rr)
-            return launch.routed_ffn(x, c["wg"], c["wu"], c["wdt"], m, "silu", None, None,
-                                     config=cfg)
-
-        def one(i, cfg=fused):
-            c = copies[i]
-            return launch.router_routed_ffn(x, w1, b1, w2, b2, "gelu", budget, 1, e, c["wg"],
-                                            c["wu"], c["wdt"], "silu", None, None, config=cfg)
-        two_phase = launch.default_config(t, d, f, sms, False, f // e)
-        for name, fn in (("route+ffn", two), ("route+ffn_fused", lambda i: two(i, fused)),
-                         ("route_ffn_one_kernel", one),
-                         # the two-phase kernels, the routing in the up kernel's prologue
-                         ("route_in_up", lambda i: one(i, two_phase))):
-            try:
-                row[name] = time_graph(fn, len(copies), batches=5)
-            except Exception as err:
-                row[name] = repr(err)[:200]
-        out.append(row)
-    return out
-
-
-# the one-launch FFN's sweep (FFNConfig.fused): a base, and variants changing a few fields
-FUSED_BASE = {"fused": True, "up_block_n": 16, "up_block_k": 256, "down_block_d": 128,
-              "num_stages": 3, "num_warps": 4}
-_SUMS_N8 = {"block_t": 2, "up_block_n": 8, "up_block_k": 512, "down_block_d": 256}
-
-
-def fused_variants(sms: int) -> dict:
-    """Sweep name -> FFNConfig fields changed from FUSED_BASE with 2 programs per SM (``sms``:
-    the GPU's SM count). ``sums_*``: 1-2 token rows, products and sums, tiles under 16 neurons."""
-    return {
-        "fused": {}, "fused_n32": {"up_block_n": 32},
-        "fused_p1": {"up_programs": sms}, "fused_p3": {"up_programs": 3 * sms},
-        "fused_p4": {"up_programs": 4 * sms}, "fused_k128": {"up_block_k": 128},
-        "fused_k512": {"up_block_k": 512}, "fused_d64": {"down_block_d": 64},
-        "fused_d256": {"down_block_d": 256}, "fused_st2": {"num_stages": 2},
-        "fused_st4": {"num_stages": 4}, "fused_w8": {"num_warps": 8},
-        "fused_w8_p1": {"num_warps": 8, "up_programs": sms},
-        "fused_n32_p1": {"up_block_n": 32, "up_programs": sms},
-        "fused_nopdl": {"pdl": False},
-        "fused_sums_n8": _SUMS_N8, "fused_sums_n8_t1": {**_SUMS_N8, "block_t": 1},
-        "fused_sums_n16": {"block_t": 2, "up_block_n": 16, "up_block_k": 256,
-                           "down_block_d": 256},
-        "fused_sums_n4": {"block_t": 2, "up_block_n": 4, "up_block_k": 1024,
-                          "down_block_d": 512},
-        "fused_sums_n8_p4": {**_SUMS_N8, "up_programs": 4 * sms},
-        "fused_sums_n8_w8": {**_SUMS_N8, "num_warps": 8},
-    }
-
-
 def sweep_triton(copies, d, f, e, t, sparsity, dtype, gen, packed=True, only=None):
     """Graph time of Triton block configs for one case (a tuning aid for launch.default_config):
     variants of the default, one field changed at a time (``only``: these names)."""
@@ -327,9 +248,6 @@ def sweep_triton(copies, d, f, e, t, sparsity, dtype, gen, packed=True, only=Non
                      ("s2_d32_n128", {"s": 2, "down_block_d": 32, "down_block_n": 128}),
                      ("s2_d64_n128", {"s": 2, "down_block_d": 64, "down_block_n": 128}),
                      ("s4_d64", {"s": 4, "down_block_d": 64})]
-    if t <= 2:  # one launch for both phases (FFNConfig.fused) and its knobs
-        for name, change in fused_variants(sms).items():
-            variants.append((name, {**FUSED_BASE, "up_programs": 2 * sms, **change}))
     if t > 16:
         variants.append(("stages=4", {"num_stages": 4}))
         variants.append(("up_n=32", {"up_block_n": 32}))
@@ -471,9 +389,6 @@ def main(argv=None):
                     help="comma list of sweep variant names (default: all)")
     ap.add_argument("--sweep-layouts", default="packed",
                     help="W_down layouts of --sweep: packed, linear or both (comma list)")
-    ap.add_argument("--route-ffn", action="store_true",
-                    help="also time routing + routed FFN as two ops vs routing in the fused "
-                    "kernel (launch.router_routed_ffn), every shape, E and --tokens")
     ap.add_argument("--sweep-only", action="store_true",
                     help="with --sweep: skip the table rows and routing timings")
     args = ap.parse_args(argv)
@@ -508,11 +423,11 @@ def main(argv=None):
     except ImportError:
         pass
     print(json.dumps(meta))
-    rows, routes, sweeps, profiles, route_ffns = [], [], [], [], []
+    rows, routes, sweeps, profiles = [], [], [], []
 
     def save():
         result = {"meta": meta, "rows": rows, "route": routes, "sweep": sweeps,
-                  "profile": profiles, "route_ffn": route_ffns}
+                  "profile": profiles}
         tmp = args.json + ".tmp"
         with open(tmp, "w") as fh:
             json.dump(result, fh, indent=1)
@@ -558,13 +473,6 @@ def main(argv=None):
                             f"{x['name']}={1e3 * x['ms']:.1f}" if isinstance(x["ms"], float)
                             else f"{x['name']}=ERR" for x in sw)
                             + f" | best {b['name'] if b else None}", flush=True)
-                for t in (tokens if args.route_ffn else []):
-                    for rf in bench_route_ffn(copies, d, f, e, t, dtype, gen):
-                        rf.update({"d": d, "F": f, "E": e, "T": t, "dtype": dname})
-                        route_ffns.append(rf)
-                        print(json.dumps({k: v for k, v in rf.items() if k != "fused_cfg"}),
-                              flush=True)
-                    save()
                 if args.profile:
                     rp = profile_router(d, e, dtype, gen)
                     profiles.append({"d": d, "E": e, "T": 1, "router_route_lowrank_kernels_us": rp})

@@ -7,8 +7,7 @@ load/matrix instructions in the SASS: weight tiles should use 16-byte loads
 16-token tiles use ``HMMA``, 64-token tiles ``HGMMA`` (wgmma). Uses Triton's bundled
 ``ptxas``/``cuobjdump``; relies on Triton's compiler API (tested with Triton 3.9).
 
-    python bench/triton_sass_check.py            # everything
-    python bench/triton_sass_check.py --fused    # only the one-launch FFN's variants (session 17)
+    python bench/triton_sass_check.py
 
 It also reports the route kernel's registers and spills for E = 64 .. 896 (the sorting tail
 above 128 experts, session 10), and checks the compacted small-expert FFN (E = 448 and 896
@@ -114,94 +113,6 @@ def ffn_kernels(t, d, f, e, dtype="bf16", packed=True):
     return cfg, ks, s, up, down
 
 
-def fused_kernel(t, d, f, e, change, dtype="bf16"):
-    """The one-launch FFN kernel (``FFNConfig(fused=True)``) as ``launch._routed_ffn_fused``
-    launches it with a packed W_down^T: the T <= 2 default config with ``change`` applied."""
-    import dataclasses
-
-    ne = f // e
-    cfg = dataclasses.replace(launch.default_config(t, d, f, 132, False, ne),
-                              **{"fused": True, **change})
-    list_t, block_e, _ = launch._list_blocks(t, e, f, cfg.up_block_n)
-    sig = dict(x_ptr=f"*{dtype}", wg_ptr=f"*{dtype}", wu_ptr=f"*{dtype}", bu_ptr=f"*{dtype}",
-               wd_ptr=f"*{dtype}", mask_ptr="*u8", part_ptr="*fp32",
-               T="i32", D="i32", NE="i32", E="i32", stride_xt="i32", stride_wn="i32",
-               stride_dn="i32", stride_dd="i32", stride_mt="i32", stride_pp="i32",
-               stride_pt="i32")
-    consts = dict(GATED=True, HAS_BU=False, ACT=0, IEEE=dtype == "fp32", UPCAST=False,
-                  BLOCK_T=cfg.block_t, BLOCK_N=cfg.up_block_n, BLOCK_K=cfg.up_block_k,
-                  BLOCK_D=cfg.down_block_d, LIST_T=list_t, BLOCK_E=block_e,
-                  LOG2_E=block_e.bit_length() - 1, PDL=True, stride_dd=1)
-    return cfg, compile_for_sm90(
-        ffn._ffn_fused_kernel, sig, consts,
-        div16=("x_ptr", "wg_ptr", "wu_ptr", "wd_ptr", "part_ptr", "mask_ptr", "D",
-               "stride_xt", "stride_wn", "stride_dn", "stride_pp", "stride_pt"),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-
-
-def check_fused():
-    """Registers, spills, shared memory and load widths of the fused variants (4096 x 14336,
-    E = 64, T = 1, bf16)."""
-    import dataclasses
-
-    print(f"{'fused variant (4096x14336 E=64 T=1)':36} {'reg':>4} {'local':>5} {'smem':>6} "
-          + " ".join(f"{k:>19}" for k in COUNT))
-    bad = 0
-    from ops_gpu import FUSED_BASE, fused_variants  # bench/ is this script's directory
-
-    for name, change in fused_variants(132).items():
-        if set(change) <= {"up_programs", "pdl"}:
-            continue  # the grid and the launch, not the compiled kernel: same as "fused"
-        try:
-            _, ck = fused_kernel(1, 4096, 14336, 64, {**FUSED_BASE, **change})
-        except Exception as err:  # a variant that does not compile is a finding, not a crash
-            print(f"{name:36} does not compile: {str(err).splitlines()[0][:120]}")
-            bad += 1
-            continue
-        r = inspect(ck)
-        wide = r["LDGSTS.E.BYPASS.128"] + r["LDG.E.128"] + r["LDG.E.64"]
-        flag = "" if r["local"] == 0 and wide else "  <-- check"
-        bad += bool(flag)
-        print(f"{name:36} {r['reg']:>4} {r['local']:>5} {r['smem_dyn']:>6} "
-              + " ".join(f"{r[k]:>19}" for k in COUNT) + flag)
-    # routing in the fused kernel's prologue (launch.router_routed_ffn), rank-64 GELU router
-    route_ffn = importlib.import_module("prunepath.triton_kernels.route_ffn")
-    base = dataclasses.replace(launch.default_config(1, 4096, 14336, 132, False), **FUSED_BASE)
-    sig = {n: "i32" for n in route_ffn._route_ffn_fused_kernel.arg_names}
-    sig.update({n: "*fp32" for n in ("z_ptr", "budget_ptr", "w2_ptr", "b1_ptr", "b2_ptr",
-                                     "part_ptr")})
-    sig.update({n: "*bf16" for n in ("x_ptr", "wg_ptr", "wu_ptr", "bu_ptr", "wd_ptr")})
-    sig.update({"ok_ptr": "*i1", "mask_ptr": "*u8"})
-    consts = dict(KS=32, LOW_RANK=True, HAS_B1=True, HAS_B2=True, HIDDEN_ACT=1, BLOCK_J=64,
-                  BLOCK_R=64, KS_P2=32, BLOCK_B=64, GATED=True, HAS_BU=False, ACT=0,
-                  IEEE=False, UPCAST=False, BLOCK_T=base.block_t, BLOCK_N=base.up_block_n,
-                  BLOCK_K=base.up_block_k, BLOCK_D=base.down_block_d, BLOCK_E=64, LOG2_E=6,
-                  PDL=True, stride_dd=1)
-    for label, extra in (("route+fused (E=64, rank 64)", {}),
-                         ("route+fused, sums n8 (E=64, rank 64)",
-                          dict(BLOCK_T=2, BLOCK_N=8, BLOCK_K=512, BLOCK_D=256))):
-        r = inspect(compile_for_sm90(
-            route_ffn._route_ffn_fused_kernel, sig, {**consts, **extra},
-            div16=("x_ptr", "wg_ptr", "wu_ptr", "wd_ptr", "part_ptr", "z_ptr", "D", "stride_xt",
-                   "stride_wn", "stride_dn", "stride_pp", "stride_pt", "stride_zs"),
-            num_warps=base.num_warps, num_stages=base.num_stages))
-        flag = "" if r["local"] == 0 else "  <-- check"
-        bad += bool(flag)
-        print(f"{label:36} {r['reg']:>4} {r['local']:>5} {r['smem_dyn']:>6} "
-              + " ".join(f"{r[k]:>19}" for k in COUNT) + flag)
-    # its reduce as launched for d = 4096, T = 1, 264 partials: 16-column slabs, 256 rows a tile
-    sig = dict(part_ptr="*fp32", bd_ptr="*bf16", out_ptr="*bf16", D="i32", P="i32",
-               stride_pp="i32", stride_pt="i32", stride_ot="i32")
-    r = inspect(compile_for_sm90(ffn._ffn_partials_reduce_kernel, sig,
-                                 dict(HAS_BD=False, BLOCK_P=256, BLOCK_D=16, PDL=True),
-                                 div16=("part_ptr", "out_ptr", "D", "stride_pp", "stride_pt")))
-    flag = "" if r["local"] == 0 else "  <-- check"
-    bad += bool(flag)
-    print(f"{'partials reduce (P=264, 16 columns)':36} {r['reg']:>4} {r['local']:>5} "
-          f"{r['smem_dyn']:>6} " + " ".join(f"{r[k]:>19}" for k in COUNT) + flag)
-    return bad
-
-
 def route_kernel(e, low_rank, rank=64, ks=2):
     """The route kernel as ``launch.route`` (logits) or ``launch.router_route`` with a
     low-rank router (``ks`` projection partials) would launch it for ``e`` experts."""
@@ -233,12 +144,7 @@ def router_out_kernel(rank=64, ks=2):
 
 
 def main():
-    import sys
-
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    if "--fused" in sys.argv[1:]:  # only the one-launch FFN's variants
-        print(f"\n{check_fused()} kernels flagged")
-        return
     print(f"{'route kernel':44} {'reg':>4} {'stack':>5} {'local':>5}")
     for e in (64, 128, 448, 896):
         for low in (False, True):

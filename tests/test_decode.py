@@ -450,19 +450,17 @@ def test_cuda_graph_greedy_matches_hf_eager(budget, ffn_path, step):
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("batch", [1, 2, 3])  # 1-2 tokens: routing inside the FFN kernel
+@pytest.mark.parametrize("batch", [1, 2, 3])
 @pytest.mark.parametrize("mode", ["graph", "compile"])
-@pytest.mark.parametrize("route_in_up", [False, True])
-def test_fused_routing_greedy_matches_hf_eager_gpu(monkeypatch, batch, mode, route_in_up):
-    """route_in_up: the two-phase FFN's up kernel routes (W_down packed: the compacted list)."""
-    if route_in_up:
-        monkeypatch.setenv("PRUNEPATH_TRITON_ROUTE_IN_UP", "1")
+@pytest.mark.parametrize("packed_down", [False, True])
+def test_fused_routing_greedy_matches_hf_eager_gpu(batch, mode, packed_down):
+    """Decoder(fuse_routing=True): routing and the FFN through ops.router_routed_ffn."""
     model = routed(seed=25, device="cuda")
     prunepath.set_budget(model, 0.5)
     ids, _ = prompts(batch, 6, seed=26, device="cuda")
     ref = hf_greedy(model, ids)
     dec = Decoder(model, batch, 6 + NEW, mode=mode, ffn_path="sparse", fuse_routing=True,
-                  packed_down=route_in_up)
+                  packed_down=packed_down)
     assert torch.equal(dec.generate(ids, NEW, eos_token_id=[]), ref)
 
 

@@ -12,32 +12,9 @@ from .helpers import assert_close_rel, assert_mask_equal_up_to_rounding
 CPU_BACKENDS = [b for b in ("torch", "cpu", "triton") if b in ops.available_backends("cpu")]
 _gpu = [pytest.mark.gpu,
         pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
-# (device, backend); the cpu "triton" backend is the interpreter (TRITON_INTERPRET=1);
-# "triton:fused": with the one-launch FFN selected, 1-2 tokens route inside that kernel;
-# "triton:up": 1-2 tokens route inside the two-phase FFN's up kernel (PRUNEPATH_TRITON_ROUTE_IN_UP)
-TRITON = ["triton", "triton:fused", "triton:up"] if "triton" in CPU_BACKENDS else []
-CASES = [("cpu", b) for b in CPU_BACKENDS if b != "triton"] + [("cpu", b) for b in TRITON] + [
-    pytest.param("cuda", b, marks=_gpu, id=f"cuda-{b}")
-    for b in ("triton", "triton:fused", "triton:up", "torch")]
-
-
-def _select(backend, monkeypatch):
-    """(backend name, calls of the routing-in-the-FFN kernels); "triton:fused" sets
-    PRUNEPATH_TRITON_FFN_T2 to a fused config, "triton:up" PRUNEPATH_TRITON_ROUTE_IN_UP=1;
-    both count the calls of triton_kernels.router_routed_ffn."""
-    name, _, where = backend.partition(":")
-    calls = []
-    if where:
-        from prunepath import triton_kernels
-
-        if where == "fused":
-            monkeypatch.setenv("PRUNEPATH_TRITON_FFN_T2", '{"fused": true}')
-        else:
-            monkeypatch.setenv("PRUNEPATH_TRITON_ROUTE_IN_UP", "1")
-        real = triton_kernels.router_routed_ffn
-        monkeypatch.setattr(triton_kernels, "router_routed_ffn",
-                            lambda *a, **k: calls.append(1) or real(*a, **k))
-    return name, calls
+# (device, backend); the cpu "triton" backend is the interpreter (TRITON_INTERPRET=1)
+CASES = [("cpu", b) for b in CPU_BACKENDS] + [
+    pytest.param("cuda", b, marks=_gpu, id=f"cuda-{b}") for b in ("triton", "torch")]
 
 
 def _case(t, d, f, e, dtype, *, low_rank, gated, bias, packed, seed, device="cpu"):
@@ -75,10 +52,8 @@ def _budgets(t, g):
     (5, 32, 96, 12, True, True, True, False),    # more tokens than the fused kernel takes
     (1, 40, 600, 300, False, True, False, True),  # E = 300 (2-neuron experts)
 ])
-def test_router_routed_ffn_matches_the_two_ops(monkeypatch, device, backend, dtype, t, d, f, e,
+def test_router_routed_ffn_matches_the_two_ops(device, backend, dtype, t, d, f, e,
                                                low_rank, gated, bias, packed):
-    one_kernel = backend in ("triton:fused", "triton:up")
-    backend, calls = _select(backend, monkeypatch)
     x, router, ffn = _case(t, d, f, e, dtype, low_rank=low_rank, gated=gated, bias=bias,
                            packed=packed, seed=hash((t, d, f, e)) % 2**31, device=device)
     g = torch.Generator().manual_seed(1)
@@ -95,23 +70,21 @@ def test_router_routed_ffn_matches_the_two_ops(monkeypatch, device, backend, dty
         want = ops.routed_ffn(x, **ffn, mask=mask, activation=act, backend=backend)
         assert mask.dtype == torch.bool and mask.shape == (t, e)
         assert y.dtype == dtype and y.shape == (t, d)
-        if one_kernel:  # another kernel: routing and sums in another order
-            bt = torch.as_tensor(budget, dtype=torch.float32, device=device).expand(t)
-            assert_mask_equal_up_to_rounding(mask, route_reference(logits, bt, 1, e), logits, bt)
-            ref = routed_ffn_reference(x.double(), *(None if w is None else w.double() for w in (
-                ffn["w_gate"], ffn["w_up"], ffn["w_down"])), mask, act,
-                *(None if w is None else w.double() for w in (ffn["b_up"], ffn["b_down"])))
-            assert_close_rel(y, ref, dtype)
-        else:  # the same kernels back to back: the same bits
-            assert torch.equal(mask, want_mask)
-            torch.testing.assert_close(y, want, rtol=0, atol=0)
-    # 1-2 tokens with routing in the FFN selected: the routing-in-the-FFN kernels ran
-    assert len(calls) == (len(_budgets(t, g)) if one_kernel and t <= 2 else 0)
+        # the same kernels back to back: the same bits
+        assert torch.equal(mask, want_mask)
+        torch.testing.assert_close(y, want, rtol=0, atol=0)
+        # and the semantics: the reference routing (up to rounding at the budget), the fp64
+        # routed FFN of that mask
+        bt = torch.as_tensor(budget, dtype=torch.float32, device=device).expand(t)
+        assert_mask_equal_up_to_rounding(mask, route_reference(logits, bt, 1, e), logits, bt)
+        ref = routed_ffn_reference(x.double(), *(None if w is None else w.double() for w in (
+            ffn["w_gate"], ffn["w_up"], ffn["w_down"])), mask, act,
+            *(None if w is None else w.double() for w in (ffn["b_up"], ffn["b_down"])))
+        assert_close_rel(y, ref, dtype)
 
 
 @pytest.mark.parametrize("device,backend", CASES)
-def test_bound_router_routed_ffn_equals_the_op(monkeypatch, device, backend):
-    backend = _select(backend, monkeypatch)[0]
+def test_bound_router_routed_ffn_equals_the_op(device, backend):
     x, router, ffn = _case(2, 24, 60, 6, torch.float32, low_rank=True, gated=True, bias=True,
                            packed=False, seed=3, device=device)
     act = ffn.pop("activation")
@@ -166,10 +139,9 @@ def test_cpu_router_routed_ffn_compiles_as_one_op():
 
 
 @pytest.mark.parametrize("device,backend", [c for c in CASES if "triton" in str(c)])
-def test_triton_router_routed_ffn_compiles(monkeypatch, device, backend):
-    """Under torch.compile (fullgraph) the choice between the two Triton ops and the one
-    routing-in-the-FFN kernel is read once at trace time; same results as eager."""
-    backend, calls = _select(backend, monkeypatch)
+def test_triton_router_routed_ffn_compiles(device, backend):
+    """Under torch.compile (fullgraph) the Triton op traces as its two custom ops; same
+    results as eager."""
     x, router, ffn = _case(1, 24, 60, 6, torch.float32, low_rank=True, gated=True, bias=False,
                            packed=True, seed=6, device=device)
     act = ffn.pop("activation")

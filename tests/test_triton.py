@@ -53,13 +53,7 @@ _CHUNKED = {
 }
 # every path twice: on aligned chunks and on the compacted live-neuron list
 CONFIGS = {**{k: dataclasses.replace(c, compact=False) for k, c in _CHUNKED.items()},
-           **{k + "+compact": dataclasses.replace(c, compact=True) for k, c in _CHUNKED.items()},
-           # one launch for both phases: 3 programs loop over several tiles each; 0 = 2 per SM
-           # (the interpreter's 4 SMs: 8, some of them without a tile at these sizes)
-           "fused_loop": launch.FFNConfig(16, 16, 32, 1, 16, 32, 1, up_programs=3, fused=True),
-           "fused": launch.FFNConfig(16, 16, 16, 1, 16, 16, 1, fused=True),
-           # 2-token blocks: products and sums instead of tl.dot, 8-neuron tiles
-           "fused_sums": launch.FFNConfig(2, 8, 16, 1, 16, 16, 1, up_programs=5, fused=True)}
+           **{k + "+compact": dataclasses.replace(c, compact=True) for k, c in _CHUNKED.items()}}
 
 
 FFN_KINDS = [(True, False, "silu"), (False, True, "gelu_tanh"), (True, True, "relu"),
@@ -108,14 +102,13 @@ def test_live_chunk_lists_match_reference(f, e, t):
         assert got["ks"] == -(-3 // -(-3 // ks)) and got["k_blocks_per_split"] == -(-3 // ks)
 
 
-@pytest.mark.parametrize("compact,fused", [(False, False), (True, False), (True, True)])
-def test_ffn_up_programs_loop_and_empty_mask(compact, fused):
+@pytest.mark.parametrize("compact", [False, True])
+def test_ffn_up_programs_loop_and_empty_mask(compact):
     """Fewer up programs than work items (each loops over several), and an all-false mask
     (nothing live: the output is b_down)."""
     gen = torch.Generator().manual_seed(21)
     x, wg, wu, wd, bu, bd = _ffn(3, 40, 120, torch.float32, True, True, gen)
-    cfg = launch.FFNConfig(16, 16, 16, 4, 16, 16, 2, up_programs=3, compact=compact,
-                           fused=fused)
+    cfg = launch.FFNConfig(16, 16, 16, 4, 16, 16, 2, up_programs=3, compact=compact)
     for mask in (torch.rand(3, 3, generator=gen) < 0.6, torch.ones(3, 3, dtype=torch.bool),
                  torch.zeros(3, 3, dtype=torch.bool)):
         mask = mask.to(DEV)
@@ -230,58 +223,6 @@ def test_router_route_matches_reference(router, dtype, t, e):
     # sits within rounding of the cumulative mass
     assert_mask_equal_up_to_rounding(out, ref, logits, budget)
     assert torch.equal(ops.router_route(x, w1, budget, backend="torch", **kw), ref)
-
-
-# two-phase configs on the compacted list: (d-splits of the up phase, F-splits of the down
-# phase): one split each (h written activated, output written directly), the up phase's fp32
-# partials (4 splits of d = 40 in 16-wide blocks: 3), the down phase's folded partials
-TWO_PHASE = {"two_phase": (1, 1), "two_phase_ks": (4, 1), "two_phase_s": (1, 4)}
-
-
-@pytest.mark.parametrize("router", ["linear", "lowrank_gelu"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("t,e,f", [(1, 12, 120), (2, 17, 136), (20, 8, 64), (3, 300, 600)])
-@pytest.mark.parametrize("kernels", ["fused", *TWO_PHASE])
-def test_router_routed_ffn_matches_the_two_ops(router, dtype, t, e, f, kernels):
-    """Routing in the FFN kernels' prologue (launch.router_routed_ffn): in the fused kernel or
-    the two-phase up kernel (which stores the mask for the down kernel); its mask is the
-    router's (up to rounding at the budget), its output the routed FFN of that mask; budgets
-    0, inside (0, 1) and 1 per token; T = 20 takes two 16-token blocks (fused with 3 programs:
-    the tile loop; two-phase: the two ops, the union spans the blocks), E = 300 a low-rank
-    router's separate second layer (the two-op path)."""
-    cfg = ROUTERS[router]
-    gen = torch.Generator().manual_seed(hash((router, t, e, str(dtype))) % 2**31)
-    d = 40
-    r = cfg["r"] or e
-    x, wg, wu, wd, bu, bd = _ffn(t, d, f, dtype, True, router == "linear", gen)
-    w1 = (torch.randn(r, d, generator=gen) / d**0.5 * 3).to(DEV, dtype)
-    b1 = torch.randn(r, generator=gen).to(DEV) if cfg.get("b1") or router == "linear" else None
-    w2 = (torch.randn(e, r, generator=gen) / r**0.5 * 3).to(DEV) if cfg["r"] else None
-    b2 = torch.randn(e, generator=gen).to(DEV) if cfg.get("b2") else None
-    budget = torch.rand(t, generator=gen)
-    budget[0] = 0.0
-    budget[-1] = 1.0 if t > 1 else budget[-1]
-    budget = budget.to(DEV)
-    if kernels == "fused":
-        fcfg = launch.FFNConfig(16, 16, 16, 1, 16, 16, 1, up_programs=3 if t == 20 else 0,
-                                fused=True)
-    else:
-        ks, s = TWO_PHASE[kernels]
-        fcfg = launch.FFNConfig(16, 16, 16, ks, 16, 16, s, up_programs=3, compact=True,
-                                up_fill=4.0)
-    out = torch.full((t, d), float("nan"), dtype=dtype, device=DEV)
-    y, mask, ok = launch.router_routed_ffn(
-        x, w1, b1, w2, b2, cfg["act"], budget, 1, e, wg, wu, wd.t().contiguous(), "silu", bu,
-        bd, config=fcfg, out=out, poison=True)
-    assert y is out and bool(ok)
-    logits = router_logits_reference(x, w1, b1, w2, b2, cfg["act"])
-    assert_mask_equal_up_to_rounding(mask, route_reference(logits, budget, 1, e), logits, budget)
-    assert_close_rel(y, _ref(x, wg, wu, wd, mask, "silu", bu, bd), dtype)
-    bad = budget.clone()
-    bad[-1] = 1.5
-    assert not bool(launch.router_routed_ffn(
-        x, w1, b1, w2, b2, cfg["act"], bad, 1, e, wg, wu, wd.t().contiguous(), "silu", bu, bd,
-        config=fcfg)[2])
 
 
 def _budget_router_case(gen, low_rank, e=8, t=70):

@@ -6,17 +6,12 @@
 Same results as the two ops (``mask`` is the routing mask the FFN used), with fewer steps
 between them:
 
-* ``backend="triton"``: the two Triton ops; at most 2 tokens with the one-launch FFN selected
-  (``PRUNEPATH_TRITON_FFN_T2='{"fused": true, ...}'``, a tuning switch), one fused kernel
-  (after the router projection) routes in every program's prologue and runs that FFN
-  (:func:`prunepath.triton_kernels.router_routed_ffn`): no route kernel, no mask round trip;
-  with ``PRUNEPATH_TRITON_ROUTE_IN_UP=1`` (and a packed W_down) the two-phase FFN's up
-  kernel routes so instead. Neither is the default: on an H200 the one-launch FFN is slower
-  than the two-phase kernels, more than the routing it absorbs saves, and routing in the up
-  kernel gains nothing measurable (BENCHMARKS.md, sessions 18 and 19).
 * ``backend="cpu"``: one call into the extension (``torch.ops.prunepath.router_routed_ffn``,
   the two C++ kernels back to back): one dispatch instead of two.
-* other backends: the two ops.
+* other backends, Triton included: the two ops. Routing inside the Triton FFN kernels (in a
+  one-launch FFN's prologue, or in the two-phase FFN's up kernel) was built and measured on
+  an H200 in sessions 17-19 and gained nothing against the two ops; it was removed in
+  session 20 (BENCHMARKS.md has the numbers, git history the kernels).
 """
 
 from __future__ import annotations
@@ -24,11 +19,8 @@ from __future__ import annotations
 import torch
 
 from . import backends, checks
-from .router_route import _budget_for_kernel, _check
+from .router_route import _check
 from .router_route import run as _route
-
-# the fused Triton kernel serves decode steps of this many tokens or fewer
-TRITON_FUSED_MAX_TOKENS = 2
 
 
 def router_routed_ffn(
@@ -90,14 +82,6 @@ def run(name, x, router, hidden_activation, budget, lo, hi, ffn, activation):
     w1, b1, w2, b2 = router
     w_gate, w_up, w_down, b_up, b_down = ffn
     t = x.shape[0]
-    if name == "triton" and t <= TRITON_FUSED_MAX_TOKENS and _route_in_ffn():
-        from prunepath import triton_kernels
-
-        c = lambda v: None if v is None else v.contiguous()  # noqa: E731
-        b, kernel_check = _budget_for_kernel(budget, t, x.device)
-        return triton_kernels.router_routed_ffn(
-            x.contiguous(), w1.contiguous(), c(b1), c(w2), c(b2), hidden_activation, b, lo, hi,
-            c(w_gate), c(w_up), w_down.t(), activation, b_up, b_down, check_budget=kernel_check)
     if name == "cpu" and x.dtype != torch.float64:
         return backends.load(name).router_routed_ffn(
             x, w1, b1, w2, b2, hidden_activation, checks.budget_tensor(budget, t, x.device), lo,
@@ -107,9 +91,3 @@ def run(name, x, router, hidden_activation, budget, lo, hi, ffn, activation):
                                        b_up, b_down)
     return y, mask
 
-
-def _route_in_ffn() -> bool:
-    # (the Triton backend, loaded before this runs, has imported the kernels' package)
-    from prunepath.triton_kernels import launch
-
-    return launch.route_in_ffn()

@@ -7,9 +7,6 @@
   ``w_down`` [d, F]
 * ``routed_ffn_packed(...)`` the same with a prepacked ``w_down_t`` = W_down^T [F, d]
   (contiguous expert blocks; what :func:`prunepath.ops.prepack_ffn` makes)
-* ``router_routed_ffn(x, w1, b1, w2, b2, hidden_activation, budget, min_experts, max_experts,
-  w_gate, w_up, w_down_t, activation, b_up, b_down)`` -> (y, mask, budget_ok): router_route
-  and the one-launch routed FFN, the routing in the FFN kernel's prologue (T <= 2)
 * ``masked_act(g, u, mask, activation)``: ``act(g) * u`` (or ``act(u)``) with inactive
   experts' neurons zeroed, the middle of :func:`prunepath.ops.masked_dense_ffn`
 
@@ -72,27 +69,6 @@ def _(x, w_gate, w_up, w_down_t, mask, activation, b_up, b_down):
     return torch.empty_like(x)
 
 
-@torch.library.custom_op(f"{_NS}::router_routed_ffn", mutates_args=())
-def _router_routed_ffn_op(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor],
-                          w2: Optional[torch.Tensor], b2: Optional[torch.Tensor],
-                          hidden_activation: str, budget: torch.Tensor, min_experts: int,
-                          max_experts: int, w_gate: Optional[torch.Tensor], w_up: torch.Tensor,
-                          w_down_t: torch.Tensor, activation: str, b_up: Optional[torch.Tensor],
-                          b_down: Optional[torch.Tensor]
-                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return launch.router_routed_ffn(x, w1, b1, w2, b2, hidden_activation, budget, min_experts,
-                                    max_experts, w_gate, w_up, w_down_t, activation, b_up,
-                                    b_down)
-
-
-@_router_routed_ffn_op.register_fake
-def _(x, w1, b1, w2, b2, hidden_activation, budget, min_experts, max_experts, w_gate, w_up,
-      w_down_t, activation, b_up, b_down):
-    e = w1.shape[0] if w2 is None else w2.shape[0]
-    return (torch.empty_like(x), x.new_empty((x.shape[0], e), dtype=torch.bool),
-            x.new_empty((), dtype=torch.bool))
-
-
 @torch.library.custom_op(f"{_NS}::masked_act", mutates_args=())
 def _masked_act_op(g: Optional[torch.Tensor], u: torch.Tensor, mask: torch.Tensor,
                    activation: str) -> torch.Tensor:
@@ -128,19 +104,6 @@ def router_route(x, w1, b1, w2, b2, hidden_activation, budget, min_experts, max_
     return mask
 
 
-def router_routed_ffn(x, w1, b1, w2, b2, hidden_activation, budget, min_experts, max_experts,
-                      w_gate, w_up, w_down_t, activation, b_up, b_down, check_budget=False):
-    """:func:`router_route` and the one-launch routed FFN on its mask, the routing inside the
-    FFN kernel (``w_down_t`` = W_down^T [F, d], any strides). Returns ``(y [T, d], mask
-    [T, E])``; ``check_budget`` as for :func:`router_route`. For decode steps of 1-2 tokens."""
-    y, mask, ok = _router_routed_ffn_op(x, w1, b1, w2, b2, hidden_activation, budget,
-                                        min_experts, max_experts, w_gate, w_up, w_down_t,
-                                        activation, b_up, b_down)
-    if check_budget:
-        torch._assert_async(ok, "budget values must lie in [0, 1]")
-    return y, mask
-
-
 def routed_ffn(x, w_gate, w_up, w_down, mask, activation, b_up, b_down):
     """Routed FFN with nn.Linear weights (``w_down`` [d, F], read through a transposed view)."""
     return _routed_ffn_op(x, w_gate, w_up, w_down.t(), mask, activation, b_up, b_down)
@@ -151,5 +114,5 @@ def routed_ffn_packed(x, w_gate, w_up, w_down_t, mask, activation, b_up, b_down)
     return _routed_ffn_op(x, w_gate, w_up, w_down_t, mask, activation, b_up, b_down)
 
 
-__all__ = ["route", "router_route", "router_routed_ffn", "routed_ffn", "routed_ffn_packed", "masked_act", "FFNConfig",
+__all__ = ["route", "router_route", "routed_ffn", "routed_ffn_packed", "masked_act", "FFNConfig",
            "default_config"]

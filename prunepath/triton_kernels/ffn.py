@@ -160,12 +160,7 @@ def _live_experts(mask_ptr, T, E, stride_mt, LIST_T: tl.constexpr, BLOCK_E: tl.c
 
     live_e[k] = #{e : incl[e] <= k} for the inclusive prefix count ``incl`` (nondecreasing),
     found by a binary search of LOG2_E register gathers."""
-    return _live_from_union(_union(mask_ptr, T, E, stride_mt, LIST_T, BLOCK_E), BLOCK_E, LOG2_E)
-
-
-@triton.jit
-def _live_from_union(union, BLOCK_E: tl.constexpr, LOG2_E: tl.constexpr):
-    """:func:`_live_experts` for a union ([BLOCK_E] int32, 1 = live) already in registers."""
+    union = _union(mask_ptr, T, E, stride_mt, LIST_T, BLOCK_E)
     incl = tl.cumsum(union, axis=0)
     k = tl.arange(0, BLOCK_E)
     pos = tl.zeros([BLOCK_E], dtype=tl.int32)
@@ -193,19 +188,6 @@ def _compact_token_mask(mask_ptr, offs_t, t_ok, ex, live, stride_mt):
     byte per (token, neuron); False past the list's end)."""
     return tl.load(mask_ptr + offs_t[:, None] * stride_mt + ex[None, :],
                    mask=t_ok[:, None] & live[None, :], other=0) != 0
-
-
-@triton.jit
-def _tile_tokens(mask_ptr, mrows, offs_t, t_ok, ex, live, stride_mt, TOK_FROM_ROWS: tl.constexpr,
-                 BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
-    """[BLOCK_T, BLOCK_N] bool for a compacted tile: token t chose expert ``ex[j]``, read from
-    the mask in memory (:func:`_compact_token_mask`) or with TOK_FROM_ROWS gathered from
-    ``mrows`` [BLOCK_T, BLOCK_E] (int32, the token block's mask rows in registers)."""
-    if TOK_FROM_ROWS:
-        idx = tl.broadcast_to(ex[None, :], [BLOCK_T, BLOCK_N])
-        return (tl.gather(mrows, idx, axis=1) != 0) & live[None, :] & t_ok[:, None]
-    else:
-        return _compact_token_mask(mask_ptr, offs_t, t_ok, ex, live, stride_mt)
 
 
 @triton.jit
@@ -295,10 +277,10 @@ def _ffn_up_kernel(
         lo, hi, pos, n_live, n_exp = _live_chunks(mask_ptr, T, E, F, NE, stride_mt, BLOCK_N,
                                                   TWO_EXPERTS, LIST_T, BLOCK_E, BLOCK_C)
         live_e = lo  # unused in this mode
-    _up_work(x_ptr, wg_ptr, wu_ptr, bu_ptr, mask_ptr, lo, out_ptr, hact_ptr, lo, hi, pos,
+    _up_work(x_ptr, wg_ptr, wu_ptr, bu_ptr, mask_ptr, out_ptr, hact_ptr, lo, hi, pos,
              n_live, live_e, n_exp, pid, n_prog, offs_t, t_ok, D, F, NE, up_items,
              stride_xt, stride_wn, stride_mt, stride_os, stride_og, stride_ot, stride_at,
-             GATED, HAS_BU, ACT, KS, IEEE, UPCAST, TWO_EXPERTS, COMPACT, False,
+             GATED, HAS_BU, ACT, KS, IEEE, UPCAST, TWO_EXPERTS, COMPACT,
              BLOCK_T, BLOCK_N, BLOCK_K)
 
 
@@ -313,17 +295,16 @@ def _zero_counters(cnt_ptr, n_cnt, pid, pid_t, BLOCK_CNT: tl.constexpr):
 
 
 @triton.jit
-def _up_work(x_ptr, wg_ptr, wu_ptr, bu_ptr, mask_ptr, mrows, out_ptr, hact_ptr, lo, hi, pos,
+def _up_work(x_ptr, wg_ptr, wu_ptr, bu_ptr, mask_ptr, out_ptr, hact_ptr, lo, hi, pos,
              n_live, live_e, n_exp, pid, n_prog, offs_t, t_ok, D, F, NE, up_items,
              stride_xt, stride_wn, stride_mt, stride_os, stride_og, stride_ot, stride_at,
              GATED: tl.constexpr, HAS_BU: tl.constexpr, ACT: tl.constexpr, KS: tl.constexpr,
              IEEE: tl.constexpr, UPCAST: tl.constexpr, TWO_EXPERTS: tl.constexpr,
-             COMPACT: tl.constexpr, TOK_FROM_ROWS: tl.constexpr, BLOCK_T: tl.constexpr,
-             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+             COMPACT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+             BLOCK_K: tl.constexpr):
     """The up phase's work items after its list (COMPACT: ``live_e``, ``n_exp``; else the
     chunk list ``lo, hi, pos``; ``n_live`` items of either): program ``pid`` of ``n_prog``
-    takes items pid, pid + n_prog, ... A token chose a compacted tile's expert per the mask in
-    memory, or with TOK_FROM_ROWS per ``mrows`` (:func:`_tile_tokens`)."""
+    takes items pid, pid + n_prog, ..."""
     n_neur = n_exp * NE
     ks, kpb = _up_splits(n_exp, NE, D, up_items, KS, BLOCK_K, BLOCK_N)
     # work items: (live chunk or tile j, d-split s), item = j * ks + s
@@ -336,8 +317,7 @@ def _up_work(x_ptr, wg_ptr, wu_ptr, bu_ptr, mask_ptr, mrows, out_ptr, hact_ptr, 
             # and no token chose it (a store predicate of cols < F keeps the stores wide)
             cols, live, rows, ex = _compact_tile(live_e, j, NE, n_neur, BLOCK_N)
             n_ok = cols < F
-            tok = _tile_tokens(mask_ptr, mrows, offs_t, t_ok, ex, live, stride_mt,
-                               TOK_FROM_ROWS, BLOCK_T, BLOCK_N)
+            tok = _compact_token_mask(mask_ptr, offs_t, t_ok, ex, live, stride_mt)
         else:
             chunk_start, rows, in_range = _listed(lo, hi, pos, j, F, BLOCK_N)
             cols = rows
@@ -351,7 +331,7 @@ def _up_work(x_ptr, wg_ptr, wu_ptr, bu_ptr, mask_ptr, mrows, out_ptr, hact_ptr, 
                 live = tl.max(tok.to(tl.int32), axis=0) > 0
         acc_u, acc_g = _up_tile(x_ptr, wg_ptr, wu_ptr, offs_t, t_ok, rows, live,
                                 (s * kpb) * BLOCK_K, kpb, D, stride_xt, stride_wn, GATED,
-                                IEEE, UPCAST, True, BLOCK_T, BLOCK_N, BLOCK_K)
+                                IEEE, UPCAST, BLOCK_T, BLOCK_N, BLOCK_K)
 
         if not COMPACT:
             if TWO_EXPERTS:  # loaded after the k-loop (its registers are free by now)
@@ -396,8 +376,8 @@ def _hidden(acc_u, acc_g, bu_ptr, rows, n_ok, tok,
 @triton.jit
 def _up_tile(x_ptr, wg_ptr, wu_ptr, offs_t, t_ok, rows, live, k_start, n_kb, D,
              stride_xt, stride_wn, GATED: tl.constexpr, IEEE: tl.constexpr,
-             UPCAST: tl.constexpr, DOT: tl.constexpr, BLOCK_T: tl.constexpr,
-             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+             UPCAST: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+             BLOCK_K: tl.constexpr):
     """fp32 (x @ W_up[rows]^T, x @ W_gate[rows]^T) [BLOCK_T, BLOCK_N] over the ``n_kb``
     BLOCK_K-blocks of d from ``k_start``; weight rows where ``live`` is False are not read."""
     acc_u = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
@@ -410,10 +390,10 @@ def _up_tile(x_ptr, wg_ptr, wu_ptr, offs_t, t_ok, rows, live, k_start, n_kb, D,
         w_mask = live[:, None] & k_ok[None, :]
         w_off = rows[:, None] * stride_wn + offs_k[None, :]
         wu = tl.load(wu_ptr + w_off, mask=w_mask, other=0.0)
-        acc_u = _mm_bt(xk, wu, acc_u, IEEE, UPCAST, DOT)
+        acc_u = _dot(xk, tl.trans(wu), acc_u, IEEE, UPCAST)
         if GATED:
             wg = tl.load(wg_ptr + w_off, mask=w_mask, other=0.0)
-            acc_g = _mm_bt(xk, wg, acc_g, IEEE, UPCAST, DOT)
+            acc_g = _dot(xk, tl.trans(wg), acc_g, IEEE, UPCAST)
     return acc_u, acc_g
 
 
@@ -529,7 +509,6 @@ def _ffn_down_kernel(
     LIST_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_C: tl.constexpr,
     PDL: tl.constexpr = False, FOLD: tl.constexpr = False, S_P2: tl.constexpr = 1,
     COMPACT: tl.constexpr = False, LOG2_E: tl.constexpr = 0, NE_VEC: tl.constexpr = 0,
-    MASK_FROM_PRIMARY: tl.constexpr = False,
 ):
     """FOLD (S > 1): each program writes its fp32 partial, then counts its arrival on the
     slab's counter (zeroed by the up kernel); the last of the slab's S programs sums the S
@@ -537,9 +516,7 @@ def _ffn_down_kernel(
     last) and writes the output: no reduce launch. PDL: launched as a programmatic
     dependent of the up kernel; everything before ``gdc_wait`` reads only the mask and the
     weights. COMPACT: h holds the compacted live neurons (as the up kernel wrote them);
-    NE_VEC > 0: vectorized loads of nn.Linear's W_down by whole experts of NE_VEC neurons.
-    MASK_FROM_PRIMARY: the up kernel writes the mask (it routes, ``route_ffn._route_up_kernel``),
-    so with PDL the live list is computed after the wait."""
+    NE_VEC > 0: vectorized loads of nn.Linear's W_down by whole experts of NE_VEC neurons."""
     pid_d = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_t = tl.program_id(2)
@@ -548,8 +525,6 @@ def _ffn_down_kernel(
     t_ok = offs_t < T
     d_ok = offs_d < D
     acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
-    if PDL and MASK_FROM_PRIMARY:
-        tl.extra.cuda.gdc_wait()  # the mask too comes from the up kernel
     if COMPACT:
         live_e, n_exp = _live_experts(mask_ptr, T, E, stride_mt, LIST_T, BLOCK_E, LOG2_E)
         n_live = tl.cdiv(n_exp * NE, BLOCK_N)
@@ -560,7 +535,7 @@ def _ffn_down_kernel(
         lo, hi, pos, n_live, n_exp = _live_chunks(mask_ptr, T, E, F, NE, stride_mt, BLOCK_N,
                                                   TWO_EXPERTS, LIST_T, BLOCK_E, BLOCK_C)
         live_e = lo  # unused in this mode
-    if PDL and not MASK_FROM_PRIMARY:
+    if PDL:
         tl.extra.cuda.gdc_wait()  # the up kernel's h (and zeroed counters) from here on
     if KS == 1:
         acc = _down_loop(acc, h_ptr, wd_ptr, bu_ptr, mask_ptr, lo, hi, pos, n_live, live_e,
@@ -629,127 +604,3 @@ def _ffn_reduce_kernel(part_ptr, bd_ptr, out_ptr, N, D, stride_ps,
     if HAS_BD:
         acc += tl.load(bd_ptr + offs % D, mask=ok, other=0.0).to(tl.float32)
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
-
-
-@triton.jit
-def _ffn_fused_kernel(
-    x_ptr, wg_ptr, wu_ptr, bu_ptr, wd_ptr, mask_ptr, part_ptr,
-    T, D, NE, E,
-    stride_xt, stride_wn, stride_dn, stride_dd, stride_mt, stride_pp, stride_pt,
-    GATED: tl.constexpr, HAS_BU: tl.constexpr, ACT: tl.constexpr,
-    IEEE: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-    LIST_T: tl.constexpr, BLOCK_E: tl.constexpr, LOG2_E: tl.constexpr, PDL: tl.constexpr = False,
-):
-    """FUSED mode, one launch for both phases, grid ``(P, cdiv(T, BLOCK_T))``: program p takes
-    the tiles p, p + P, ... of the compacted live-neuron list; for each it computes the tile's h
-    over all of d (kept in registers) and at once adds ``h @ W_down^T[tile rows, :]`` into its own
-    fp32 partial output ``part[p]`` [T, d] (a read-modify-write of rows it alone owns, L2
-    resident); a program without tiles writes zeros. ``_ffn_partials_reduce_kernel`` then sums
-    the P partials in a fixed order. No grid-wide wait between the phases: the down bytes of one
-    program stream while others are still in their up loops. BLOCK_T < 16: products and sums
-    on the CUDA cores instead of tl.dot (whose 16-row minimum it does not have), so tiles of
-    fewer than 16 neurons balance the programs' shares more finely."""
-    DOT: tl.constexpr = BLOCK_T >= 16
-    pid = tl.program_id(0)
-    n_prog = tl.num_programs(0)
-    pid_t = tl.program_id(1)
-    if PDL:
-        tl.extra.cuda.gdc_launch_dependents()  # the reduce kernel launches, then waits for us
-    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    t_ok = offs_t < T
-    live_e, n_exp = _live_experts(mask_ptr, T, E, stride_mt, LIST_T, BLOCK_E, LOG2_E)
-    _fused_tiles(x_ptr, wg_ptr, wu_ptr, bu_ptr, wd_ptr, mask_ptr, live_e, part_ptr, live_e,
-                 n_exp, pid, n_prog, offs_t, t_ok, D, NE, stride_xt, stride_wn, stride_dn,
-                 stride_dd, stride_mt, stride_pp, stride_pt, GATED, HAS_BU, ACT, IEEE, UPCAST,
-                 DOT, False, BLOCK_T, BLOCK_N, BLOCK_K, BLOCK_D)
-
-
-@triton.jit
-def _fused_tiles(x_ptr, wg_ptr, wu_ptr, bu_ptr, wd_ptr, mask_ptr, mrows, part_ptr, live_e, n_exp,
-                 pid, n_prog, offs_t, t_ok, D, NE,
-                 stride_xt, stride_wn, stride_dn, stride_dd, stride_mt, stride_pp, stride_pt,
-                 GATED: tl.constexpr, HAS_BU: tl.constexpr, ACT: tl.constexpr,
-                 IEEE: tl.constexpr, UPCAST: tl.constexpr, DOT: tl.constexpr,
-                 TOK_FROM_ROWS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
-    """The fused kernels' work after their live-expert list (``live_e``, ``n_exp``): program
-    ``pid`` of ``n_prog`` computes its tiles into ``part[pid]``. A token chose a tile's expert
-    per the mask in memory, or with TOK_FROM_ROWS per ``mrows`` [BLOCK_T, BLOCK_E] (int32, the
-    token block's mask rows in registers)."""
-    n_neur = n_exp * NE
-    n_items = tl.cdiv(n_neur, BLOCK_N)
-    part_rows = part_ptr + pid * stride_pp + offs_t[:, None] * stride_pt
-    for item in range(pid, n_items, n_prog):
-        _cols, live, rows, ex = _compact_tile(live_e, item, NE, n_neur, BLOCK_N)
-        tok = _tile_tokens(mask_ptr, mrows, offs_t, t_ok, ex, live, stride_mt, TOK_FROM_ROWS,
-                           BLOCK_T, BLOCK_N)
-        acc_u, acc_g = _up_tile(x_ptr, wg_ptr, wu_ptr, offs_t, t_ok, rows, live, 0,
-                                tl.cdiv(D, BLOCK_K), D, stride_xt, stride_wn, GATED, IEEE,
-                                UPCAST, DOT, BLOCK_T, BLOCK_N, BLOCK_K)
-        h = _hidden(acc_u, acc_g, bu_ptr, rows, live, tok, GATED, HAS_BU, ACT)
-        h = h.to(wd_ptr.dtype.element_ty)
-        # the previous tile's stores of part[p] (other threads' elements) land before reloading
-        tl.debug_barrier()
-        again = tl.full([BLOCK_T, 1], item, tl.int32) != pid  # not this program's first tile
-        for d0 in range(0, D, BLOCK_D):
-            offs_d = d0 + tl.arange(0, BLOCK_D)
-            d_ok = offs_d < D
-            w = tl.load(wd_ptr + rows[:, None] * stride_dn + offs_d[None, :] * stride_dd,
-                        mask=live[:, None] & d_ok[None, :], other=0.0)
-            o_mask = t_ok[:, None] & d_ok[None, :]
-            prev = tl.load(part_rows + offs_d[None, :], mask=o_mask & again, other=0.0)
-            tl.store(part_rows + offs_d[None, :], _mm(h, w, prev, IEEE, UPCAST, DOT),
-                     mask=o_mask)
-    if pid >= n_items:
-        for d0 in range(0, D, BLOCK_D):
-            offs_d = d0 + tl.arange(0, BLOCK_D)
-            tl.store(part_rows + offs_d[None, :], tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32),
-                     mask=t_ok[:, None] & (offs_d < D)[None, :])
-
-
-@triton.jit
-def _mm_bt(a, b, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr, DOT: tl.constexpr):
-    """acc + a @ b^T in fp32 (a [M, K], b [N, K]): tl.dot, or without DOT a broadcast product
-    summed over K (any tile sizes; for one or two token rows)."""
-    if DOT:
-        acc = _dot(a, tl.trans(b), acc, IEEE, UPCAST)
-    else:
-        acc += tl.sum(a.to(tl.float32)[:, None, :] * b.to(tl.float32)[None, :, :], axis=2)
-    return acc
-
-
-@triton.jit
-def _mm(a, b, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr, DOT: tl.constexpr):
-    """acc + a @ b in fp32 (a [M, K], b [K, N]), as :func:`_mm_bt`."""
-    if DOT:
-        acc = _dot(a, b, acc, IEEE, UPCAST)
-    else:
-        acc += tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], axis=1)
-    return acc
-
-
-@triton.jit
-def _ffn_partials_reduce_kernel(part_ptr, bd_ptr, out_ptr, D, P,
-                                stride_pp, stride_pt, stride_ot,
-                                HAS_BD: tl.constexpr, BLOCK_P: tl.constexpr,
-                                BLOCK_D: tl.constexpr, PDL: tl.constexpr = False):
-    """out[t, slab] = sum_p part[p, t, slab] (+ b_down), grid ``(cdiv(d, BLOCK_D), T)``: each
-    program sums the P partials of one token's d-slab, BLOCK_P rows at a time in a fixed order
-    (deterministic). PDL: a programmatic dependent of the fused kernel (waits for it)."""
-    pid_d = tl.program_id(0)
-    t = tl.program_id(1)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    if HAS_BD:
-        acc += tl.load(bd_ptr + offs_d, mask=d_ok, other=0.0).to(tl.float32)
-    if PDL:
-        tl.extra.cuda.gdc_wait()
-    for p0 in range(0, P, BLOCK_P):
-        offs_p = p0 + tl.arange(0, BLOCK_P)
-        part = tl.load(part_ptr + offs_p[:, None] * stride_pp + t * stride_pt + offs_d[None, :],
-                       mask=(offs_p < P)[:, None] & d_ok[None, :], other=0.0,
-                       cache_modifier=".cg")
-        acc += tl.sum(part, axis=0)
-    tl.store(out_ptr + t * stride_ot + offs_d, acc.to(out_ptr.dtype.element_ty), mask=d_ok)

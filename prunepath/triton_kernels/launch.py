@@ -16,7 +16,6 @@ import triton
 
 from . import ffn as _ffn
 from . import route as _route
-from . import route_ffn as _route_ffn
 
 
 def _interpreted(t: torch.Tensor) -> bool:
@@ -182,10 +181,6 @@ class FFNConfig:
     # experts are smaller than a chunk of either phase (a chunk then mixes live and dead
     # experts, and whole chunks were streamed)
     compact: bool | None = None
-    # one launch for both phases on the compacted list (``ffn._ffn_fused_kernel``) plus a
-    # deterministic reduce of its up_programs partial outputs; uses block_t, up_block_n (tile
-    # neurons), up_block_k, down_block_d, up_programs (0: 2 per SM), num_warps, num_stages
-    fused: bool = False
 
 
 def use_compact(cfg: FFNConfig, neurons_per_expert: int) -> bool:
@@ -267,7 +262,7 @@ def default_config(t: int, d: int, f: int, sms: int, interpreted: bool,
     cfg = FFNConfig(block_t, up_n, up_k, ks, dn_n, dn_d, s, up_programs=per_sm * sms // t_blocks,
                     up_fill=0.75, fold_reduce=one, pdl=one or compact_pdl, compact=compact)
     # tuning aid (bench/ops_gpu.py --sweep finds candidates): FFNConfig fields as JSON that
-    # replace the T <= 2 GPU choice, e.g. PRUNEPATH_TRITON_FFN_T2='{"fused": true}'
+    # replace the T <= 2 GPU choice, e.g. PRUNEPATH_TRITON_FFN_T2='{"s": 8, "up_block_k": 128}'
     override = os.environ.get("PRUNEPATH_TRITON_FFN_T2")
     if override and one and not interpreted:
         cfg = dataclasses.replace(cfg, **json.loads(override))
@@ -315,35 +310,13 @@ def routed_ffn(x, w_gate, w_up, w_down_t, mask, activation, b_up, b_down, config
     n_contiguous = w_down_t.stride(0) == 1 and w_down_t.stride(1) != 1
     cfg = config or default_config(t, d, f, _sms(x), interp, f // e, linear_down=n_contiguous,
                                    elem_bytes=w_up.element_size())
-    if cfg.fused:
-        return _routed_ffn_fused(x, w_gate, w_up, w_down_t, mask, activation, b_up, b_down, cfg,
-                                 out, poison)
     return _two_phase(x, w_gate, w_up, w_down_t, mask, activation, b_up, b_down, cfg, out,
                       poison, n_contiguous)
 
 
-@dataclasses.dataclass(frozen=True)
-class _Routing:
-    """What the up kernel needs to route for itself (``route_ffn._route_up_kernel``): the
-    router projection's ``ks`` partials ``part`` [ks, T, R], the router's second layer and
-    biases, the budgets, and the outputs ``ok`` (budgets in [0, 1])."""
-
-    part: torch.Tensor
-    ks: int
-    w2: torch.Tensor | None
-    b1: torch.Tensor | None
-    b2: torch.Tensor | None
-    hidden_act: int
-    budget: torch.Tensor
-    min_experts: int
-    max_experts: int
-    ok: torch.Tensor
-
-
 def _two_phase(x, w_gate, w_up, w_down_t, mask, activation, b_up, b_down, cfg, out, poison,
-               n_contiguous, routing: _Routing | None = None):
-    """The up and down kernels (plus the reduce without fold). ``routing``: the up kernel
-    routes and writes ``mask`` itself (compacted list only), else ``mask`` is an input."""
+               n_contiguous):
+    """The up and down kernels (plus the reduce without fold)."""
     t, d = x.shape
     f = w_up.shape[0]
     e = mask.shape[1]
@@ -387,45 +360,19 @@ def _two_phase(x, w_gate, w_up, w_down_t, mask, activation, b_up, b_down, cfg, o
     # nn.Linear's W_down in compact mode: whole power-of-two experts keep vectorized loads
     ne_vec = (ne if compact and n_contiguous and ne & (ne - 1) == 0
               and cfg.down_block_n % ne == 0 else 0)
-    if routing is None:
-        _ffn._ffn_up_kernel[(up_programs, t_blocks)](
-            x, w_gate if gated else w_up, w_up, b_up if b_up is not None else dummy, mask_u8, h,
-            h_act, cnt, t, d, f, ne, e, up_items, n_cnt,
-            x.stride(0), w_up.stride(0), mask_u8.stride(0), hs, hg, ht, h_act.stride(0),
-            GATED=gated, HAS_BU=b_up is not None, ACT=act, KS=ks_max, IEEE=ieee,
-            UPCAST=interp, TWO_EXPERTS=ne >= cfg.up_block_n,
-            BLOCK_T=cfg.block_t, BLOCK_N=cfg.up_block_n, BLOCK_K=cfg.up_block_k,
-            LIST_T=list_t, BLOCK_E=block_e, BLOCK_C=up_block_c,
-            PDL=pdl,
-            BLOCK_CNT=triton.next_power_of_2(n_cnt) if n_cnt else 0,
-            COMPACT=compact, LOG2_E=log2_e,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
-    else:
-        if not compact:
-            raise ValueError("routing in the up kernel needs the compacted live-neuron list")
-        rt = routing
-        low = rt.w2 is not None
-        r = rt.part.shape[2]
-        _route_ffn._route_up_kernel[(up_programs, t_blocks)](
-            rt.part, rt.budget, rt.w2 if low else rt.part,
-            rt.b1 if rt.b1 is not None else rt.part,
-            rt.b2 if low and rt.b2 is not None else rt.part, rt.ok, mask_u8,
-            x, w_gate if gated else w_up, w_up, b_up if b_up is not None else dummy, h, h_act,
-            cnt, t, d, f, ne, e, r, rt.min_experts, rt.max_experts, up_items, n_cnt,
-            rt.part.stride(0), rt.part.stride(1), rt.w2.stride(0) if low else 0,
-            rt.budget.stride(0), mask_u8.stride(0),
-            x.stride(0), w_up.stride(0), hs, hg, ht, h_act.stride(0),
-            RKS=rt.ks, LOW_RANK=low, HAS_B1=rt.b1 is not None, HAS_B2=low and rt.b2 is not None,
-            HIDDEN_ACT=rt.hidden_act if low else -1, BLOCK_J=_route_block_j(block_e),
-            BLOCK_R=triton.next_power_of_2(r), KS_P2=triton.next_power_of_2(rt.ks), BLOCK_B=64,
-            GATED=gated, HAS_BU=b_up is not None, ACT=act, KS=ks_max, IEEE=ieee, UPCAST=interp,
-            BLOCK_T=cfg.block_t, BLOCK_N=cfg.up_block_n, BLOCK_K=cfg.up_block_k,
-            BLOCK_E=block_e, LOG2_E=log2_e, PDL=pdl,
-            BLOCK_CNT=triton.next_power_of_2(n_cnt) if n_cnt else 0,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            **({} if interp else {"launch_pdl": pdl}),
-        )
+    _ffn._ffn_up_kernel[(up_programs, t_blocks)](
+        x, w_gate if gated else w_up, w_up, b_up if b_up is not None else dummy, mask_u8, h,
+        h_act, cnt, t, d, f, ne, e, up_items, n_cnt,
+        x.stride(0), w_up.stride(0), mask_u8.stride(0), hs, hg, ht, h_act.stride(0),
+        GATED=gated, HAS_BU=b_up is not None, ACT=act, KS=ks_max, IEEE=ieee,
+        UPCAST=interp, TWO_EXPERTS=ne >= cfg.up_block_n,
+        BLOCK_T=cfg.block_t, BLOCK_N=cfg.up_block_n, BLOCK_K=cfg.up_block_k,
+        LIST_T=list_t, BLOCK_E=block_e, BLOCK_C=up_block_c,
+        PDL=pdl,
+        BLOCK_CNT=triton.next_power_of_2(n_cnt) if n_cnt else 0,
+        COMPACT=compact, LOG2_E=log2_e,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
 
     # phase 2
     if s == 1:
@@ -450,7 +397,7 @@ def _two_phase(x, w_gate, w_up, w_down_t, mask, activation, b_up, b_down, cfg, o
         UP_BLOCK_N=cfg.up_block_n, UP_BLOCK_K=cfg.up_block_k,
         LIST_T=list_t, BLOCK_E=block_e, BLOCK_C=down_block_c,
         PDL=pdl, FOLD=fold, S_P2=triton.next_power_of_2(s),
-        COMPACT=compact, LOG2_E=log2_e, NE_VEC=ne_vec, MASK_FROM_PRIMARY=routing is not None,
+        COMPACT=compact, LOG2_E=log2_e, NE_VEC=ne_vec,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **down_extra,
     )
     if s > 1 and not fold:
@@ -462,164 +409,6 @@ def _two_phase(x, w_gate, w_up, w_down_t, mask, activation, b_up, b_down, cfg, o
             S=s, HAS_BD=b_down is not None, BLOCK=block, num_warps=4,
         )
     return out
-
-
-def _routed_ffn_fused(x, w_gate, w_up, w_down_t, mask, activation, b_up, b_down, cfg, out,
-                      poison):
-    """FUSED mode (see ``ffn._ffn_fused_kernel``): one kernel computes every live tile's h and
-    its share of the output into per-program fp32 partials, a second (a programmatic dependent
-    launch on sm_90+) sums them in a fixed order."""
-    t, d = x.shape
-    f = w_up.shape[0]
-    e = mask.shape[1]
-    interp = _interpreted(x)
-    t_blocks = triton.cdiv(t, cfg.block_t)
-    part = _fused_partials(x, f, cfg, poison)
-    pdl = cfg.pdl and not interp and _pdl_supported(x)
-    mask_u8 = mask.view(torch.uint8)
-    list_t, block_e, _ = _list_blocks(t, e, f, cfg.up_block_n)
-    gated = w_gate is not None
-    _ffn._ffn_fused_kernel[(part.shape[0], t_blocks)](
-        x, w_gate if gated else w_up, w_up, b_up if b_up is not None else x, w_down_t, mask_u8,
-        part, t, d, f // e, e,
-        x.stride(0), w_up.stride(0), w_down_t.stride(0), w_down_t.stride(1), mask_u8.stride(0),
-        part.stride(0), part.stride(1),
-        GATED=gated, HAS_BU=b_up is not None, ACT=_ffn.ACT_IDS[activation],
-        IEEE=x.dtype == torch.float32, UPCAST=interp,
-        BLOCK_T=cfg.block_t, BLOCK_N=cfg.up_block_n, BLOCK_K=cfg.up_block_k,
-        BLOCK_D=cfg.down_block_d, LIST_T=list_t, BLOCK_E=block_e,
-        LOG2_E=block_e.bit_length() - 1, PDL=pdl,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    _reduce_partials(part, b_down, out, pdl)
-    return out
-
-
-def _fused_partials(x, f, cfg, poison):
-    """The fused kernels' per-program fp32 partial outputs [P, T, d]: ``cfg.up_programs``
-    programs (0: 2 per SM), at most one per tile of the F neurons; NaN-filled with ``poison``."""
-    programs = cfg.up_programs or 2 * _sms(x)
-    programs = max(1, min(programs, triton.cdiv(f, cfg.up_block_n)))
-    part = torch.empty((programs, *x.shape), dtype=torch.float32, device=x.device)
-    return part.fill_(float("nan")) if poison else part
-
-
-def _reduce_partials(part, b_down, out, pdl):
-    """out = sum over the fused kernel's P partials ``part`` [P, T, d] (+ b_down), a fixed
-    order; ~2 programs per SM, at most 4096 partial elements per loaded tile."""
-    programs, t, d = part.shape
-    interp = _interpreted(out)
-    block_d = max(16, min(128, triton.next_power_of_2(triton.cdiv(d * t, 2 * _sms(out)))))
-    block_p = min(triton.next_power_of_2(programs), max(1, 4096 // block_d))
-    _ffn._ffn_partials_reduce_kernel[(triton.cdiv(d, block_d), t)](
-        part, b_down if b_down is not None else out, out, d, programs,
-        part.stride(0), part.stride(1), out.stride(0),
-        HAS_BD=b_down is not None, BLOCK_P=block_p, BLOCK_D=block_d, PDL=pdl,
-        num_warps=4, **({} if interp else {"launch_pdl": pdl}),
-    )
-
-
-@torch.compiler.assume_constant_result  # read once when a step is traced, not per call
-def route_in_ffn() -> bool:
-    """Whether :func:`prunepath.ops.router_routed_ffn` routes inside the FFN kernels
-    (:func:`router_routed_ffn`) at T <= 2: where the T <= 2 FFN runs in one launch
-    (``PRUNEPATH_TRITON_FFN_T2`` with ``"fused": true``), or with
-    ``PRUNEPATH_TRITON_ROUTE_IN_UP=1`` in the two-phase kernels' up kernel. Else (the
-    default) the router_route and routed_ffn kernels run: on an H200 (session 18, Llama-3-8B
-    FFN, E = 64, T = 1) the best one-launch variant took 60.7 / 45.6 us at 0.5 / 0.75
-    sparsity against 50.7 / 32.8 for the two-phase default, routing inside it saved 0.5-5 us,
-    and compiled batch-1 decode read 1.23x / 1.38x dense with it against 1.31x / 1.55x.
-    Routing in the two-phase up kernel (session 19, same shape): 28.8 / 46.0 us against
-    28.6 / 45.7 for router_route + FFN at T = 1 (40.0 / 57.0 against 32.5 / 52.6 at T = 2),
-    compiled batch-1 decode 1.31x / 1.55x against 1.30x / 1.54x: no gain, so opt-in."""
-    override = os.environ.get("PRUNEPATH_TRITON_FFN_T2")
-    fused = bool(override) and bool(json.loads(override).get("fused", False))
-    return fused or os.environ.get("PRUNEPATH_TRITON_ROUTE_IN_UP", "0") == "1"
-
-
-def fused_config(t: int, d: int, f: int, sms: int, interpreted: bool) -> FFNConfig:
-    """The one-launch FFN's blocks for ``t`` tokens (a starting point: 16-neuron tiles of the
-    compacted list, 2 programs per SM; bench/ops_gpu.py --sweep times its variants), or the
-    T <= 2 default itself where it is fused (``PRUNEPATH_TRITON_FFN_T2``)."""
-    cfg = default_config(t, d, f, sms, interpreted)
-    if cfg.fused:
-        return cfg
-    return dataclasses.replace(cfg, fused=True, up_block_n=16, up_programs=0)
-
-
-def router_routed_ffn(x, w1, b1, w2, b2, hidden_activation, budget, min_experts, max_experts,
-                      w_gate, w_up, w_down_t, activation, b_up, b_down, config=None, out=None,
-                      poison=False):
-    """:func:`router_route` and :func:`routed_ffn` with the routing inside the FFN kernels,
-    after the router projection kernel: with a fused ``config`` (one launch,
-    ``route_ffn._route_ffn_fused_kernel``) every program routes in its prologue, then runs the
-    fused FFN's tiles (plus the partials reduce); else the two-phase kernels on the
-    compacted list, whose up kernel routes in every program's prologue and stores the mask
-    for the down kernel (``route_ffn._route_up_kernel``). No route kernel, no mask round
-    trip before the up phase. Returns ``(y [T, d], mask [T, E], budget_ok)``. Where neither
-    applies -- a low-rank router with more than 128 experts (its second layer has a kernel
-    of its own), a two-phase config on aligned chunks or with more than one token block --
-    :func:`router_route`, then
-    :func:`routed_ffn`. ``config``: default :func:`default_config` (fused where
-    ``PRUNEPATH_TRITON_FFN_T2`` says so)."""
-    t, d = x.shape
-    f = w_up.shape[0]
-    r = w1.shape[0]
-    e = r if w2 is None else w2.shape[0]
-    interp = _interpreted(x)
-    n_contiguous = w_down_t.stride(0) == 1 and w_down_t.stride(1) != 1
-    cfg = config or default_config(t, d, f, _sms(x), interp, f // e, linear_down=n_contiguous,
-                                   elem_bytes=w_up.element_size())
-    block_e = triton.next_power_of_2(e)
-    if out is None:
-        out = torch.empty((t, d), dtype=x.dtype, device=x.device)
-    # the two-phase kernels' list is the union over all tokens: routed inside the up kernel
-    # only where one token block holds them all
-    two_phase_ok = use_compact(cfg, f // e) and t <= cfg.block_t
-    if t == 0 or (w2 is not None and block_e > 128) or not (cfg.fused or two_phase_ok):
-        mask, ok = router_route(x, w1, b1, w2, b2, hidden_activation, budget, min_experts,
-                                max_experts)
-        routed_ffn(x, w_gate, w_up, w_down_t, mask, activation, b_up, b_down, config=cfg,
-                   out=out, poison=poison)
-        return out, mask, ok
-    w_gate, w_up = _up_weights(w_gate, w_up)
-    pdl = cfg.pdl and not interp and _pdl_supported(x)
-    part_r, ks = _router_project(x, w1, pdl)
-    mask = torch.empty((t, e), dtype=torch.bool, device=x.device)
-    if poison:  # every expert live: a kernel that reads the mask before it is written shows
-        mask.fill_(True)
-    ok = torch.empty((), dtype=torch.bool, device=x.device)
-    low = w2 is not None
-    act = -1 if hidden_activation in (None, "none") else _ffn.ACT_IDS[hidden_activation]
-    if not cfg.fused:
-        routing = _Routing(part_r, ks, w2, b1, b2, act, budget, min_experts, max_experts, ok)
-        _two_phase(x, w_gate, w_up, w_down_t, mask, activation, b_up, b_down, cfg, out, poison,
-                   n_contiguous, routing)
-        return out, mask, ok
-    t_blocks = triton.cdiv(t, cfg.block_t)
-    part = _fused_partials(x, f, cfg, poison)
-    gated = w_gate is not None
-    mask_u8 = mask.view(torch.uint8)
-    _route_ffn._route_ffn_fused_kernel[(part.shape[0], t_blocks)](
-        part_r, budget, w2 if low else part_r, b1 if b1 is not None else part_r,
-        b2 if low and b2 is not None else part_r, ok, mask_u8,
-        x, w_gate if gated else w_up, w_up, b_up if b_up is not None else x, w_down_t, part,
-        t, d, f // e, e, r, min_experts, max_experts,
-        part_r.stride(0), part_r.stride(1), w2.stride(0) if low else 0, budget.stride(0),
-        mask_u8.stride(0), x.stride(0), w_up.stride(0), w_down_t.stride(0), w_down_t.stride(1),
-        part.stride(0), part.stride(1),
-        KS=ks, LOW_RANK=low, HAS_B1=b1 is not None, HAS_B2=low and b2 is not None,
-        HIDDEN_ACT=act if low else -1, BLOCK_J=_route_block_j(block_e),
-        BLOCK_R=triton.next_power_of_2(r), KS_P2=triton.next_power_of_2(ks), BLOCK_B=64,
-        GATED=gated, HAS_BU=b_up is not None, ACT=_ffn.ACT_IDS[activation],
-        IEEE=x.dtype == torch.float32, UPCAST=interp,
-        BLOCK_T=cfg.block_t, BLOCK_N=cfg.up_block_n, BLOCK_K=cfg.up_block_k,
-        BLOCK_D=cfg.down_block_d, BLOCK_E=block_e, LOG2_E=block_e.bit_length() - 1, PDL=pdl,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        **({} if interp else {"launch_pdl": pdl}),
-    )
-    _reduce_partials(part, b_down, out, pdl)
-    return out, mask, ok
 
 
 def live_chunks_reference(mask: torch.Tensor, f: int, block_n: int):
