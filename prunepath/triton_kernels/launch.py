@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 
 import torch
@@ -259,14 +258,8 @@ def default_config(t: int, d: int, f: int, sms: int, interpreted: bool,
     # with nn.Linear's W_down: a compacted tile of experts whose size is not a power of two
     # loses its vectorized loads along F there.
     compact = True if one and not linear_down else None
-    cfg = FFNConfig(block_t, up_n, up_k, ks, dn_n, dn_d, s, up_programs=per_sm * sms // t_blocks,
-                    up_fill=0.75, fold_reduce=one, pdl=one or compact_pdl, compact=compact)
-    # tuning aid (bench/ops_gpu.py --sweep finds candidates): FFNConfig fields as JSON that
-    # replace the T <= 2 GPU choice, e.g. PRUNEPATH_TRITON_FFN_T2='{"s": 8, "up_block_k": 128}'
-    override = os.environ.get("PRUNEPATH_TRITON_FFN_T2")
-    if override and one and not interpreted:
-        cfg = dataclasses.replace(cfg, **json.loads(override))
-    return cfg
+    return FFNConfig(block_t, up_n, up_k, ks, dn_n, dn_d, s, up_programs=per_sm * sms // t_blocks,
+                     up_fill=0.75, fold_reduce=one, pdl=one or compact_pdl, compact=compact)
 
 
 def _list_blocks(t: int, e: int, f: int, block_n: int):
