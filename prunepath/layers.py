@@ -21,7 +21,6 @@ per-layer expert keep-mask: static structured pruning) and "dense".
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 from torch import nn
@@ -29,10 +28,6 @@ from torch import nn
 from . import ops
 from .families import Family, FFNWeights, ffn_weights, projections
 from .ops.router_route import fold_standardization
-
-# compiled GPU steps on the masked-dense path route on a side stream inside one custom op
-# (ops.router_masked_dense_ffn; RoutedFFN._masked_dense_with_routing); off until timed on a GPU
-ROUTE_STREAM_IN_COMPILE = os.environ.get("PRUNEPATH_ROUTE_STREAM_IN_COMPILE", "0") == "1"
 
 POLICIES = ("budget", "topk", "threshold", "static", "dense")
 
@@ -381,13 +376,10 @@ class RoutedFFN(nn.Module):
         x2 = x.reshape(-1, shape[-1])
         if self.masked_dense:
             w = self.weights()
-            done = self._masked_dense_with_routing(x2, batch, w)
-            if done is None:
-                done = ops.masked_dense_ffn(
-                    x2, w.w_gate, w.w_up, w.w_down, lambda: self.expert_mask(x2, batch),
-                    activation=self.activation, b_up=w.b_up, b_down=w.b_down,
-                    stream=self.router_stream)
-            return self._finish(*done, shape)
+            y, mask = ops.masked_dense_ffn(
+                x2, w.w_gate, w.w_up, w.w_down, lambda: self.expert_mask(x2, batch),
+                activation=self.activation, b_up=w.b_up, b_down=w.b_down, stream=self.router_stream)
+            return self._finish(y, mask, shape)
         if self.fuse_routing and self.policy in ("budget", "topk"):
             done = self._routed_with_routing(x2, batch)
             if done is not None:
@@ -403,27 +395,6 @@ class RoutedFFN(nn.Module):
                                b_up=w.b_up, b_down=w.b_down,
                                backend=self.ffn_backend or self.backend)
         return self._finish(y, mask, shape)
-
-    def _masked_dense_with_routing(self, x2, batch, w):
-        """``(y, mask)`` from one :func:`prunepath.ops.router_masked_dense_ffn` call while
-        ``torch.compile`` traces a GPU step (its routing stays on a side stream beside the up
-        projections; traced, :func:`~prunepath.ops.masked_dense_ffn`'s callable would run
-        inline first), or None: not compiling, not on a GPU, another policy, no fused router
-        or a replaced ``expert_mask``. Opt-in until timed on a GPU
-        (``PRUNEPATH_ROUTE_STREAM_IN_COMPILE=1``, read at import: :data:`ROUTE_STREAM_IN_COMPILE`)."""
-        if not (ROUTE_STREAM_IN_COMPILE and torch.compiler.is_compiling() and x2.is_cuda):
-            return None
-        if self.policy not in ("budget", "topk") or "expert_mask" in self.__dict__:
-            return None
-        fused = self.fused_router(x2.dtype)
-        if fused is None:
-            return None
-        w1, b1, w2, b2, act = fused
-        budget, lo, hi = self._route_args(x2.shape[0], batch)
-        return ops.router_masked_dense_ffn(
-            x2, w1, w.w_gate, w.w_up, w.w_down, budget, b_router=b1, w_router_out=w2,
-            b_router_out=b2, hidden_activation=act, min_experts=lo, max_experts=hi,
-            activation=self.activation, b_up=w.b_up, b_down=w.b_down, backend=self.backend)
 
     def _routed_with_routing(self, x2, batch):
         """``(y, mask)`` from one :func:`prunepath.ops.router_routed_ffn` call, or None where

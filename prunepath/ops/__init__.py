@@ -12,8 +12,6 @@ a W_down^T, :func:`checks.is_packed_down`, is read that way by :func:`routed_ffn
 :func:`linear` (a decode step's matrix-vector products; C++ kernel on the CPU),
 :func:`masked_dense_ffn` (the same result as :func:`routed_ffn` at dense cost, the routing
 overlapped with the up projections on a side CUDA stream: for near-dense unions),
-:func:`router_masked_dense_ffn` (that with :func:`router_route`'s mask as one custom op, so a
-compiled step keeps the overlap),
 :func:`bind_routed_ffn` / :func:`bind_router_route` (the same ops bound to one layer's weights:
 checks and backend choice once, for decode loops; see :mod:`prunepath.ops.bound`).
 ``backend="auto"`` measures the GPU backends once per shape (:mod:`prunepath.ops.autotune`).
@@ -28,7 +26,7 @@ from .backends import BACKENDS, BackendUnavailable
 from .bound import (BoundRoutedFFN, BoundRouterRoute, BoundRouterRoutedFFN, bind_routed_ffn,
                     bind_router_route)
 from .decode_linear import linear
-from .masked_dense import masked_act, masked_dense_ffn, router_masked_dense_ffn
+from .masked_dense import masked_act, masked_dense_ffn
 from .packed import PackedFFN, prepack_ffn, routed_ffn_packed
 from .reference import ACTIVATIONS
 from .router_route import router_route
@@ -114,7 +112,6 @@ __all__ = [
     "routed_ffn_packed",
     "PackedFFN",
     "masked_dense_ffn",
-    "router_masked_dense_ffn",
     "masked_act",
     "available_backends",
     "ACTIVATIONS",

@@ -19,24 +19,15 @@ The middle step, :func:`masked_act` (``act(g) * u`` with inactive neurons zeroed
 Triton kernel on a GPU (:mod:`prunepath.triton_kernels.masked_act`): the same number of
 kernels as the dense FFN's activation and product, so the mask itself costs nothing.
 :func:`masked_act_reference` defines its semantics.
-
-:func:`router_masked_dense_ffn` is the same with :func:`prunepath.ops.router_route`'s mask, as
-one custom op: ``torch.compile`` traces a callable mask inline (no side stream), but not into
-a custom op, so a compiled step that calls this keeps the overlap in the graph it captures.
 """
 
 from __future__ import annotations
-
-import functools
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from . import backends, checks
 from .reference import activate, neuron_mask
-from .router_route import run as route
-from .router_routed_ffn import check_router_and_ffn
 
 
 def masked_act_reference(g, u, mask, activation: str = "silu") -> torch.Tensor:
@@ -122,71 +113,3 @@ def masked_dense_ffn(
             m.record_stream(main)  # made on the side stream, used (and freed) on this one
     h = _masked_act_checked(g, u, m, activation, backend)  # g, u from checked weights
     return F.linear(h, w_down, b_down), m
-
-
-def router_masked_dense_ffn(
-    x: torch.Tensor,
-    w_router: torch.Tensor,
-    w_gate: torch.Tensor | None,
-    w_up: torch.Tensor,
-    w_down: torch.Tensor,
-    budget=1.0,
-    *,
-    b_router: torch.Tensor | None = None,
-    w_router_out: torch.Tensor | None = None,
-    b_router_out: torch.Tensor | None = None,
-    hidden_activation: str = "gelu",
-    min_experts: int = 1,
-    max_experts: int | None = None,
-    activation: str = "silu",
-    b_up: torch.Tensor | None = None,
-    b_down: torch.Tensor | None = None,
-    backend: str = "auto",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(y, mask)``: :func:`masked_dense_ffn` with :func:`prunepath.ops.router_route`'s mask,
-    as one op (arguments as those two take them; ``backend``: the routing's).
-
-    On a GPU the routing runs on a side stream of the device while the up projections run
-    (as :func:`masked_dense_ffn` with a ``stream``), inside one custom op that
-    ``torch.compile`` does not trace into: a compiled step keeps that overlap in the CUDA graph
-    it captures, where :func:`masked_dense_ffn`'s callable would run inline before the up
-    projections."""
-    e, lo, hi = check_router_and_ffn(x, (w_router, b_router, w_router_out, b_router_out),
-                                     hidden_activation, min_experts, max_experts,
-                                     (w_gate, w_up, w_down, b_up, b_down), activation)
-    name = backends.resolve(backend, x.device, "router_route", (x.dtype, x.shape[1], e))
-    b = checks.budget_tensor(budget, x.shape[0], x.device)
-    return _router_masked_dense_op(x, w_router, b_router, w_router_out, b_router_out,
-                                   hidden_activation, b, lo, hi, w_gate, w_up, w_down,
-                                   activation, b_up, b_down, name)
-
-
-@functools.cache
-def _side_stream(index: int) -> torch.cuda.Stream:
-    """The routing's side stream of CUDA device ``index`` (made once, like the device's own
-    default stream; it holds no state between calls)."""
-    return torch.cuda.Stream(index)
-
-
-@torch.library.custom_op("prunepath_ops::router_masked_dense_ffn", mutates_args=())
-def _router_masked_dense_op(
-    x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: Optional[torch.Tensor],
-    b2: Optional[torch.Tensor], hidden_activation: str, budget: torch.Tensor, lo: int, hi: int,
-    w_gate: Optional[torch.Tensor], w_up: torch.Tensor, w_down: torch.Tensor, activation: str,
-    b_up: Optional[torch.Tensor], b_down: Optional[torch.Tensor], route_backend: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    def mask():
-        return route(route_backend, x, w1, b1, w2, b2, hidden_activation, budget, lo, hi)
-
-    stream = _side_stream(x.device.index if x.device.index is not None
-                          else torch.cuda.current_device()) if x.is_cuda else None
-    return masked_dense_ffn(x, w_gate, w_up, w_down, mask, activation=activation, b_up=b_up,
-                            b_down=b_down, stream=stream)
-
-
-@_router_masked_dense_op.register_fake
-def _(x, w1, b1, w2, b2, hidden_activation, budget, lo, hi, w_gate, w_up, w_down, activation,
-      b_up, b_down, route_backend):
-    e = w1.shape[0] if w2 is None else w2.shape[0]
-    return (x.new_empty((x.shape[0], w_down.shape[0])),
-            torch.empty((x.shape[0], e), dtype=torch.bool, device=x.device))
