@@ -46,24 +46,6 @@ def router_routed_ffn(
     ``y = routed_ffn(x, w_gate, w_up, w_down, mask, ...)``; arguments as those two ops take
     them (the router's E must divide the FFN width). ``backend`` picks the FFN's backend
     ("auto": as :func:`routed_ffn` chooses it); the routing runs on the same one."""
-    e, lo, hi = check_router_and_ffn(x, (w_router, b_router, w_router_out, b_router_out),
-                                     hidden_activation, min_experts, max_experts,
-                                     (w_gate, w_up, w_down, b_up, b_down), activation)
-    if checks.needs_grad(x, w_gate, w_up, w_down, b_up, b_down):
-        backend = "torch"
-    key = (x.dtype, x.shape[1], w_up.shape[0], e, w_gate is not None, x.shape[0])
-    name = backends.resolve(backend, x.device, "routed_ffn", key)
-    return run(name, x, (w_router, b_router, w_router_out, b_router_out), hidden_activation,
-               budget, lo, hi, (w_gate, w_up, w_down, b_up, b_down), activation)
-
-
-def check_router_and_ffn(x, router, hidden_activation, min_experts, max_experts, ffn,
-                         activation):
-    """The checks of an op that routes ``x`` and runs the FFN on the mask: ``router`` =
-    (w_router, b_router, w_router_out, b_router_out), ``ffn`` = (w_gate, w_up, w_down, b_up,
-    b_down); ValueError naming the argument. Returns (E, min_experts, max_experts) resolved."""
-    w_router, b_router, w_router_out, b_router_out = router
-    w_gate, w_up, w_down, b_up, b_down = ffn
     _check(x, w_router, b_router, w_router_out, b_router_out, hidden_activation)
     e = w_router.shape[0] if w_router_out is None else w_router_out.shape[0]
     lo, hi = checks.expert_count_bounds(min_experts, max_experts, e)
@@ -71,7 +53,12 @@ def check_router_and_ffn(x, router, hidden_activation, min_experts, max_experts,
                              dtype=x.dtype, device=x.device, dtype_of="x")
     if w_up.shape[0] % e:
         raise ValueError(f"the router's E={e} experts must divide the FFN width F={w_up.shape[0]}")
-    return e, lo, hi
+    if checks.needs_grad(x, w_gate, w_up, w_down, b_up, b_down):
+        backend = "torch"
+    key = (x.dtype, x.shape[1], w_up.shape[0], e, w_gate is not None, x.shape[0])
+    name = backends.resolve(backend, x.device, "routed_ffn", key)
+    return run(name, x, (w_router, b_router, w_router_out, b_router_out), hidden_activation,
+               budget, lo, hi, (w_gate, w_up, w_down, b_up, b_down), activation)
 
 
 def run(name, x, router, hidden_activation, budget, lo, hi, ffn, activation):

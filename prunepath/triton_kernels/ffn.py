@@ -264,48 +264,20 @@ def _ffn_up_kernel(
         # let the down kernel start (its launch, live list) on SMs this grid leaves
         # free; it waits for this grid to finish before it reads h
         tl.extra.cuda.gdc_launch_dependents()
-    _zero_counters(cnt_ptr, n_cnt, pid, pid_t, BLOCK_CNT)
+    if BLOCK_CNT > 0:
+        # zero the down phase's per-slab arrival counters (it uses them after this grid ends)
+        if (pid == 0) & (pid_t == 0):
+            offs_c = tl.arange(0, BLOCK_CNT)
+            tl.store(cnt_ptr + offs_c, tl.zeros([BLOCK_CNT], dtype=tl.int32), mask=offs_c < n_cnt)
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     t_ok = offs_t < T
     if COMPACT:
         live_e, n_exp = _live_experts(mask_ptr, T, E, stride_mt, LIST_T, BLOCK_E, LOG2_E)
-        n_live = tl.cdiv(n_exp * NE, BLOCK_N)
-        lo = live_e  # unused in this mode
-        hi = live_e
-        pos = live_e
+        n_neur = n_exp * NE
+        n_live = tl.cdiv(n_neur, BLOCK_N)
     else:
         lo, hi, pos, n_live, n_exp = _live_chunks(mask_ptr, T, E, F, NE, stride_mt, BLOCK_N,
                                                   TWO_EXPERTS, LIST_T, BLOCK_E, BLOCK_C)
-        live_e = lo  # unused in this mode
-    _up_work(x_ptr, wg_ptr, wu_ptr, bu_ptr, mask_ptr, out_ptr, hact_ptr, lo, hi, pos,
-             n_live, live_e, n_exp, pid, n_prog, offs_t, t_ok, D, F, NE, up_items,
-             stride_xt, stride_wn, stride_mt, stride_os, stride_og, stride_ot, stride_at,
-             GATED, HAS_BU, ACT, KS, IEEE, UPCAST, TWO_EXPERTS, COMPACT,
-             BLOCK_T, BLOCK_N, BLOCK_K)
-
-
-@triton.jit
-def _zero_counters(cnt_ptr, n_cnt, pid, pid_t, BLOCK_CNT: tl.constexpr):
-    """Program (0, 0) of an up kernel zeroes the down phase's ``n_cnt`` per-slab arrival
-    counters (the down kernel uses them after the up grid ends); BLOCK_CNT 0: none."""
-    if BLOCK_CNT > 0:
-        if (pid == 0) & (pid_t == 0):
-            offs_c = tl.arange(0, BLOCK_CNT)
-            tl.store(cnt_ptr + offs_c, tl.zeros([BLOCK_CNT], dtype=tl.int32), mask=offs_c < n_cnt)
-
-
-@triton.jit
-def _up_work(x_ptr, wg_ptr, wu_ptr, bu_ptr, mask_ptr, out_ptr, hact_ptr, lo, hi, pos,
-             n_live, live_e, n_exp, pid, n_prog, offs_t, t_ok, D, F, NE, up_items,
-             stride_xt, stride_wn, stride_mt, stride_os, stride_og, stride_ot, stride_at,
-             GATED: tl.constexpr, HAS_BU: tl.constexpr, ACT: tl.constexpr, KS: tl.constexpr,
-             IEEE: tl.constexpr, UPCAST: tl.constexpr, TWO_EXPERTS: tl.constexpr,
-             COMPACT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-             BLOCK_K: tl.constexpr):
-    """The up phase's work items after its list (COMPACT: ``live_e``, ``n_exp``; else the
-    chunk list ``lo, hi, pos``; ``n_live`` items of either): program ``pid`` of ``n_prog``
-    takes items pid, pid + n_prog, ..."""
-    n_neur = n_exp * NE
     ks, kpb = _up_splits(n_exp, NE, D, up_items, KS, BLOCK_K, BLOCK_N)
     # work items: (live chunk or tile j, d-split s), item = j * ks + s
     for item in range(pid, n_live * ks, n_prog):
