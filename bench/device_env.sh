@@ -9,11 +9,11 @@ export PYTHONPATH=/tmp/site:$PWD PRUNEPATH_REQUIRE_GPU_BACKENDS=triton PRUNEPATH
   PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader
 
-# run_decode NAME LIMIT [VAR=value ...]: bench/decode.py gpu $DA ${EXTRA} with those variables,
+# run_decode NAME LIMIT [VAR=value ...]: bench/decode.py gpu $DA with those variables,
 # at most LIMIT seconds (no new configuration in the last 30) -> $OUT/dec_NAME
 run_decode() {
   local name=$1 limit=$2; shift 2
   echo "== $name $(el) s"
   env "$@" timeout "$limit" python3 bench/decode.py gpu $DA --deadline $((limit - 30)) \
-    ${EXTRA:-} --out "$OUT/dec_$name" 2>&1 | grep -E "llama|dense|independent|smollm|!!" | tail -8
+    --out "$OUT/dec_$name" 2>&1 | grep -E "llama|dense|independent|smollm|!!" | tail -8
 }
