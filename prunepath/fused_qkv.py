@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .ops.masked_dense import stacked
+
 
 def _projections(attn: nn.Module):
     return attn.q_proj, attn.k_proj, attn.v_proj
@@ -31,39 +33,17 @@ def _attentions(model: nn.Module):
             yield mod
 
 
-def _adjacent(ts) -> bool:
-    """``ts`` are contiguous, consecutive pieces of one storage, in order."""
-    if any(t is None or not t.is_contiguous() for t in ts):
-        return False
-    base = ts[0].untyped_storage().data_ptr()
-    offset = ts[0].storage_offset()
-    for t in ts:
-        if t.untyped_storage().data_ptr() != base or t.storage_offset() != offset:
-            return False
-        offset += t.numel()
-    return True
-
-
-def _joined(ts) -> torch.Tensor:
-    """The one tensor the adjacent pieces ``ts`` make (a view of their storage): contiguous
-    pieces of one row length, so the first piece's strides are the whole's."""
-    first = ts[0]
-    shape = (sum(t.shape[0] for t in ts), *first.shape[1:])
-    return first.as_strided(shape, first.stride(), first.storage_offset())
-
-
 def qkv_view(attn: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """``(weight [Dq + 2 Dkv, d], bias or None)`` of a fused attention, else None."""
     q, k, v = _projections(attn)
-    weights = [q.weight, k.weight, v.weight]
-    if not _adjacent(weights):
+    weight = stacked(q.weight, k.weight, v.weight)
+    if weight is None:
         return None
     biases = [q.bias, k.bias, v.bias]
     if all(b is None for b in biases):
-        return _joined(weights), None
-    if not _adjacent(biases):
-        return None
-    return _joined(weights), _joined(biases)
+        return weight, None
+    bias = stacked(*biases)
+    return None if bias is None else (weight, bias)
 
 
 @torch.no_grad()

@@ -12,6 +12,8 @@ a W_down^T, :func:`checks.is_packed_down`, is read that way by :func:`routed_ffn
 :func:`linear` (a decode step's matrix-vector products; C++ kernel on the CPU),
 :func:`masked_dense_ffn` (the same result as :func:`routed_ffn` at dense cost, the routing
 overlapped with the up projections on a side CUDA stream: for near-dense unions),
+:func:`router_masked_dense_ffn` (the same from the router's weights: the router's projection
+in the up projections' GEMM, the routing in the masked-activation kernel),
 :func:`bind_routed_ffn` / :func:`bind_router_route` (the same ops bound to one layer's weights:
 checks and backend choice once, for decode loops; see :mod:`prunepath.ops.bound`).
 ``backend="auto"`` measures the GPU backends once per shape (:mod:`prunepath.ops.autotune`).
@@ -26,9 +28,9 @@ from .backends import BACKENDS, BackendUnavailable
 from .bound import (BoundRoutedFFN, BoundRouterRoute, BoundRouterRoutedFFN, bind_routed_ffn,
                     bind_router_route)
 from .decode_linear import linear
-from .masked_dense import masked_act, masked_dense_ffn
+from .masked_dense import masked_act, masked_dense_ffn, router_masked_dense_ffn, stacked
 from .packed import PackedFFN, prepack_ffn, routed_ffn_packed
-from .reference import ACTIVATIONS
+from .reference import ACTIVATIONS, activate
 from .router_route import router_route
 from .router_routed_ffn import router_routed_ffn
 
@@ -113,6 +115,9 @@ __all__ = [
     "PackedFFN",
     "masked_dense_ffn",
     "masked_act",
+    "router_masked_dense_ffn",
+    "stacked",
+    "activate",
     "available_backends",
     "ACTIVATIONS",
     "BACKENDS",

@@ -19,6 +19,13 @@ The middle step, :func:`masked_act` (``act(g) * u`` with inactive neurons zeroed
 Triton kernel on a GPU (:mod:`prunepath.triton_kernels.masked_act`): the same number of
 kernels as the dense FFN's activation and product, so the mask itself costs nothing.
 :func:`masked_act_reference` defines its semantics.
+
+:func:`router_masked_dense_ffn` takes the router's weights instead of a mask: the router's
+first projection is one more block of rows of the up projection's GEMM (one GEMM when
+``w_gate``, ``w_up`` and ``w_router`` are consecutive rows of one storage, see
+:func:`stacked`; three otherwise), and :func:`routed_act` routes each token inside the
+masked-activation kernel. So the FFN costs the dense FFN's kernels plus E (or R) rows of
+GEMM: no router kernels, no route kernel.
 """
 
 from __future__ import annotations
@@ -27,7 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from . import backends, checks
-from .reference import activate, neuron_mask
+from .reference import activate, neuron_mask, route_reference
+from .router_route import HIDDEN_ACTIVATIONS, _check as _check_router
 
 
 def masked_act_reference(g, u, mask, activation: str = "silu") -> torch.Tensor:
@@ -113,3 +121,125 @@ def masked_dense_ffn(
             m.record_stream(main)  # made on the side stream, used (and freed) on this one
     h = _masked_act_checked(g, u, m, activation, backend)  # g, u from checked weights
     return F.linear(h, w_down, b_down), m
+
+
+def stacked(*tensors: torch.Tensor | None) -> torch.Tensor | None:
+    """The one tensor that ``tensors`` make when they are contiguous, consecutive pieces (in
+    this order) of one storage with one row length -- a view, no copy -- else None."""
+    if not tensors or any(t is None or not t.is_contiguous() for t in tensors):
+        return None
+    first = tensors[0]
+    ptr, offset = first.untyped_storage().data_ptr(), first.storage_offset()
+    for t in tensors:
+        if (t.untyped_storage().data_ptr() != ptr or t.storage_offset() != offset
+                or t.dtype != first.dtype or t.shape[1:] != first.shape[1:]):
+            return None
+        offset += t.numel()
+    shape = (sum(t.shape[0] for t in tensors), *first.shape[1:])
+    return first.as_strided(shape, first.stride(), first.storage_offset())
+
+
+def routed_act_reference(g, u, z, budget, b_router=None, w_router_out=None, b_router_out=None,
+                         hidden_activation="gelu", min_experts=1, max_experts=None,
+                         activation="silu"):
+    """``(h, mask)``: ``mask`` routed from the router projection ``z`` [T, R] (logits ``z +
+    b_router``, or ``act(z + b_router) @ w_router_out^T + b_router_out``, in fp32), then
+    :func:`masked_act_reference` of it. ``budget`` fp32 [T]."""
+    logits = routed_act_logits(z, b_router, w_router_out, b_router_out, hidden_activation)
+    e = logits.shape[1]
+    mask = route_reference(logits, budget, min_experts, e if max_experts is None else max_experts)
+    return masked_act_reference(g, u, mask, activation), mask
+
+
+def router_masked_dense_ffn(
+    x: torch.Tensor,
+    w_gate: torch.Tensor | None,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    w_router: torch.Tensor,
+    budget=1.0,
+    *,
+    b_router: torch.Tensor | None = None,
+    w_router_out: torch.Tensor | None = None,
+    b_router_out: torch.Tensor | None = None,
+    hidden_activation: str = "gelu",
+    min_experts: int = 1,
+    max_experts: int | None = None,
+    activation: str = "silu",
+    b_up: torch.Tensor | None = None,
+    b_down: torch.Tensor | None = None,
+    w_stacked: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(y, mask)``: :func:`prunepath.ops.router_route` then :func:`masked_dense_ffn`, with
+    the router's first layer computed by the up projection's GEMM and the routing done in
+    the masked-activation kernel (see the module docstring).
+
+    Args as :func:`prunepath.ops.router_route` (the router) and
+    :func:`prunepath.ops.routed_ffn` (the FFN). One GEMM for the up projections and the
+    router when ``w_gate``, ``w_up``, ``w_router`` (or ``w_up``, ``w_router`` for a non-gated
+    FFN) are consecutive rows of one storage (:func:`stacked`; found here in eager calls, but
+    a traced caller -- ``torch.compile`` cannot look at storages -- passes that view as
+    ``w_stacked``, whose shape is checked, not its storage). The router's projection is
+    then rounded to ``x``'s dtype before its bias is added in fp32 (:func:`router_route`
+    keeps it in fp32): a token whose cumulative mass lies within that rounding of the budget
+    can route differently. ``backend`` picks the activation kernel as for :func:`masked_act`
+    ("triton" on a GPU by default, else the torch reference).
+    """
+    if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.dtype not in checks.FLOAT_DTYPES:
+        raise ValueError(f"x must be a float tensor [T, d], got {getattr(x, 'shape', x)!r}")
+    checks.check_ffn_weights(w_gate, w_up, w_down, activation, b_up, b_down, d=x.shape[1],
+                             dtype=x.dtype, device=x.device, dtype_of="x")
+    _check_router(x, w_router, b_router, w_router_out, b_router_out, hidden_activation)
+    e = w_router.shape[0] if w_router_out is None else w_router_out.shape[0]
+    f, r = w_up.shape[0], w_router.shape[0]
+    if f % e:
+        raise ValueError(f"the router's {e} experts must divide the FFN width F={f}")
+    lo, hi = checks.expert_count_bounds(min_experts, max_experts, e)
+    t = x.shape[0]
+    b = checks.budget_tensor(budget, t, x.device, strided_ok=True)
+    rows = [w for w in (w_gate, w_up, w_router) if w is not None]
+    n_rows = sum(w.shape[0] for w in rows)
+    if w_stacked is not None:
+        if (tuple(w_stacked.shape) != (n_rows, x.shape[1]) or w_stacked.dtype != x.dtype
+                or w_stacked.device != x.device):
+            raise ValueError(f"w_stacked must be the [{n_rows}, {x.shape[1]}] {x.dtype} rows of "
+                             f"w_gate, w_up and w_router, got {tuple(w_stacked.shape)} "
+                             f"{w_stacked.dtype} on {w_stacked.device}")
+        joint = w_stacked
+    else:
+        joint = None if torch.compiler.is_compiling() else stacked(*rows)
+    if joint is not None:
+        out = F.linear(x, joint)
+        parts = list(out.split([w.shape[0] for w in rows], dim=1))
+    else:
+        parts = [F.linear(x, w) for w in rows]
+    g, u, z = (None, *parts) if w_gate is None else parts
+    if b_up is not None:
+        u = u + b_up
+    name = _masked_act_backend(backend, x.device)
+    if name == "torch":
+        h, mask = routed_act_reference(g, u, z, b, b_router, w_router_out, b_router_out,
+                                       hidden_activation, lo, hi, activation)
+    else:
+        from prunepath import triton_kernels
+
+        if w_router_out is not None and e > 128:  # the kernel's in-register second layer
+            z = routed_act_logits(z, b_router, w_router_out, b_router_out, hidden_activation)
+            b_router = w_router_out = b_router_out = None  # is for E <= 128
+        c = lambda v: None if v is None else v.contiguous()  # noqa: E731
+        h, mask = triton_kernels.routed_act(g, u, z, c(b_router), c(w_router_out),
+                                            c(b_router_out), hidden_activation, b, lo, hi,
+                                            activation)
+    return F.linear(h, w_down, b_down), mask
+
+
+def routed_act_logits(z, b_router, w_router_out, b_router_out, hidden_activation):
+    """fp32 router logits [T, E] from the router's first projection ``z`` [T, R] (no bias)."""
+    h = z.float() if b_router is None else z.float() + b_router.float()
+    if w_router_out is None:
+        return h
+    if hidden_activation != "none":
+        h = activate(h, hidden_activation)
+    return F.linear(h, w_router_out.float(),
+                    None if b_router_out is None else b_router_out.float())

@@ -9,6 +9,9 @@
   (contiguous expert blocks; what :func:`prunepath.ops.prepack_ffn` makes)
 * ``masked_act(g, u, mask, activation)``: ``act(g) * u`` (or ``act(u)``) with inactive
   experts' neurons zeroed, the middle of :func:`prunepath.ops.masked_dense_ffn`
+* ``routed_act(g, u, z, b1, w2, b2, hidden_activation, budget, min_experts, max_experts,
+  activation)`` -> (h, mask): the same with the mask routed in the kernel from the router's
+  first projection ``z``, the middle of :func:`prunepath.ops.router_masked_dense_ffn`
 
 The custom ops have fake (meta) kernels, so they trace under ``torch.compile`` and can be
 captured in CUDA graphs: no host synchronization, and every allocation depends on shapes
@@ -80,6 +83,31 @@ def _(g, u, mask, activation):
     return torch.empty(u.shape, dtype=u.dtype, device=u.device)
 
 
+@torch.library.custom_op(f"{_NS}::routed_act", mutates_args=())
+def _routed_act_op(g: Optional[torch.Tensor], u: torch.Tensor, z: torch.Tensor,
+                   b1: Optional[torch.Tensor], w2: Optional[torch.Tensor],
+                   b2: Optional[torch.Tensor], hidden_activation: str, budget: torch.Tensor,
+                   min_experts: int, max_experts: int,
+                   activation: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return _masked_act.routed_act(g, u, z, b1, w2, b2, hidden_activation, budget, min_experts,
+                                  max_experts, activation)
+
+
+@_routed_act_op.register_fake
+def _(g, u, z, b1, w2, b2, hidden_activation, budget, min_experts, max_experts, activation):
+    e = z.shape[1] if w2 is None else w2.shape[0]
+    return (torch.empty(u.shape, dtype=u.dtype, device=u.device),
+            torch.empty((u.shape[0], e), dtype=torch.bool, device=u.device))
+
+
+def routed_act(g, u, z, b1, w2, b2, hidden_activation, budget, min_experts, max_experts,
+               activation):
+    """``(h [T, F], mask [T, E])``: routing from the router projection ``z`` [T, R] and the
+    masked activation, one kernel (:func:`.masked_act.routed_act`)."""
+    return _routed_act_op(g, u, z, b1, w2, b2, hidden_activation, budget, min_experts,
+                          max_experts, activation)
+
+
 def masked_act(g, u, mask, activation):
     """``act(g) * u`` (``g`` None: ``act(u)``) [T, F], inactive experts' neurons zeroed."""
     return _masked_act_op(g, u, mask, activation)
@@ -114,5 +142,5 @@ def routed_ffn_packed(x, w_gate, w_up, w_down_t, mask, activation, b_up, b_down)
     return _routed_ffn_op(x, w_gate, w_up, w_down_t, mask, activation, b_up, b_down)
 
 
-__all__ = ["route", "router_route", "routed_ffn", "routed_ffn_packed", "masked_act", "FFNConfig",
-           "default_config"]
+__all__ = ["route", "router_route", "routed_ffn", "routed_ffn_packed", "masked_act", "routed_act",
+           "FFNConfig", "default_config"]

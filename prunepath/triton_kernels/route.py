@@ -257,7 +257,8 @@ def _low_rank_logits(z_ptr, w2_ptr, b1_ptr, b2_ptr, t, offs_e, e_ok, R, KS,
     if PDL:
         tl.extra.cuda.gdc_wait()
     zr = tl.sum(tl.load(z_ptr + offs_s[:, None] * stride_zs + t * stride_zt + offs_r[None, :],
-                        mask=(offs_s < KS)[:, None] & r_ok[None, :], other=0.0), axis=0)
+                        mask=(offs_s < KS)[:, None] & r_ok[None, :], other=0.0).to(tl.float32),
+                axis=0)
     if HAS_B1:
         zr += b1
     if HIDDEN_ACT >= 0:
