@@ -27,10 +27,12 @@ How one generation runs:
    same captured graph: nothing is recaptured or recompiled.
 
 ``ffn_path`` chooses how routed FFNs run during decode: ``"sparse"`` (block-sparse kernels
-read only the active experts), ``"dense"`` (:func:`prunepath.ops.masked_dense_ffn`: the dense
-matmuls over every expert with the inactive neurons zeroed -- same result, dense cost; on a
-GPU the routing runs on a side stream while the up projections stream the weights, and the
-mask is applied inside the activation kernel, so this path costs what the dense FFN costs) or ``"auto"``
+read only the active experts), ``"dense"`` (the dense matmuls over every expert with the
+inactive neurons zeroed -- same result, dense cost: :func:`prunepath.ops.router_masked_dense_ffn`
+for the usual folded routers, whose projection is a few more rows of the up GEMM when the
+weights are stacked (``stack_ffn``) and whose routing runs inside the activation kernel -- an
+H100 compiled batch-8 step costs 1.03x the dense one, BENCHMARKS.md session 21 -- else
+:func:`prunepath.ops.masked_dense_ffn`, the mask made first) or ``"auto"``
 (default): one step of each is timed once per budget on the live cache (after capturing
 both, with CUDA graphs) and the faster one runs, so decoding is never slower than dense
 when the union of a batch's experts is nearly everything. On a GPU the sparse candidates
@@ -283,6 +285,12 @@ class Decoder:
             thread instead of two small single-threaded ones; both measured in BENCHMARKS.md);
             ``False`` leaves the model's layout alone;
             ``prunepath.fused_qkv.unfuse(model)`` restores it.
+        stack_ffn: store each gated MLP's W_gate and W_up (and a routed layer's folded
+            router) as rows of one tensor (:mod:`prunepath.stacked_ffn`: same values, no
+            extra memory) so a dense FFN computes both up projections with one product, and
+            the masked-dense FFN path those and the router's projection with one product
+            (the routing then runs inside its activation kernel). Default ``None``: on for a
+            GPU model; ``prunepath.stacked_ffn.unstack(model)`` restores the layout.
         fuse_routing: sparse steps run each routed layer's routing and FFN as one
             :func:`prunepath.ops.router_routed_ffn` call (``RoutedFFN.fuse_routing``). Default
             ``None``: the layers' own setting (off unless set; no gain measured on a CPU or an
@@ -303,6 +311,7 @@ class Decoder:
         packed_down: bool | None = None,
         step: str = "auto",
         fuse_qkv: bool | None = None,
+        stack_ffn: bool | None = None,
         fuse_routing: bool | None = None,
     ):
         from transformers import StaticCache
@@ -349,6 +358,12 @@ class Decoder:
 
             step = "hf" if unsupported(model, max_length) else "lean"
         self.step_kind = step
+        if stack_ffn is None:
+            stack_ffn = self.device.type == "cuda"
+        if stack_ffn:
+            from . import stacked_ffn
+
+            stacked_ffn.stack(model)
         if step == "lean":
             from . import fused_qkv
             from .lean_step import LeanStep
@@ -450,11 +465,15 @@ class Decoder:
 
     def _prepare_routers(self) -> None:
         """Fold (or refresh in place) every routed layer's fused router before a step is
-        captured or replayed: a replayed graph reads the cached folded tensors."""
+        captured or replayed: a replayed graph reads the cached folded tensors; and let each
+        find its stacked weight views (a traced step reads what it found)."""
         for m in self.layers:
             fold = getattr(m, "fused_router", None)
             if fold is not None:
                 fold(self.dtype)
+            views = getattr(m, "stacked_views", None)
+            if views is not None:
+                views()
 
     def _step_fn(self, greedy: bool, top_k: int | None, path: str):
         """A callable that runs one decode step (captured / compiled on first use). Call it

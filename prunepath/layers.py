@@ -96,9 +96,12 @@ class RoutedFFN(nn.Module):
 
     ``ffn_backend`` (attribute, default ``None`` = same as ``backend``) overrides the backend
     of ``ops.routed_ffn`` alone; routing keeps ``backend``. ``masked_dense`` (attribute,
-    default ``False``): the FFN runs :func:`prunepath.ops.masked_dense_ffn` instead (same
-    result, dense cost; the routing on ``router_stream``, a CUDA stream, overlapped with the
-    up projections) -- the decoder's "dense" FFN path for near-dense unions.
+    default ``False``): the FFN runs at dense cost with the same result -- the decoder's
+    "dense" FFN path for near-dense unions: :func:`prunepath.ops.router_masked_dense_ffn`
+    where the router has a folded form (the router's projection in the up GEMM when
+    :mod:`prunepath.stacked_ffn` laid the weights out, the routing inside the activation
+    kernel), else :func:`prunepath.ops.masked_dense_ffn` (the mask first; on
+    ``router_stream``, a CUDA stream, beside the up projections in eager and graph steps).
 
     ``fuse_router`` (attribute, default ``True``): when the router is a plain
     :class:`~prunepath.routers.LinearRouter` or :class:`~prunepath.routers.MLPRouter` and the
@@ -151,6 +154,11 @@ class RoutedFFN(nn.Module):
         # the hidden state; routing runs on ``router_stream`` (CUDA) beside the up projections
         self.masked_dense = False
         self.router_stream = None
+        # rows of the FFN's stacked up-projection storage that hold the folded router's first
+        # layer (prunepath.stacked_ffn.stack), so one GEMM makes g, u and the router projection
+        self.router_rows: torch.Tensor | None = None
+        self._stacked_views = (None, None)  # what stacked_views() last found (eagerly)
+        self._maybe_stacked = False  # set by stacked_ffn.stack: stacked_views() looks at storages
         self._fused = None  # (shape key, versions, (w1, b1, w2, b2, activation)) cache
         self._dense_budget = True  # host-side: every budget is exactly 1.0 (exact dense path)
         self._seq_shape: tuple[int, int] | None = None  # (B, S) for flattened-input families
@@ -315,6 +323,11 @@ class RoutedFFN(nn.Module):
                 self._fused = (key, versions, cached[2])
             return cached[2]
         folded = self._fold_router(src, dtype)
+        rows = self.router_rows
+        if (rows is not None and rows.shape == folded[0].shape and rows.dtype == folded[0].dtype
+                and rows.device == folded[0].device):
+            rows.copy_(folded[0])  # the first layer lives in the stacked up-projection storage
+            folded = (rows, *folded[1:])
         for t in folded[:4]:
             if t is not None:
                 try:  # compiled steps (cudagraph trees) then read them in place, uncopied
@@ -372,9 +385,12 @@ class RoutedFFN(nn.Module):
         if dense:
             if self.record_stats:
                 self._record_dense(x.numel() // shape[-1])
-            return self.base(x)
+            return self._dense(x)
         x2 = x.reshape(-1, shape[-1])
         if self.masked_dense:
+            done = self._router_masked_dense(x2, batch)
+            if done is not None:
+                return self._finish(*done, shape)
             w = self.weights()
             y, mask = ops.masked_dense_ffn(
                 x2, w.w_gate, w.w_up, w.w_down, lambda: self.expert_mask(x2, batch),
@@ -395,6 +411,49 @@ class RoutedFFN(nn.Module):
                                b_up=w.b_up, b_down=w.b_down,
                                backend=self.ffn_backend or self.backend)
         return self._finish(y, mask, shape)
+
+    def stacked_views(self):
+        """``([W_gate; W_up] [2F, d], [W_gate; W_up; router_rows])`` views where
+        :mod:`prunepath.stacked_ffn` laid them out as one storage, else ``None`` each. Found
+        by a host-side look at the storages in eager calls; a traced step (``torch.compile``
+        cannot look) reads what the last eager call found -- the Decoder calls this before
+        every decode."""
+        if torch.compiler.is_compiling() or not self._maybe_stacked:
+            return self._stacked_views if self._maybe_stacked else (None, None)
+        w = self.weights()
+        gu = None if w.w_gate is None or w.b_up is not None else ops.stacked(w.w_gate, w.w_up)
+        rows = self.router_rows
+        self._stacked_views = (gu, None if gu is None or rows is None else ops.stacked(gu, rows))
+        return self._stacked_views
+
+    def _dense(self, x):
+        """The original FFN; one GEMM for both up projections where they are stacked
+        (:mod:`prunepath.stacked_ffn`)."""
+        joint = self.stacked_views()[0]
+        if joint is None:
+            return self.base(x)
+        w = self.weights()
+        g, u = torch.nn.functional.linear(x, joint).chunk(2, dim=-1)
+        return torch.nn.functional.linear(ops.activate(g, self.activation) * u, w.w_down, w.b_down)
+
+    def _router_masked_dense(self, x2, batch):
+        """``(y, mask)`` from :func:`prunepath.ops.router_masked_dense_ffn` (the router in the
+        up GEMM when stacked, the routing in the activation kernel), or None where the router
+        has no folded form, the policy is not "budget"/"topk", or this instance's
+        ``expert_mask`` was replaced (custom routing): the mask-first path."""
+        if "expert_mask" in self.__dict__ or self.policy not in ("budget", "topk"):
+            return None
+        fused = self.fused_router(x2.dtype)
+        if fused is None:
+            return None
+        w1, b1, w2, b2, act = fused
+        budget, lo, hi = self._route_args(x2.shape[0], batch)
+        w = self.weights()
+        joint = self.stacked_views()[1] if w1 is self.router_rows else None
+        return ops.router_masked_dense_ffn(
+            x2, w.w_gate, w.w_up, w.w_down, w1, budget, b_router=b1, w_router_out=w2,
+            b_router_out=b2, hidden_activation=act, min_experts=lo, max_experts=hi,
+            activation=self.activation, b_up=w.b_up, b_down=w.b_down, w_stacked=joint)
 
     def _routed_with_routing(self, x2, batch):
         """``(y, mask)`` from one :func:`prunepath.ops.router_routed_ffn` call, or None where

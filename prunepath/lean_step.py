@@ -13,7 +13,8 @@ gpt-fast writes a decode step:
                 cache[slot] = k, v                             (index_copy_ at device slots)
                 h += o_proj(softmax(q k^T * scale + mask) v)   (one token: a grouped matmul;
                                                                 prompts: SDPA, no [T, L] scores)
-                h += mlp(post_norm(h))                         (the routed FFN or the dense MLP)
+                h += mlp(post_norm(h))                         (the routed FFN or the dense MLP;
+                                                                one up product when stacked_ffn.stack)
     logits = lm_head(norm(h[:, -1]))
 
 Every length is static (the cache holds ``max_length`` slots and attention reads all of
@@ -31,6 +32,7 @@ import torch.nn.functional as F
 
 from . import fast_linear, ops
 from .fused_qkv import qkv_view
+from .stacked_ffn import gate_up_view
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -55,6 +57,13 @@ def unsupported(model, max_length: int) -> str | None:
     if rope is None or "dynamic" in rope:  # dynamic rope rescales with the length seen so far
         return f"step='lean' needs a rotary embedding with fixed frequencies, got {rope!r}"
     return None
+
+
+def _plain_gated_mlp(mlp) -> bool:
+    """The MLP of a :data:`FAMILIES` model (``down(act_fn(gate(x)) * up(x))``), not wrapped."""
+    return (all(isinstance(getattr(mlp, n, None), torch.nn.Linear)
+                for n in ("gate_proj", "up_proj", "down_proj"))
+            and callable(getattr(mlp, "act_fn", None)))
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -96,6 +105,10 @@ class LeanStep:
         self.cos, self.sin = cos[0], sin[0]  # [max_length, head_dim]
         # per layer: (weight [Dq + 2 Dkv, d], bias) where q/k/v are fused (fused_qkv.fuse)
         self.qkv = [qkv_view(layer.self_attn) for layer in self.layers]
+        # per layer: a dense MLP's [W_gate; W_up] [2F, d] where stacked (stacked_ffn.stack;
+        # a routed layer does its own)
+        self.gate_up = [gate_up_view(layer.mlp) if _plain_gated_mlp(layer.mlp) else None
+                        for layer in self.layers]
 
     def tensors(self) -> list[torch.Tensor]:
         """The device tensors a step reads or writes besides the model's own (the caches, the
@@ -103,6 +116,7 @@ class LeanStep:
         them as static addresses (``torch._dynamo.mark_static_address``), or its CUDA graphs
         would copy them in per replay, or, as the caches are written, not be used at all."""
         fused = [t for wb in self.qkv if wb is not None for t in wb if t is not None]
+        fused += [t for t in self.gate_up if t is not None]
         return [self.slot, self._slots, self.cos, self.sin, *self.k_cache, *self.v_cache, *fused]
 
     def reset(self) -> None:
@@ -128,9 +142,16 @@ class LeanStep:
         for i, layer in enumerate(self.layers):
             h = h + self._attention(layer.self_attn, layer.input_layernorm(h), i, slots,
                                     cos, sin, allowed)
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            h = h + self._mlp(layer.mlp, layer.post_attention_layernorm(h), i)
         self.slot += t
         return self.model.lm_head(self.base.norm(h[:, -1]))
+
+    def _mlp(self, mlp, x, i):
+        joint = self.gate_up[i]
+        if joint is None:
+            return mlp(x)
+        g, u = F.linear(x, joint).chunk(2, dim=-1)
+        return mlp.down_proj(mlp.act_fn(g) * u)
 
     def _attention(self, attn, x, i, slots, cos, sin, allowed):
         b, t, _ = x.shape
