@@ -279,6 +279,29 @@ def install_router_logits(model, chosen: torch.Tensor, dtype: torch.dtype) -> No
     prunepath.set_budget(model, 1.0 - 0.5 / k)
 
 
+def routing_union(model, ids: torch.Tensor) -> tuple[float, float]:
+    """(union density, expert density per token) of the model's own routing at its budgets:
+    each RoutedFFN routes its input at the last position of every row of ``ids`` [B, S]
+    (one eager forward; what ``--mask-source router`` reports, averaged over layers)."""
+    from prunepath.budget import routed_layers
+
+    seen = []
+
+    def grab(module, args):
+        x = args[0][:, -1]
+        seen.append(module.expert_mask(x.reshape(-1, x.shape[-1]), x.shape[0]))
+
+    hooks = [m.register_forward_pre_hook(grab) for m in routed_layers(model)]
+    try:
+        with torch.no_grad():
+            model(ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    masks = torch.stack(seen).float()  # [L, B, E]
+    return masks.amax(1).mean().item(), masks.mean().item()
+
+
 def union_density(chosen: torch.Tensor) -> float:
     """Mean over layers and steps of the fraction of experts some token of the batch uses."""
     return chosen.any(dim=2).float().mean().item()
@@ -550,7 +573,8 @@ def gpu_suite(args) -> list[dict]:
             profile_this = args.profile and mode != "compile"
 
             def dense_run():
-                dec = Decoder(model, batch, max_len, mode=mode, step=step, fuse_qkv=args.fuse_qkv)
+                dec = Decoder(model, batch, max_len, mode=mode, step=step, fuse_qkv=args.fuse_qkv,
+                              stack_ffn=args.stack_ffn)
                 t, prof, peak = measure(dec, model, prompt, batch, profile_this)
                 ms = t["ms_per_step"]
                 row = Row(name, batch, "dense", 0.0, 1.0, ms, batch * 1e3 / ms,
@@ -569,6 +593,8 @@ def gpu_suite(args) -> list[dict]:
                                                   router_rank=args.router_rank,
                                                   prefill="dense", backend=args.backend))
             kinds = ["independent"] if batch == 1 else list(MASK_MODELS)
+            if args.mask_source == "router":
+                kinds = ["router"]
             configs = [(s_, kind, "") for s_ in args.sparsities for kind in kinds]
             logits = args.mask_source == "logits"
             if logits and batch > 1:
@@ -579,7 +605,7 @@ def gpu_suite(args) -> list[dict]:
                             for s_ in args.sparsities if s_ in (0.5, 0.75)]
             dec = Decoder(model, batch, max_len, mode=mode, ffn_path=args.ffn_path, step=step,
                           packed_down=args.packed_down, fuse_qkv=args.fuse_qkv,
-                          fuse_routing=args.fuse_routing)
+                          fuse_routing=args.fuse_routing, stack_ffn=args.stack_ffn)
             for sparsity, kind, variant in configs:
                 if time_left() < 10:
                     log(f"[deadline: {name} B={batch} s={sparsity} {kind} {variant} skipped]")
@@ -599,7 +625,9 @@ def gpu_suite(args) -> list[dict]:
                         pop = None
                     chosen = make_bank(cfg.num_hidden_layers, args.bank_steps, batch, e, k, pop,
                                        seed=batch * 100 + k)
-                    if logits:
+                    if kind == "router":  # the routers' own masks at budget 1 - sparsity
+                        prunepath.set_budget(model, 1.0 - sparsity)
+                    elif logits:
                         install_router_logits(model, chosen, dtype)
                     else:
                         install_masks(model, chosen, project=variant != "norouter")
@@ -607,8 +635,13 @@ def gpu_suite(args) -> list[dict]:
                     if variant:  # a fresh decoder: its steps capture the variant's kernels
                         used = Decoder(model, batch, max_len, mode=mode, ffn_path=args.ffn_path,
                                        record_stats=variant == "stats", step=step,
-                                       fuse_qkv=args.fuse_qkv, fuse_routing=args.fuse_routing)
+                                       fuse_qkv=args.fuse_qkv, fuse_routing=args.fuse_routing,
+                                       stack_ffn=args.stack_ffn)
                     u = union_density(chosen)
+                    if kind == "router":
+                        u, density = routing_union(model, prompt)
+                        k = density * e
+                        info = {"budget": 1.0 - sparsity, "experts_per_token": k}
                     profile = profile_this and batch in (1, 8)
                     t, prof, peak = measure(used, model, prompt, batch, profile)
                     ms = t["ms_per_step"]
@@ -882,11 +915,17 @@ def parse_args(argv=None):
     p.add_argument("--fuse-qkv", default="auto", choices=("auto", "on", "off"),
                    help="lean step: q/k/v weights fused into one product (prunepath.fused_qkv); "
                    "auto: Decoder's default (on)")
-    p.add_argument("--mask-source", default="where", choices=("where", "logits"),
+    p.add_argument("--mask-source", default="where", choices=("where", "logits", "router"),
                    help="gpu suite: how the synthetic expert sets reach the routed FFNs: where "
                    "(MaskInjector: the real routing runs, then its mask is replaced) or logits "
                    "(LogitInjector: the router's logits are set so the real routing picks "
-                   "them; batch 1 only; needed by --fuse-routing on)")
+                   "them; batch 1 only; needed by --fuse-routing on); router: no synthetic "
+                   "sets, the random routers' own routing at budget 1 - sparsity (the only "
+                   "source the masked-dense path's in-kernel routing sees; the union and "
+                   "experts per token are measured and reported)")
+    p.add_argument("--stack-ffn", default="auto", choices=("auto", "on", "off"),
+                   help="Decoder(stack_ffn=...): W_gate, W_up (and the router) as one product "
+                   "(prunepath.stacked_ffn); auto: the Decoder's default (on for a GPU)")
     p.add_argument("--fuse-routing", default="off", choices=("off", "on"),
                    help="Decoder(fuse_routing=...): routing and the routed FFN as one op "
                    "(prunepath.ops.router_routed_ffn)")
@@ -920,6 +959,7 @@ def parse_args(argv=None):
                    "so (Decoder(packed_down=True))")
     a = p.parse_args(argv)
     a.fuse_qkv = {"auto": None, "on": True, "off": False}[a.fuse_qkv]
+    a.stack_ffn = {"auto": None, "on": True, "off": False}[a.stack_ffn]
     a.fuse_routing = a.fuse_routing == "on"
     if a.fuse_routing and a.suite == "gpu" and a.mask_source != "logits":
         p.error("--fuse-routing on routes inside the FFN op, past MaskInjector: "

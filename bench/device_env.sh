@@ -15,5 +15,5 @@ run_decode() {
   local name=$1 limit=$2; shift 2
   echo "== $name $(el) s"
   env "$@" timeout "$limit" python3 bench/decode.py gpu $DA --deadline $((limit - 30)) \
-    --out "$OUT/dec_$name" 2>&1 | grep -E "llama|dense|independent|smollm|!!" | tail -8
+    --out "$OUT/dec_$name" 2>&1 | grep -E "llama|dense|independent|smollm|router|!!" | tail -8
 }

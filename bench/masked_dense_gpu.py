@@ -12,7 +12,16 @@ over copies larger than L2; bench/ops_gpu.py's timers):
 * ``masked_serial``: routing, then the masked-dense FFN (one stream);
 * ``masked_overlap``: the same with the routing on a side stream beside the up projections
   (what ``Decoder(ffn_path="dense")`` runs);
-* ``sparse_triton``: routing, then ``ops.routed_ffn(backend="triton")`` on the same masks.
+* ``sparse_triton``: routing, then ``ops.routed_ffn(backend="triton")`` on the same masks;
+* ``dense_fused_act``: ``dense`` with SiLU and the product as one kernel (torch.compile'd, as
+  inductor runs it in a compiled step);
+* ``dense_stacked``: that with ``W_gate`` and ``W_up`` as rows of one storage (one GEMM);
+* ``router_masked``: :func:`prunepath.ops.router_masked_dense_ffn` (the router's projection
+  as a third up GEMM, the routing inside the masked-activation kernel);
+* ``gemm_up`` / ``gemm_up_router`` / ``silu_mul`` / ``routed_act``: the pieces of the two
+  stacked paths alone (the routed activation kernel on the GEMM's output);
+* ``router_masked_stacked``: the same with ``W_gate``, ``W_up`` and the router's first layer
+  as rows of one storage: one GEMM for all three (what ``prunepath.stacked_ffn`` lays out).
 
     python bench/masked_dense_gpu.py --out bench/results/masked_dense_gpu.json
 """
@@ -26,13 +35,14 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from ops_gpu import dense_ffn, make_copies, time_graph  # noqa: E402
 
-from prunepath import ops  # noqa: E402
+from prunepath import ops, triton_kernels  # noqa: E402
 from prunepath.eval.sweep import write_json_atomic  # noqa: E402
 
 
@@ -54,6 +64,22 @@ def case(copies, d, f, e, t, budget, gen, rank=64):
     union = float(mask.any(0).float().mean())
     k = float(mask.sum(1).float().mean())
 
+    for c in copies:  # [W_gate; W_up; W_router] as rows of one storage
+        c["joint"] = torch.cat([c["wg"], c["wu"], w1])
+    silu_mul = torch.compile(lambda g, u: F.silu(g) * u)
+
+    def rmd(i, stack):
+        c = copies[i]
+        wg, wu, wr = c["joint"].split([f, f, rank]) if stack else (c["wg"], c["wu"], w1)
+        return ops.router_masked_dense_ffn(x, wg, wu, c["wd"], wr, b, b_router=b1,
+                                           w_router_out=w2, b_router_out=b2,
+                                           hidden_activation="gelu")[0]
+
+    def dense_stacked(i):
+        c = copies[i]
+        g, u = F.linear(x, c["joint"][: 2 * f]).split([f, f], dim=1)
+        return F.linear(silu_mul(g, u), c["wd"])
+
     def md(i, m, stream=None):
         c = copies[i]
         return ops.masked_dense_ffn(x, c["wg"], c["wu"], c["wd"], m, stream=stream)[0]
@@ -66,8 +92,27 @@ def case(copies, d, f, e, t, budget, gen, rank=64):
         "masked_overlap": lambda i: md(i, route, side),
         "sparse_triton": lambda i: ops.routed_ffn(x, copies[i]["wg"], copies[i]["wu"],
                                                   copies[i]["wd"], route(), backend="triton"),
+        "dense_fused_act": lambda i: F.linear(silu_mul(F.linear(x, copies[i]["wg"]),
+                                                       F.linear(x, copies[i]["wu"])), copies[i]["wd"]),
+        "dense_stacked": dense_stacked,
+        "router_masked": lambda i: rmd(i, False),
+        "router_masked_stacked": lambda i: rmd(i, True),
+        # the pieces: the stacked up GEMM without / with the router rows, the activations
+        "gemm_up": lambda i: F.linear(x, copies[i]["joint"][: 2 * f]),
+        "gemm_up_router": lambda i: F.linear(x, copies[i]["joint"]),
+        "silu_mul": lambda i: silu_mul(gu[:, :f], gu[:, f:2 * f]),
+        "routed_act": lambda i: triton_kernels.routed_act(gu[:, :f], gu[:, f:2 * f], gu[:, 2 * f:], b1, w2,
+                                                          b2, "gelu", b, 1, e, "silu"),
     }
-    row = {"d": d, "f": f, "e": e, "t": t, "budget": budget, "union": union, "experts_per_token": k}
+    for w in (1, 2, 4):  # the routed activation kernel's warps (8 above, its default)
+        fns[f"routed_act_w{w}"] = lambda i, w=w: triton_kernels._masked_act.routed_act(
+            gu[:, :f], gu[:, f:2 * f], gu[:, 2 * f:], b1, w2, b2, "gelu", b, 1, e, "silu", num_warps=w)
+    gu = F.linear(x, copies[0]["joint"])
+    ym = rmd(0, True)  # the same FFN (masks equal up to rounding at the budget)
+    yr = ops.masked_dense_ffn(x, copies[0]["wg"], copies[0]["wu"], copies[0]["wd"], route)[0]
+    rel = float((ym.float() - yr.float()).norm() / yr.float().norm())
+    row = {"d": d, "f": f, "e": e, "t": t, "budget": budget, "union": union, "experts_per_token": k,
+           "router_masked_vs_masked_rel": rel}
     for name, fn in fns.items():
         row[name + "_us"] = time_graph(fn, n) * 1e3
     return row
@@ -86,7 +131,9 @@ def main(argv=None):
     gen = torch.Generator(device="cuda").manual_seed(0)
     copies = make_copies(d, f, torch.bfloat16, a.copies, gen)
     rows = [case(copies, d, f, a.experts, int(t), a.budget, gen) for t in a.tokens.split(",")]
-    cols = ["dense", "router", "masked_act_only", "masked_serial", "masked_overlap", "sparse_triton"]
+    cols = ["dense", "dense_fused_act", "dense_stacked", "router", "masked_act_only", "masked_serial",
+            "masked_overlap", "router_masked", "router_masked_stacked", "sparse_triton", "gemm_up",
+            "gemm_up_router", "silu_mul", "routed_act", "routed_act_w1", "routed_act_w2", "routed_act_w4"]
     print(f"{torch.cuda.get_device_name()}, {a.shape} bf16, E={a.experts}, budget {a.budget}, CUDA graphs, us")
     print("| T | union | " + " | ".join(cols) + " |")
     print("|---|---|" + "---|" * len(cols))

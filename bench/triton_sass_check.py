@@ -9,7 +9,8 @@ load/matrix instructions in the SASS: weight tiles should use 16-byte loads
 
     python bench/triton_sass_check.py
 
-It also reports the route kernel's registers and spills for E = 64 .. 896 (the sorting tail
+It also reports the masked-dense path's routed activation kernel (E = 64 .. 448) and the
+route kernel's registers and spills for E = 64 .. 896 (the sorting tail
 above 128 experts, session 10), and checks the compacted small-expert FFN (E = 448 and 896
 on 4096 x 14336, both W_down layouts; session 11).
 """
@@ -143,8 +144,32 @@ def router_out_kernel(rank=64, ks=2):
     return compile_for_sm90(route._router_out_kernel, sig, consts, num_warps=4)
 
 
+def routed_act_kernel(e, low_rank, f=14336, rank=64):
+    """The masked-dense path's routed activation kernel as ``masked_act.routed_act`` launches
+    it for ``e`` experts on an FFN ``f`` wide (bf16 g/u/z/h, fp32 router tensors)."""
+    ma = importlib.import_module("prunepath.triton_kernels.masked_act")
+    epb, block_n = ma._routed_act_blocks(e, f // e)
+    block_e = triton.next_power_of_2(e)
+    sig = {n: "i32" for n in ma._routed_act_kernel.arg_names}
+    sig.update({n: "*bf16" for n in ("g_ptr", "u_ptr", "z_ptr", "h_ptr")})
+    sig.update({n: "*fp32" for n in ("b1_ptr", "w2_ptr", "b2_ptr", "budget_ptr")})
+    sig["mask_ptr"] = "*u8"
+    consts = dict(GATED=True, ACT=0, LOW_RANK=low_rank, HAS_B1=True, HAS_B2=low_rank,
+                  HIDDEN_ACT=1 if low_rank else -1, BLOCK_E=block_e, BLOCK_J=min(block_e, 128),
+                  BLOCK_R=rank if low_rank else block_e, EPB=epb, BLOCK_N=block_n,
+                  ONE_CHUNK=f // e <= block_n)
+    return compile_for_sm90(ma._routed_act_kernel, sig, consts, num_warps=8)
+
+
 def main():
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    print(f"{'routed activation kernel (F = 14336)':44} {'reg':>4} {'stack':>5} {'local':>5}")
+    for e, low in ((64, True), (64, False), (128, True), (448, False)):
+        r = inspect(routed_act_kernel(e, low))
+        flag = "" if r["local"] == 0 and r["stack"] == 0 else "  <-- spills"
+        print(f"{'E=' + str(e) + (' low-rank router' if low else ' linear router'):44} "
+              f"{r['reg']:>4} {r['stack']:>5} {r['local']:>5}{flag}")
+    print()
     print(f"{'route kernel':44} {'reg':>4} {'stack':>5} {'local':>5}")
     for e in (64, 128, 448, 896):
         for low in (False, True):
