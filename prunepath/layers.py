@@ -27,6 +27,7 @@ from torch import nn
 
 from . import ops
 from .families import Family, FFNWeights, ffn_weights, projections
+from .ops.reference import activate
 from .ops.router_route import fold_standardization
 
 POLICIES = ("budget", "topk", "threshold", "static", "dense")
@@ -434,7 +435,7 @@ class RoutedFFN(nn.Module):
             return self.base(x)
         w = self.weights()
         g, u = torch.nn.functional.linear(x, joint).chunk(2, dim=-1)
-        return torch.nn.functional.linear(ops.activate(g, self.activation) * u, w.w_down, w.b_down)
+        return torch.nn.functional.linear(activate(g, self.activation) * u, w.w_down, w.b_down)
 
     def _router_masked_dense(self, x2, batch):
         """``(y, mask)`` from :func:`prunepath.ops.router_masked_dense_ffn` (the router in the

@@ -62,7 +62,7 @@ def _is_stacked(mlp, layer) -> bool:
         return False
     if layer is None or _router_first_layer(layer) is None:
         return True
-    rows = layer.__dict__.get("router_rows")
+    rows = layer.router_rows
     return rows is not None and stacked(joint, rows) is not None
 
 

@@ -30,7 +30,7 @@ from .bound import (BoundRoutedFFN, BoundRouterRoute, BoundRouterRoutedFFN, bind
 from .decode_linear import linear
 from .masked_dense import masked_act, masked_dense_ffn, router_masked_dense_ffn, stacked
 from .packed import PackedFFN, prepack_ffn, routed_ffn_packed
-from .reference import ACTIVATIONS, activate
+from .reference import ACTIVATIONS
 from .router_route import router_route
 from .router_routed_ffn import router_routed_ffn
 
@@ -117,7 +117,6 @@ __all__ = [
     "masked_act",
     "router_masked_dense_ffn",
     "stacked",
-    "activate",
     "available_backends",
     "ACTIVATIONS",
     "BACKENDS",

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from . import backends, checks
 from .reference import activate, neuron_mask, route_reference
-from .router_route import HIDDEN_ACTIVATIONS, _check as _check_router
+from .router_route import _check as _check_router
 
 
 def masked_act_reference(g, u, mask, activation: str = "silu") -> torch.Tensor:
