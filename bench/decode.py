@@ -288,8 +288,8 @@ def routing_union(model, ids: torch.Tensor) -> tuple[float, float]:
     seen = []
 
     def grab(module, args):
-        x = args[0][:, -1]
-        seen.append(module.expert_mask(x.reshape(-1, x.shape[-1]), x.shape[0]))
+        x = args[0][:, -1]  # [B, d]
+        seen.append(module.expert_mask(x, x.shape[0]))
 
     hooks = [m.register_forward_pre_hook(grab) for m in routed_layers(model)]
     try:
@@ -623,8 +623,9 @@ def gpu_suite(args) -> list[dict]:
                                                    batch)
                     else:
                         pop = None
-                    chosen = make_bank(cfg.num_hidden_layers, args.bank_steps, batch, e, k, pop,
-                                       seed=batch * 100 + k)
+                    chosen = None if kind == "router" else make_bank(
+                        cfg.num_hidden_layers, args.bank_steps, batch, e, k, pop,
+                        seed=batch * 100 + k)
                     if kind == "router":  # the routers' own masks at budget 1 - sparsity
                         prunepath.set_budget(model, 1.0 - sparsity)
                     elif logits:
@@ -637,11 +638,12 @@ def gpu_suite(args) -> list[dict]:
                                        record_stats=variant == "stats", step=step,
                                        fuse_qkv=args.fuse_qkv, fuse_routing=args.fuse_routing,
                                        stack_ffn=args.stack_ffn)
-                    u = union_density(chosen)
                     if kind == "router":
                         u, density = routing_union(model, prompt)
                         k = density * e
                         info = {"budget": 1.0 - sparsity, "experts_per_token": k}
+                    else:
+                        u = union_density(chosen)
                     profile = profile_this and batch in (1, 8)
                     t, prof, peak = measure(used, model, prompt, batch, profile)
                     ms = t["ms_per_step"]
