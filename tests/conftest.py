@@ -1,11 +1,18 @@
+import atexit
 import os
+import shutil
 import tempfile
 
 import torch
 
-# backend choices measured during the tests (GPU ops) go to a cache of this
-# run, not the user's (prunepath.ops.autotune)
-os.environ.setdefault("PRUNEPATH_CACHE_DIR", tempfile.mkdtemp(prefix="prunepath-test-cache-"))
+# Backend choices measured during the tests (GPU ops) and converted models go to a cache of
+# this run, not the user's (prunepath.ops.autotune, prunepath.models). The process that makes
+# the folder removes it at exit: a converted SmolLM2 is ~0.5 GB, and leaked folders once filled
+# the disk. xdist workers inherit the variable from the controller and leave the folder alone.
+if "PRUNEPATH_CACHE_DIR" not in os.environ:
+    _cache_dir = tempfile.mkdtemp(prefix="prunepath-test-cache-")
+    os.environ["PRUNEPATH_CACHE_DIR"] = _cache_dir
+    atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
 
 # Triton kernels run on the CPU under the interpreter when there is no GPU (how CI tests
 # them). Must be set before any @triton.jit function is defined.
