@@ -1,4 +1,9 @@
-"""Shared test utilities: tolerances (as in the device METHOD.md) and poisoned buffers."""
+"""Shared test utilities: tolerances (as in the device METHOD.md), poisoned buffers, and
+loading a bench script as a module."""
+
+import importlib.util
+import sys
+from pathlib import Path
 
 import torch
 
@@ -31,3 +36,13 @@ def assert_mask_equal_up_to_rounding(out, ref, logits, budget, mass_eps=1e-4):
     assert (near < mass_eps).all(), (
         f"{int(mism.any(-1).sum())} tokens' masks differ, some far from the budget "
         f"(closest cumulative mass {float(near.max()):.2e} away)")
+
+
+def bench_module(script: str):
+    """``bench/<script>`` imported as a module of its own name (bench/ is not a package)."""
+    path = Path(__file__).resolve().parents[1] / "bench" / script
+    spec = importlib.util.spec_from_file_location(f"bench_{path.stem}_under_test", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod

@@ -13,6 +13,7 @@ from prunepath.convert import wrap
 from prunepath.decode import Decoder, HostSyncError, generate, no_host_sync
 from prunepath.layers import RoutedFFN
 
+from .helpers import bench_module
 from .tiny_models import FAMILIES, VOCAB, tiny_model
 
 NEW = 10
@@ -540,16 +541,7 @@ def test_compiled_auto_path_times_both_at_batch_above_one():
 
 
 def _bench_module():
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "bench" / "decode.py"
-    spec = importlib.util.spec_from_file_location("bench_decode_under_test", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return bench_module("decode.py")
 
 
 @pytest.mark.parametrize("fuse_routing", [False, True])
