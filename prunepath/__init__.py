@@ -33,6 +33,7 @@ _LAZY = {
     "from_pretrained": "prunepath.checkpoint",
     "unload": "prunepath.convert",
     "generate": "prunepath.decode",
+    "Decoder": "prunepath.decode",
     "models": "prunepath.models",
 }
 

@@ -624,12 +624,19 @@ class Decoder:
         with frozen(self.layers):  # routed layers bind their ops once for the whole loop
             return self._decode(max_new_tokens)
 
-    def _decode(self, max_new_tokens: int) -> int:
+    def _start_loop(self, max_new_tokens: int):
+        """For a loop of steps after :meth:`prefill`: how many tokens it may emit in all (the
+        prefill's included), its FFN path and its step."""
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
         limit = min(max_new_tokens, self.max_length - self._prompt_len)
         path = self._decode_path()
         self.last_path, _, backend = path.partition(":")
         self.last_ffn_backend = backend or None
-        step = self._step_fn(self._greedy, self._top_k, path)
+        return limit, path, self._step_fn(self._greedy, self._top_k, path)
+
+    def _decode(self, max_new_tokens: int) -> int:
+        limit, path, step = self._start_loop(max_new_tokens)
         emitted = 1
         if self._has_eos and bool(self._done.all()):  # the prefill's token ended every row
             return emitted
@@ -644,10 +651,34 @@ class Decoder:
         return emitted
 
     @torch.no_grad()
+    def stream(self, max_new_tokens: int):
+        """:meth:`decode`, a token at a time: after :meth:`prefill`, yields each new token as a
+        ``[B]`` CPU tensor (the prefill's first) until ``max_new_tokens`` tokens exist or every
+        sequence has ended (an ended row yields the pad id). Each token costs one host sync --
+        what streaming is -- while the model's key, the FFN path and the step are found once
+        for the whole stream, as in :meth:`decode`: a loop of :meth:`step` calls pays them per
+        token. While the stream is open the routed layers are bound to their ops
+        (:func:`~prunepath.layers.frozen`) and the step is the one chosen for the model as it
+        was at the start: change budget values between tokens if you like, but not the model
+        (weights replaced, layouts, routers, budget 1.0 <-> below 1.0) -- close the stream
+        first (``close()``, or run it to its end)."""
+        self._prepare_routers()
+        with frozen(self.layers):
+            limit, path, step = self._start_loop(max_new_tokens)
+            yield self._out[:, 0].cpu()
+            with self._ffn_path(path):
+                for i in range(1, limit):
+                    if self._has_eos and bool(self._done.all()):
+                        return
+                    step()
+                    yield self._out[:, i].cpu()
+
+    @torch.no_grad()
     def step(self, *, eager: bool = False) -> None:
         """One decode step after :meth:`prefill` (the captured/compiled one unless ``eager``).
         A compiled CPU decoder reads the model's key (:func:`_model_key`: ~5 ms for SmolLM2's
-        500 modules) at every call, where :meth:`decode` reads it once for all its steps."""
+        500 modules) at every call, where :meth:`decode` and :meth:`stream` read it once for
+        all their steps."""
         self._prepare_routers()
         with frozen(self.layers):
             path = self._decode_path()

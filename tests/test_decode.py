@@ -170,6 +170,43 @@ def test_stops_early_when_every_sequence_ended():
         assert (out2[0, 5:] == first).all()
 
 
+@pytest.mark.parametrize("mode", ["eager", "compile"])
+def test_stream_yields_the_tokens_of_generate(mode):
+    model = routed(seed=17)
+    prunepath.set_budget(model, 0.5)
+    ids, mask = prompts(3, 6, seed=18, padded=True)
+    free = hf_greedy(model, ids, new=10, attention_mask=mask)
+    eos = int(free[0, 6 + 2])  # row 0 ends at its 3rd token, the others may run on
+    dec = Decoder(model, 3, 6 + 10, mode=mode)
+    ref = dec.generate(ids, 10, attention_mask=mask, eos_token_id=eos, pad_token_id=0)
+    dec.prefill(ids, mask, eos_token_id=eos, pad_token_id=0)
+    got = []
+    for tok in dec.stream(10):
+        assert tok.shape == (3,) and tok.device.type == "cpu"
+        assert torch.is_grad_enabled()  # the stream's no_grad does not leak to the consumer
+        got.append(tok)
+    assert torch.equal(torch.stack(got, 1), ref[:, 6:])
+    assert (torch.stack(got, 1)[0, 3:] == 0).all()  # row 0 ended: pad ids after its EOS
+
+
+def test_stream_stops_when_every_sequence_ended_and_checks_its_argument():
+    model = routed(seed=13)
+    prunepath.set_budget(model, 0.5)
+    ids, _ = prompts(1, 5, seed=14)
+    first = int(hf_greedy(model, ids, new=1)[0, -1])
+    dec = Decoder(model, 1, 5 + 64)
+    dec.prefill(ids, eos_token_id=first)
+    assert [int(t) for t in dec.stream(64)] == [first]  # the prefill's token ended it
+    dec.prefill(ids, eos_token_id=[])
+    stream = dec.stream(64)
+    assert [int(next(stream)) for _ in range(3)] == hf_greedy(model, ids, new=3)[0, 5:].tolist()
+    assert dec.layers and all(m._frozen for m in dec.layers)  # bound while the stream is open
+    stream.close()  # leaves the routed layers as they were
+    assert not any(m._frozen for m in dec.layers)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        next(dec.stream(0))
+
+
 def test_sampling_topk1_is_greedy_and_seeded_sampling_repeats():
     model = routed(seed=15)
     prunepath.set_budget(model, 0.5)
