@@ -139,7 +139,10 @@ def _compile_options(device: torch.device):
     model's modules -- thousands per step: types, hook dicts, attributes, parameter metadata --
     cost ~8-11% of a SmolLM2 step, so they are skipped and :func:`_model_key` stands in for
     them once per decode call (BENCHMARKS.md, session 15; inductor's C++ wrapper, another
-    4-6% per step there, is left off: it made a cold compile 43 -> 103 s). On a GPU the step
+    4-6% per step there, is left off: it made a cold compile 43 -> 103 s). The same key covers
+    what inductor's per-call ``size_asserts`` check (every input's size and stride, ~550 Python
+    calls per SmolLM2 step), so those are off too: 1.02x dense, 1.03-1.05x s50 per step
+    (BENCHMARKS.md, session 22). On a GPU the step
     replays as CUDA graphs (what ``mode="reduce-overhead"`` sets: ``triton.cudagraphs``) with
     the guards kept. Inductor's ``freezing`` is off whatever the global config says: it turns
     the modules' buffers into constants too, and a compiled step then ignores a new budget
@@ -147,7 +150,7 @@ def _compile_options(device: torch.device):
     skip = getattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe", None)
     if device.type != "cpu" or skip is None:
         return {"options": {"triton.cudagraphs": device.type == "cuda", "freezing": False}}
-    return {"options": {"guard_filter_fn": skip, "freezing": False}}
+    return {"options": {"guard_filter_fn": skip, "freezing": False, "size_asserts": False}}
 
 
 def _own_code(method, tag: str):
