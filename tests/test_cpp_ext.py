@@ -510,6 +510,9 @@ def test_linear_dispatch():
     assert linear_op(x[:0], w, None).shape == (0, 5)
     torch.library.opcheck(linear_op, (x, w, torch.randn(5)))
     torch.library.opcheck(linear_op, (x.bfloat16(), w.bfloat16(), None))
+    # a packed W_down: the [N, d] view of a contiguous W^T (compiled CPU steps do not assert
+    # output sizes and strides at run time; the fake kernel must say what the real one makes)
+    torch.library.opcheck(linear_op, (x, w.t().contiguous().t(), None))
 
 
 def test_fast_linear_enable_disable():
