@@ -711,9 +711,13 @@ def print_table(rows: list[dict], title: str) -> None:
 # --------------------------------------------------------------------------- SmolLM2 (CPU)
 
 
-def smollm2_routed(checkpoint: Path):
-    """The converted SmolLM2 (E=48, trained routers, calibrated presets s30..s90) and its
-    tokenizer; converted with ``prunepath convert --out checkpoint`` on first use."""
+CPU_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def smollm2_routed(checkpoint: Path, dtype: str = "fp32"):
+    """The converted SmolLM2 (E=48, trained routers, calibrated presets s30..s90) in ``dtype``
+    (a :data:`CPU_DTYPES` name; the checkpoint's weights are fp32, dequantized from the GGUF)
+    and its tokenizer; converted with ``prunepath convert --out checkpoint`` on first use."""
     import prunepath
     from transformers import AutoTokenizer
 
@@ -722,7 +726,7 @@ def smollm2_routed(checkpoint: Path):
         from prunepath.cli import main as cli_main
 
         cli_main(["convert", "--out", str(checkpoint)])
-    model = prunepath.from_pretrained(checkpoint).eval()
+    model = prunepath.from_pretrained(checkpoint).eval().to(CPU_DTYPES[dtype])
     return model, AutoTokenizer.from_pretrained(checkpoint)
 
 
@@ -740,10 +744,8 @@ def cpu_suite(args) -> list[dict]:
     from prunepath.decode import Decoder
 
     torch.set_num_threads(args.threads)
-    model, tok = smollm2_routed(Path(args.checkpoint))
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    model.to(dtype)  # the checkpoint's weights are fp32 (dequantized from the GGUF)
-    elem = torch.finfo(dtype).bits // 8
+    model, tok = smollm2_routed(Path(args.checkpoint), args.dtype)
+    elem = torch.finfo(CPU_DTYPES[args.dtype]).bits // 8
     # the ops backend is a run-time choice, not the checkpoint's (a checkpoint written by an
     # evaluation script may carry "torch", the masked-dense reference)
     prunepath.budget.set_backend(model, args.backend)
@@ -954,7 +956,7 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint", default=str(SMOLLM2_CHECKPOINT))
     p.add_argument("--presets", default="s30,s50,s70,s90")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="cpu suite: model dtype")
+    p.add_argument("--dtype", default="fp32", choices=tuple(CPU_DTYPES), help="cpu suite: model dtype")
     p.add_argument("--no-fast-linears", dest="fast_linears", action="store_false",
                    help="cpu: keep torch's F.linear in decode steps (default: prunepath.fast_linear, "
                    "with a dense_torch_linear row for comparison)")

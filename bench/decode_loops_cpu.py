@@ -33,7 +33,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", default=str(bd.SMOLLM2_CHECKPOINT))
     p.add_argument("--preset", default="s50")
-    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
+    p.add_argument("--dtype", default="fp32", choices=tuple(bd.CPU_DTYPES))
     p.add_argument("--tokens", type=int, default=40, help="timed steps per loop")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--prompt", type=int, default=64)
@@ -42,8 +42,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
-    model, tok = bd.smollm2_routed(Path(args.checkpoint))
-    model.to({"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype])
+    model, tok = bd.smollm2_routed(Path(args.checkpoint), args.dtype)
     prunepath.set_budget(model, args.preset)
     prompt = bd._text_prompt(tok, args.prompt)
     dec = prunepath.Decoder(model, 1, args.prompt + args.tokens + 8, mode="compile")

@@ -100,7 +100,7 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", default=str(bd.SMOLLM2_CHECKPOINT))
-    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
+    p.add_argument("--dtype", default="fp32", choices=tuple(bd.CPU_DTYPES))
     p.add_argument("--presets", default="s50,s70")
     p.add_argument("--steps", type=int, default=24, help="profiled steps per round")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians reported)")
@@ -111,8 +111,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
-    model, tok = bd.smollm2_routed(Path(args.checkpoint))
-    model.to({"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype])
+    model, tok = bd.smollm2_routed(Path(args.checkpoint), args.dtype)
     cfg = model.config
     prompt = bd._text_prompt(tok, args.prompt)
     dec = Decoder(model, 1, args.prompt + args.steps + 8, mode="compile")
