@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 FORMAT_VERSION = 1
 
 CLUSTERINGS = ("balanced_kmeans", "coactivation", "none")
-ROUTERS = ("linear", "mlp", "oracle")
+ROUTERS = ("linear", "mlp", "lowrank", "oracle")
 PREFILL_MODES = ("routed", "dense")
 BACKENDS = ("auto", "torch", "cpu", "triton", "cuda")
 
@@ -96,8 +96,10 @@ class PrunePathConfig:
             need(isinstance(v, int) and not isinstance(v, bool) and v >= 1, name, "an int >= 1")
 
         for name in ("num_experts", "kmeans_iters", "router_rank", "train_tokens",
-                     "train_seq_len", "train_epochs", "train_batch_tokens"):
+                     "train_seq_len", "train_batch_tokens"):
             pos_int(name)
+        need(isinstance(self.train_epochs, int) and not isinstance(self.train_epochs, bool)
+             and self.train_epochs >= 0, "train_epochs", "an int >= 0")
         need(self.clustering in CLUSTERINGS, "clustering", f"one of {CLUSTERINGS}")
         need(self.router in ROUTERS, "router", f"one of {ROUTERS}")
         need(self.prefill in PREFILL_MODES, "prefill", f"one of {PREFILL_MODES}")

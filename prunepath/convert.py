@@ -79,7 +79,8 @@ def wrap(model: nn.Module, cfg: PrunePathConfig) -> nn.Module:
         owner = ffn_owner(layer, fam)
         w = ffn_weights(*projections(owner, fam), fam)
         router = make_router(cfg.router, w.hidden_size, cfg.num_experts, cfg.router_rank,
-                             seed=cfg.seed * 1000003 + i)
+                             seed=cfg.seed * 1000003 + i, intermediate_size=w.intermediate_size,
+                             gated=w.w_gate is not None, activation=activation)
         router.to(device=w.w_up.device, dtype=w.w_up.dtype)
         if fam.inline_ffn:
             base = InlineFFN(owner, fam)
