@@ -268,7 +268,7 @@ def test_empty_inputs():
 # ------------------------------------------------------------------------------- routing
 
 
-@pytest.mark.parametrize("e", [2, 7, 64, 256])
+@pytest.mark.parametrize("e", [2, 7, 64, 255, 256, 1536])  # from 256: the quickselect path
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_route_bit_exact_at_scale(e, dtype):
     """Thousands of tokens, including exact ties and near-ties (coarsely quantized logits),
@@ -286,7 +286,7 @@ def test_route_bit_exact_at_scale(e, dtype):
         assert torch.equal(out, route_reference(logits, budget, lo, hi))
 
 
-@pytest.mark.parametrize("e", [7, 64, 256])
+@pytest.mark.parametrize("e", [7, 64, 256, 1000, 4099])
 def test_route_bit_exact_at_budget_boundaries(e):
     """Budgets set to the reference's own mass-before values, and one ulp either side: any
     difference in how the cumulative mass is rounded flips experts here (with fp32
