@@ -1,8 +1,11 @@
 """End-to-end decoding speed: PrunePath vs dense, next to the Amdahl ceiling from bytes.
 
+Run from the repository root (or as ``prunepath bench decode ...``, which calls :func:`main`
+with the same arguments).
+
 GPU (random bf16 weights at real Llama shapes, built on the device; nothing downloaded):
 
-    python bench/decode.py gpu [--quick] [--models llama3-8b,llama2-7b] [--out DIR]
+    python -m bench.decode gpu [--quick] [--models llama3-8b,llama2-7b] [--out DIR]
 
   For each model, batch (1/2/4/8) and FFN sparsity (50/70/75/90 %), the same decode loop
   (prunepath.decode.Decoder: static KV cache, one CUDA graph per step) runs the dense model
@@ -18,25 +21,21 @@ GPU (random bf16 weights at real Llama shapes, built on the device; nothing down
 
 CPU (the real SmolLM2-135M-Instruct, batch 1, dense vs calibrated presets):
 
-    python bench/decode.py cpu [--checkpoint DIR] [--quick]
+    python -m bench.decode cpu [--checkpoint DIR] [--quick]
 
 SmolLM2 expert overlap in a batch (CPU; writes the JSON the GPU run reads):
 
-    python bench/decode.py overlap [--checkpoint DIR]
+    python -m bench.decode overlap [--checkpoint DIR]
 
 Every command prints a table last and writes JSON (``--out``, default ``runs/bench_decode``).
-``prunepath bench decode ...`` calls :func:`main` with the same arguments.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import json
 import math
-import os
-import platform
 import statistics
 import sys
 import time
@@ -46,98 +45,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .common import (CPU_DTYPES, LLAMA_SHAPES, SMOLLM2_CHECKPOINT, WIKITEXT,  # noqa: F401
+                     MaskInjector, atomic_write_json, build_llama, environment, install_masks,
+                     log, make_bank, smollm2_routed, sync, text_prompt, time_decode)
+
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = Path("runs/bench_decode")
 DEFAULT_OVERLAP = HERE / "results" / "smollm2_overlap.json"
-SMOLLM2_CHECKPOINT = Path(os.environ.get("PRUNEPATH_SMOLLM2_CKPT", "runs/smollm2_e48"))
-
-# Real shapes (from the models' published configs); weights are random.
-LLAMA_SHAPES = {
-    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                      num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
-                      rope_theta=10000.0, rms_norm_eps=1e-5, max_position_embeddings=4096),
-    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                      num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
-                      rope_theta=500000.0, rms_norm_eps=1e-5, max_position_embeddings=8192),
-    # for checking this script on a CPU
-    "tiny": dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, vocab_size=1000,
-                 max_position_embeddings=1024),
-}
 MASK_MODELS = ("independent", "smollm2")
 
 
-# --------------------------------------------------------------------------- utilities
-
-
-def log(*args):
-    print(*args, flush=True)
-
-
-def sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def atomic_write_json(path: Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
-
-
-def environment(device) -> dict:
-    env = {"date": datetime.date.today().isoformat(), "torch": torch.__version__,
-           "python": platform.python_version(), "argv": sys.argv,
-           "cpu_threads": torch.get_num_threads()}
-    try:
-        import transformers
-
-        env["transformers"] = transformers.__version__
-    except ImportError:
-        pass
-    if torch.device(device).type == "cuda":
-        env["gpu"] = torch.cuda.get_device_name(device)
-    else:
-        env["cpu"] = platform.processor() or platform.machine()
-    return env
-
-
 # --------------------------------------------------------------------------- synthetic masks
-
-
-class MaskInjector:
-    """Replaces one RoutedFFN's ``expert_mask``: the layer's own routing runs unchanged (the
-    fused ``ops.router_route`` on the real MLP router's folded weights: same kernels and
-    bytes as a converted model), then the precomputed mask of the current step is used
-    instead (``torch.where`` on a device flag that is always False, so neither CUDA graphs
-    nor ``torch.compile`` can drop the routing work).
-
-    The bank ``[S, L, B, E]`` (bool) holds per-step expert sets with exactly k experts per
-    token; the budget is ``1 - 0.5/k``. Layer 0 gathers the step's rows for every layer
-    (one ``index_select``), each layer adds one ``where``; the last layer advances the
-    shared ``step`` counter ``[1]``. ``route=False`` ("norouter" variant): no routing work
-    at all, the bank's mask goes straight to the routed FFN (measures what routing costs).
-    """
-
-    def __init__(self, layer, index: int, bank: torch.Tensor, cur: torch.Tensor,
-                 step: torch.Tensor, flag: torch.Tensor, advance: bool, route: bool = True):
-        self.layer, self.index, self.bank, self.cur = layer, index, bank, cur
-        self.step, self.flag, self.advance, self.route = step, flag, advance, route
-
-    def __call__(self, x: torch.Tensor, batch: int | None = None) -> torch.Tensor:
-        from prunepath.layers import RoutedFFN
-
-        if self.index == 0:
-            torch.index_select(self.bank, 0, self.step, out=self.cur)
-        rows = self.cur[0, self.index]  # [B, E]
-        if x.shape[0] != rows.shape[0]:  # a prompt (T = B * S): one mask per sequence
-            rows = rows.repeat_interleave(x.shape[0] // rows.shape[0], dim=0)
-        if self.route:
-            rows = torch.where(self.flag, RoutedFFN.expert_mask(self.layer, x, batch), rows)
-        if self.advance:
-            self.step.add_(1).remainder_(self.bank.shape[0])
-        return rows
 
 
 def fit_popularity(freq: torch.Tensor, k: int, batch: int, target_union: float,
@@ -172,48 +90,6 @@ def resample(freq: torch.Tensor, n: int) -> torch.Tensor:
     lo = pos.floor().long()
     hi = pos.ceil().long()
     return s[lo] + (s[hi] - s[lo]) * (pos - lo)
-
-
-def make_bank(num_layers, steps, batch, num_experts, k, popularity=None, seed=0):
-    """Per-step expert sets ``[L, S, B, E]`` (bool) with exactly k experts per token."""
-    gen = torch.Generator().manual_seed(seed)
-    g = -torch.empty(num_layers, steps, batch, num_experts).exponential_(generator=gen).log()
-    if popularity is not None:  # [L, E] logits, a random expert order per layer
-        perm = torch.stack([torch.randperm(num_experts, generator=gen) for _ in range(num_layers)])
-        g = g + torch.gather(popularity, 1, perm)[:, None, None, :]
-    idx = g.topk(k, dim=-1).indices
-    return torch.zeros_like(g, dtype=torch.bool).scatter_(-1, idx, True)
-
-
-def install_masks(model, chosen: torch.Tensor, project: bool = True) -> None:
-    """Give every RoutedFFN a :class:`MaskInjector` over ``chosen`` [L, S, B, E]; budget
-    1 - 0.5/k. ``project=False``: no routing work (variant "norouter").
-
-    Injectors already installed with the same bank shape and ``project`` are refilled in
-    place (same tensors), so a decoder's captured CUDA graphs stay valid and are reused."""
-    import prunepath
-    from prunepath.budget import routed_layers
-
-    layers = routed_layers(model)
-    dev = layers[0].budget.device
-    bank = chosen.permute(1, 0, 2, 3).contiguous().to(dev)  # [S, L, B, E]
-    old = [layer.__dict__.get("expert_mask") for layer in layers]
-    reuse = all(isinstance(o, MaskInjector) and o.route == project
-                and tuple(o.bank.shape) == tuple(bank.shape) for o in old)
-    if reuse:
-        old[0].bank.copy_(bank)
-        old[0].step.zero_()
-    else:
-        step = torch.zeros(1, dtype=torch.long, device=dev)
-        cur = torch.empty((1,) + tuple(bank.shape[1:]), dtype=torch.bool, device=dev)
-        flag = torch.zeros((), dtype=torch.bool, device=dev)
-        for t in (bank, cur, step, flag):  # compiled steps read/write them in place
-            torch._dynamo.mark_static_address(t)
-        for i, layer in enumerate(layers):
-            layer.expert_mask = MaskInjector(layer, i, bank, cur, step, flag,
-                                             advance=i == len(layers) - 1, route=project)
-    k = int(chosen[0, 0, 0].sum())
-    prunepath.set_budget(model, 1.0 - 0.5 / k)
 
 
 class LogitInjector:
@@ -393,26 +269,6 @@ def profile_ffn_ms(dec, model, prompt, steps: int = 3) -> dict:
     return out
 
 
-def time_decode(dec, prompt: torch.Tensor, new_tokens: int, repeats: int = 1) -> dict:
-    """Prefill then decode ``new_tokens`` (no EOS); median ms per decode step and prefill ms."""
-    dec.prefill(prompt, eos_token_id=[])  # warm-up: captures/compiles, times the FFN paths
-    dec.decode(4)
-    per_step, prefill = [], []
-    for _ in range(repeats):
-        sync(dec.device)
-        t0 = time.perf_counter()
-        dec.prefill(prompt, eos_token_id=[])
-        sync(dec.device)
-        t1 = time.perf_counter()
-        n = dec.decode(new_tokens)
-        sync(dec.device)
-        t2 = time.perf_counter()
-        prefill.append((t1 - t0) * 1e3)
-        per_step.append((t2 - t1) * 1e3 / max(n - 1, 1))
-    return {"ms_per_step": statistics.median(per_step), "prefill_ms": statistics.median(prefill),
-            "all_ms_per_step": per_step}
-
-
 # --------------------------------------------------------------------------- GPU suite
 
 
@@ -442,19 +298,6 @@ class Row:
 
 def _qkv_fused(dec) -> bool:
     return dec.lean is not None and any(wb is not None for wb in dec.lean.qkv)
-
-
-def build_llama(name: str, device, dtype, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(**LLAMA_SHAPES[name], tie_word_embeddings=False)
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = LlamaForCausalLM._from_config(cfg, dtype=dtype)
-    with torch.no_grad():  # defined values everywhere (never time uninitialised memory)
-        for p in model.parameters():
-            p.normal_(0.0, 0.02) if p.dim() >= 2 else p.fill_(1.0)
-    return model.eval()
 
 
 def load_overlap(path: Path) -> dict | None:
@@ -711,32 +554,6 @@ def print_table(rows: list[dict], title: str) -> None:
 # --------------------------------------------------------------------------- SmolLM2 (CPU)
 
 
-CPU_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def smollm2_routed(checkpoint: Path, dtype: str = "fp32"):
-    """The converted SmolLM2 (E=48, trained routers, calibrated presets s30..s90) in ``dtype``
-    (a :data:`CPU_DTYPES` name; the checkpoint's weights are fp32, dequantized from the GGUF)
-    and its tokenizer; converted with ``prunepath convert --out checkpoint`` on first use."""
-    import prunepath
-    from transformers import AutoTokenizer
-
-    if not (checkpoint / "prunepath_config.json").exists():
-        log(f"[no checkpoint at {checkpoint}: running `prunepath convert --out {checkpoint}`]")
-        from prunepath.cli import main as cli_main
-
-        cli_main(["convert", "--out", str(checkpoint)])
-    model = prunepath.from_pretrained(checkpoint).eval().to(CPU_DTYPES[dtype])
-    return model, AutoTokenizer.from_pretrained(checkpoint)
-
-
-def _text_prompt(tok, length: int, offset: int = 0) -> torch.Tensor:
-    text = (Path(__file__).resolve().parents[1] / "prunepath" / "data" /
-            "wikitext2_valid.txt").read_text(encoding="utf-8")
-    ids = tok(text[offset: offset + 20 * length], return_tensors="pt").input_ids[:, :length]
-    return ids
-
-
 def cpu_suite(args) -> list[dict]:
     import prunepath
     from prunepath import fast_linear, packed_down
@@ -751,7 +568,7 @@ def cpu_suite(args) -> list[dict]:
     prunepath.budget.set_backend(model, args.backend)
     cfg = model.config
     presets = [p for p in args.presets if p in model.prunepath_config.presets]
-    prompt = _text_prompt(tok, args.prompt)
+    prompt = text_prompt(tok, args.prompt)
     max_len = args.prompt + args.new
     dec = Decoder(model, 1, max_len, mode=args.mode, record_stats=True,  # sparsity column
                   fast_linears=args.fast_linears, step=args.steps[0], fuse_qkv=args.fuse_qkv,
@@ -843,8 +660,7 @@ def overlap_suite(args) -> dict:
 
     torch.set_num_threads(args.threads)
     model, tok = smollm2_routed(Path(args.checkpoint))
-    text = (Path(__file__).resolve().parents[1] / "prunepath" / "data" /
-            "wikitext2_valid.txt").read_text(encoding="utf-8")
+    text = WIKITEXT.read_text(encoding="utf-8")
     ids = tok(text, return_tensors="pt").input_ids[0]
     nseq, seqlen = args.overlap_seqs, args.overlap_len
     ids = ids[: nseq * seqlen].reshape(nseq, seqlen)

@@ -1,11 +1,11 @@
 """Per-token time of the three ways to run a compiled CPU decoder's steps.
 
-    python bench/decode_loops_cpu.py [--checkpoint runs/qs_e96] [--preset s50] [--json out.json]
+    python -m bench.decode_loops_cpu [--checkpoint runs/qs_e96] [--preset s50] [--json out.json]
 
 ``Decoder.decode(n)`` (the loop inside, one host sync per ``check_every`` steps),
 ``Decoder.stream(n)`` (a token per iteration: one host sync per token) and a loop of
 ``Decoder.step()`` calls reading each token (each call finds the step anew: on a compiled CPU
-decoder that reads the model's key). The converted SmolLM2 (bench/decode.py's checkpoint),
+decoder that reads the model's key). The converted SmolLM2 (bench.common.smollm2_routed),
 batch 1, the three interleaved for ``--rounds`` rounds; medians printed as a table and
 written as JSON.
 """
@@ -13,27 +13,23 @@ written as JSON.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import decode as bd  # noqa: E402  (bench/decode.py: checkpoint, prompt, JSON, environment)
+from .common import (CPU_DTYPES, SMOLLM2_CHECKPOINT, atomic_write_json, environment, log,
+                     smollm2_routed, text_prompt)
 
 
 def main(argv=None) -> int:
     import prunepath
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", default=str(bd.SMOLLM2_CHECKPOINT))
+    p.add_argument("--checkpoint", default=str(SMOLLM2_CHECKPOINT))
     p.add_argument("--preset", default="s50")
-    p.add_argument("--dtype", default="fp32", choices=tuple(bd.CPU_DTYPES))
+    p.add_argument("--dtype", default="fp32", choices=tuple(CPU_DTYPES))
     p.add_argument("--tokens", type=int, default=40, help="timed steps per loop")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--prompt", type=int, default=64)
@@ -42,9 +38,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
-    model, tok = bd.smollm2_routed(Path(args.checkpoint), args.dtype)
+    model, tok = smollm2_routed(Path(args.checkpoint), args.dtype)
     prunepath.set_budget(model, args.preset)
-    prompt = bd._text_prompt(tok, args.prompt)
+    prompt = text_prompt(tok, args.prompt)
     dec = prunepath.Decoder(model, 1, args.prompt + args.tokens + 8, mode="compile")
     n = args.tokens
 
@@ -71,14 +67,14 @@ def main(argv=None) -> int:
                 ms[name].append((time.perf_counter() - t0) * 1e3 / n)
     rows = [{"loop": name, "ms_per_token": statistics.median(v), "all_ms": v}
             for name, v in ms.items()]
-    bd.log(f"\nSmolLM2-135M {args.dtype} {args.preset}, compiled CPU decoder, {args.threads} threads, "
+    log(f"\nSmolLM2-135M {args.dtype} {args.preset}, compiled CPU decoder, {args.threads} threads, "
            f"batch 1, medians of {args.rounds} rounds of {n} tokens")
-    bd.log("loop | ms/token | x decode")
+    log("loop | ms/token | x decode")
     for r in rows:
-        bd.log(f"{r['loop']} | {r['ms_per_token']:.2f} | {r['ms_per_token'] / rows[0]['ms_per_token']:.2f}")
+        log(f"{r['loop']} | {r['ms_per_token']:.2f} | {r['ms_per_token'] / rows[0]['ms_per_token']:.2f}")
     if args.json:
-        bd.atomic_write_json(Path(args.json), {"env": bd.environment(torch.device("cpu")),
-                                               "args": vars(args), "rows": rows})
+        atomic_write_json(Path(args.json), {"env": environment(torch.device("cpu")),
+                                            "args": vars(args), "rows": rows})
     return 0
 
 

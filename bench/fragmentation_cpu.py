@@ -6,23 +6,20 @@ no Python checks) over ``--calls`` calls, cycling through ``--copies`` weight se
 weights come from memory, not cache; the layouts are interleaved round by round and the
 medians of the rounds reported. ``GB/s`` counts the live experts' weight bytes.
 
-    python bench/fragmentation_cpu.py                         # SmolLM2's FFN, E=96, fp32 + bf16
-    python bench/fragmentation_cpu.py --dtypes bf16 --live 24,48 --json out.json
+    python -m bench.fragmentation_cpu                         # SmolLM2's FFN, E=96, fp32 + bf16
+    python -m bench.fragmentation_cpu --dtypes bf16 --live 24,48 --json out.json
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decode import atomic_write_json, environment  # noqa: E402  (bench/decode.py)
+from .common import atomic_write_json, environment
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -3,7 +3,7 @@
 
 One FFN layer (gated, bf16), T tokens, a low-rank GELU router (rank 64, as PrunePath's
 trained routers) at budget ``--budget``, times under CUDA graphs (medians, weights rotated
-over copies larger than L2; bench/ops_gpu.py's timers):
+over copies larger than L2; bench.common's timers):
 
 * ``dense``: the dense cuBLAS FFN (``silu(x Wg^T) * (x Wu^T)``, then ``W_down``), no routing;
 * ``router``: the fused router alone (``ops.router_route``);
@@ -23,27 +23,22 @@ over copies larger than L2; bench/ops_gpu.py's timers):
 * ``router_masked_stacked``: the same with ``W_gate``, ``W_up`` and the router's first layer
   as rows of one storage: one GEMM for all three (what ``prunepath.stacked_ffn`` lays out).
 
-    python bench/masked_dense_gpu.py --out bench/results/masked_dense_gpu.json
+    python -m bench.masked_dense_gpu --out bench/results/masked_dense_gpu.json
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import os
 import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from prunepath import ops, triton_kernels
 
-from ops_gpu import dense_ffn, make_copies, time_graph  # noqa: E402
-
-from prunepath import ops, triton_kernels  # noqa: E402
-from prunepath.eval.sweep import write_json_atomic  # noqa: E402
+from .common import atomic_write_json, dense_ffn, make_copies, time_graph
 
 
 def case(copies, d, f, e, t, budget, gen, rank=64):
@@ -104,9 +99,6 @@ def case(copies, d, f, e, t, budget, gen, rank=64):
         "routed_act": lambda i: triton_kernels.routed_act(gu[:, :f], gu[:, f:2 * f], gu[:, 2 * f:], b1, w2,
                                                           b2, "gelu", b, 1, e, "silu"),
     }
-    for w in (1, 2, 4):  # the routed activation kernel's warps (8 above, its default)
-        fns[f"routed_act_w{w}"] = lambda i, w=w: triton_kernels._masked_act.routed_act(
-            gu[:, :f], gu[:, f:2 * f], gu[:, 2 * f:], b1, w2, b2, "gelu", b, 1, e, "silu", num_warps=w)
     gu = F.linear(x, copies[0]["joint"])
     ym = rmd(0, True)  # the same FFN (masks equal up to rounding at the budget)
     yr = ops.masked_dense_ffn(x, copies[0]["wg"], copies[0]["wu"], copies[0]["wd"], route)[0]
@@ -133,7 +125,7 @@ def main(argv=None):
     rows = [case(copies, d, f, a.experts, int(t), a.budget, gen) for t in a.tokens.split(",")]
     cols = ["dense", "dense_fused_act", "dense_stacked", "router", "masked_act_only", "masked_serial",
             "masked_overlap", "router_masked", "router_masked_stacked", "sparse_triton", "gemm_up",
-            "gemm_up_router", "silu_mul", "routed_act", "routed_act_w1", "routed_act_w2", "routed_act_w4"]
+            "gemm_up_router", "silu_mul", "routed_act"]
     print(f"{torch.cuda.get_device_name()}, {a.shape} bf16, E={a.experts}, budget {a.budget}, CUDA graphs, us")
     print("| T | union | " + " | ".join(cols) + " |")
     print("|---|---|" + "---|" * len(cols))
@@ -142,8 +134,7 @@ def main(argv=None):
     out = {"command": "python " + " ".join(sys.argv), "date": datetime.datetime.now().isoformat(timespec="seconds"),
            "device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}
     path = Path(a.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, out)
+    atomic_write_json(path, out)
     print("wrote", path)
 
 

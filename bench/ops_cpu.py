@@ -1,6 +1,6 @@
 """CPU micro-benchmark of the routed FFN: prunepath's compiled "cpu" backend vs dense torch.
 
-    python bench/ops_cpu.py [--repeats 60] [--out runs/bench_ops_cpu.json]
+    python -m bench.ops_cpu [--repeats 60] [--out runs/bench_ops_cpu.json]
                             [--dtypes fp32,bf16] [--sparsities 0,0.5,0.7,0.9] [--batch 1]
 
 For each dtype and FFN sparsity s (gated SiLU FFN, d=2048, F=8192, E=64 experts of 128
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import statistics
@@ -36,6 +35,8 @@ import torch
 import torch.nn.functional as F
 
 from prunepath import ops
+
+from .common import atomic_write_json
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TARGET_SPEEDUP_AT_HALF = 1.6  # cpu vs dense at 50 % sparsity, batch 1
@@ -213,13 +214,6 @@ def check_targets(rows):
     return verdicts
 
 
-def write_json(path: Path, payload) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=1))
-    os.replace(tmp, path)
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path("runs/bench_ops_cpu.json"))
@@ -279,7 +273,7 @@ def main(argv=None):
     for v in verdicts:
         print(v)
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    write_json(args.out, {"machine": info, "config": config, "results": rows, "targets": verdicts})
+    atomic_write_json(args.out, {"machine": info, "config": config, "results": rows, "targets": verdicts})
     print(f"wrote {args.out}")
     return rows
 

@@ -13,10 +13,10 @@ what the kernels must read), it times, eager and under CUDA graphs (medians):
 and reports the effective bandwidth (bytes of live experts' weights / time) next to the
 card's measured copy bandwidth. Weight copies are rotated so L2 never holds them.
 
-    python bench/ops_gpu.py                 # full table (issue 7), JSON to bench/ops_gpu.json
-    python bench/ops_gpu.py --quick         # small subset
-    python bench/ops_gpu.py --sweep         # also sweep Triton block configs (tuning aid)
-    python bench/ops_gpu.py --profile       # also per-kernel device times (torch.profiler)
+    python -m bench.ops_gpu                 # full table (issue 7), JSON to runs/bench_ops_gpu.json
+    python -m bench.ops_gpu --quick         # small subset
+    python -m bench.ops_gpu --sweep         # also sweep Triton block configs (tuning aid)
+    python -m bench.ops_gpu --profile       # also per-kernel device times (torch.profiler)
 """
 
 from __future__ import annotations
@@ -27,71 +27,19 @@ import datetime
 import itertools
 import json
 import math
-import os
-import statistics
 import sys
+from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from prunepath import ops
 
-from prunepath import ops  # noqa: E402
+from .common import atomic_write_json, dense_ffn, make_copies, time_eager, time_graph
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 # ------------------------------------------------------------------------------ timing
-
-
-def _events():
-    return torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-
-
-def time_eager(fn, ncopies, reps=10, batches=7):
-    """Median ms per call of ``fn(i)`` over back-to-back batches cycling the copies."""
-    for i in range(2 * ncopies):
-        fn(i % ncopies)
-    torch.cuda.synchronize()
-    out = []
-    for b in range(batches):
-        s, e = _events()
-        s.record()
-        for i in range(reps):
-            fn((b * reps + i) % ncopies)
-        e.record()
-        e.synchronize()
-        out.append(s.elapsed_time(e) / reps)
-    return statistics.median(out)
-
-
-def time_graph(fn, ncopies, reps=None, batches=7):
-    """Median ms per call of ``fn(i)`` captured in one CUDA graph (the copies cycled)."""
-    reps = reps or max(ncopies, 10)
-    reps = math.ceil(reps / ncopies) * ncopies
-    for i in range(ncopies):
-        fn(i)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        with torch.cuda.graph(g, stream=stream):
-            for i in range(reps):
-                fn(i % ncopies)
-    torch.cuda.current_stream().wait_stream(stream)
-    g.replay()
-    torch.cuda.synchronize()
-    out = []
-    for _ in range(batches):
-        s, e = _events()
-        s.record()
-        g.replay()
-        e.record()
-        e.synchronize()
-        out.append(s.elapsed_time(e) / reps)
-    del g
-    return statistics.median(out)
 
 
 def copy_bandwidth_gbs():
@@ -106,25 +54,12 @@ def copy_bandwidth_gbs():
 # ------------------------------------------------------------------------------ inputs
 
 
-def make_copies(d, f, dtype, ncopies, gen):
-    copies = []
-    for _ in range(ncopies):
-        w = lambda *s: (torch.randn(*s, device="cuda", generator=gen) / s[-1] ** 0.5).to(dtype)  # noqa: E731
-        wg, wu, wd = w(f, d), w(f, d), w(d, f)
-        copies.append({"wg": wg, "wu": wu, "wd": wd, "wdt": wd.t().contiguous()})
-    return copies
-
-
 def make_mask(t, e, sparsity, gen):
     k = max(1, round((1 - sparsity) * e))
     order = torch.rand(t, e, device="cuda", generator=gen).argsort(-1)
     mask = torch.zeros(t, e, dtype=torch.bool, device="cuda")
     mask.scatter_(1, order[:, :k], True)
     return mask, k
-
-
-def dense_ffn(x, wg, wu, wd):
-    return F.linear(F.silu(F.linear(x, wg)) * F.linear(x, wu), wd)
 
 
 # ------------------------------------------------------------------------------- bench
@@ -370,8 +305,7 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="small subset")
     ap.add_argument("--sweep", action="store_true", help="also sweep Triton block configs")
     ap.add_argument("--dtypes", default="bf16", help="comma list of bf16, fp16")
-    ap.add_argument("--json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                                   "ops_gpu.json"))
+    ap.add_argument("--json", default="runs/bench_ops_gpu.json")
     ap.add_argument("--backends", default=None, help="comma list (default: available GPU ones)")
     ap.add_argument("--no-graphs", action="store_true")
     ap.add_argument("--profile", action="store_true",
@@ -414,7 +348,7 @@ def main(argv=None):
     copy_bw = copy_bandwidth_gbs()
     meta = {"device": torch.cuda.get_device_name(0), "sms": props.multi_processor_count,
             "l2_bytes": l2, "torch": torch.__version__, "date": str(datetime.date.today()),
-            "copy_bandwidth_GBps": copy_bw, "command": " ".join(["python bench/ops_gpu.py"] +
+            "copy_bandwidth_GBps": copy_bw, "command": " ".join(["python -m bench.ops_gpu"] +
                                                                  (argv or sys.argv[1:]))}
     try:
         import triton
@@ -428,10 +362,7 @@ def main(argv=None):
     def save():
         result = {"meta": meta, "rows": rows, "route": routes, "sweep": sweeps,
                   "profile": profiles}
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as fh:
-            json.dump(result, fh, indent=1)
-        os.replace(tmp, args.json)
+        atomic_write_json(Path(args.json), result)
 
     for dname in args.dtypes.split(","):
         dtype = DTYPES[dname]

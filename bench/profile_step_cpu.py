@@ -1,9 +1,9 @@
 """Where a compiled CPU decode step's time goes, and what bounds its speedup over dense.
 
-    python bench/profile_step_cpu.py [--checkpoint runs/qs_e96] [--dtype fp32|bf16] \
+    python -m bench.profile_step_cpu [--checkpoint runs/qs_e96] [--dtype fp32|bf16] \
         [--presets s50,s70] [--steps 40] [--json out.json]
 
-The converted SmolLM2 (bench/decode.py's checkpoint) decodes one prompt with the default
+The converted SmolLM2 (bench.common.smollm2_routed) decodes one prompt with the default
 CPU decoder (compiled lean step, packed W_down, fused q/k/v, PrunePath's GEMV for every
 linear), dense and at each preset. ``--steps`` decode steps run under the torch profiler
 (CPU activity, input shapes), the configurations interleaved for ``--rounds`` rounds, and
@@ -25,18 +25,14 @@ that would let that bound reach ``--target``. Prints a table, writes JSON.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import decode as bd  # noqa: E402  (bench/decode.py: checkpoint, prompt, JSON, environment)
+from .common import (CPU_DTYPES, SMOLLM2_CHECKPOINT, atomic_write_json, environment, log,
+                     smollm2_routed, text_prompt)
 
 FFN = ("gate/up", "down", "routed FFN", "routing")
 GRAPH = "compiled graph (inductor kernels + wrapper)"
@@ -99,8 +95,8 @@ def main(argv=None) -> int:
     from prunepath.decode import Decoder
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", default=str(bd.SMOLLM2_CHECKPOINT))
-    p.add_argument("--dtype", default="fp32", choices=tuple(bd.CPU_DTYPES))
+    p.add_argument("--checkpoint", default=str(SMOLLM2_CHECKPOINT))
+    p.add_argument("--dtype", default="fp32", choices=tuple(CPU_DTYPES))
     p.add_argument("--presets", default="s50,s70")
     p.add_argument("--steps", type=int, default=24, help="profiled steps per round")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians reported)")
@@ -111,9 +107,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
-    model, tok = bd.smollm2_routed(Path(args.checkpoint), args.dtype)
+    model, tok = smollm2_routed(Path(args.checkpoint), args.dtype)
     cfg = model.config
-    prompt = bd._text_prompt(tok, args.prompt)
+    prompt = text_prompt(tok, args.prompt)
     dec = Decoder(model, 1, args.prompt + args.steps + 8, mode="compile")
     presets = [s for s in args.presets.split(",") if s]
     bad = [s for s in presets if s not in model.prunepath_config.presets or not s[1:].isdigit()]
@@ -129,7 +125,7 @@ def main(argv=None) -> int:
                 prunepath.set_budget(model, preset)
             prof = profile_decode(dec, prompt, args.steps, cfg)
             runs[preset or "dense"].append(prof)
-            bd.log(f"round {i} {preset or 'dense'}: {prof['total_ms']:.2f} ms/step")
+            log(f"round {i} {preset or 'dense'}: {prof['total_ms']:.2f} ms/step")
     rows = []
     for name, profs in runs.items():  # per group, the median over rounds
         groups = {g for pr in profs for g in pr["ms_per_step"]}
@@ -142,15 +138,15 @@ def main(argv=None) -> int:
     rest = dense["total_ms"] - ffn
     groups = sorted({g for r in rows for g in r["ms_per_step"]},
                     key=lambda g: -dense["ms_per_step"].get(g, 0.0))
-    bd.log(f"\nCPU decode step, SmolLM2-135M {args.dtype}, {args.threads} threads, compiled, "
+    log(f"\nCPU decode step, SmolLM2-135M {args.dtype}, {args.threads} threads, compiled, "
            f"ms per step (main thread, torch profiler; medians of {args.rounds} rounds of "
            f"{args.steps} steps)")
-    bd.log("group | " + " | ".join(r["config"] for r in rows))
+    log("group | " + " | ".join(r["config"] for r in rows))
     for g in groups:
-        bd.log(f"{g} | " + " | ".join(f"{r['ms_per_step'].get(g, 0.0):.3f}" for r in rows))
-    bd.log("total | " + " | ".join(f"{r['total_ms']:.3f}" for r in rows))
-    bd.log(f"\ndense: FFN F = {ffn:.2f} ms, the rest R = {rest:.2f} ms (FFN share {ffn / dense['total_ms']:.2f})")
-    bd.log("config | sparsity | profiled x dense | FFN + routing, x dense FFN | perfect-FFN bound "
+        log(f"{g} | " + " | ".join(f"{r['ms_per_step'].get(g, 0.0):.3f}" for r in rows))
+    log("total | " + " | ".join(f"{r['total_ms']:.3f}" for r in rows))
+    log(f"\ndense: FFN F = {ffn:.2f} ms, the rest R = {rest:.2f} ms (FFN share {ffn / dense['total_ms']:.2f})")
+    log("config | sparsity | profiled x dense | FFN + routing, x dense FFN | perfect-FFN bound "
            f"| R for {args.target}x")
     for r in rows[1:]:
         # presets are named by the FFN sparsity they were calibrated to (s50: 0.50)
@@ -161,12 +157,12 @@ def main(argv=None) -> int:
         need = ffn * (1 - args.target * (1 - s)) / (args.target - 1)
         r.update({"sparsity": s, "speedup_profiled": dense["total_ms"] / r["total_ms"],
                   "ffn_ratio": sparse_ffn / ffn, "bound": bound, "target_R_ms": need})
-        bd.log(f"{r['config']} | {s:.2f} | {r['speedup_profiled']:.3f} | {r['ffn_ratio']:.3f} | "
+        log(f"{r['config']} | {s:.2f} | {r['speedup_profiled']:.3f} | {r['ffn_ratio']:.3f} | "
                f"{bound:.3f} | {need:.2f} (now {rest:.2f})")
-    out = {"env": bd.environment(torch.device("cpu")), "args": vars(args),
+    out = {"env": environment(torch.device("cpu")), "args": vars(args),
            "dense_ffn_ms": ffn, "dense_rest_ms": rest, "rows": rows}
     if args.json:
-        bd.atomic_write_json(Path(args.json), out)
+        atomic_write_json(Path(args.json), out)
     return 0
 
 

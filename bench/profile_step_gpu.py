@@ -1,30 +1,26 @@
 """Where one decode step's device time goes: kernels of the *replayed* step (CUDA graph or
 compiled), per step, for a random Llama shape, dense and PrunePath at given sparsities.
 
-    python bench/profile_step_gpu.py --model llama3-8b --mode compile --step lean \
+    python -m bench.profile_step_gpu --model llama3-8b --mode compile --step lean \
         --sparsities 0,0.5 --json out.json
 
 Each kernel's device time is summed over ``--steps`` replayed steps (torch profiler, CUDA
 activity; graph kernels are traced) and reported per step, largest first, with a total per
 kernel group (GEMV/GEMM libraries, inductor's fused kernels, PrunePath's kernels, other).
-Masks come from bench/decode.py's synthetic banks (independent, exactly k of E experts).
+Masks come from bench.common's synthetic banks (independent, exactly k of E experts).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import decode as bd  # noqa: E402  (bench/decode.py: model builder, synthetic masks, timing)
+from .common import (atomic_write_json, build_llama, environment, install_masks, make_bank, sync,
+                     time_decode)
 
 
 def group(name: str) -> str:
@@ -85,24 +81,24 @@ def main(argv=None) -> int:
     from prunepath.decode import Decoder
 
     dev = torch.device(args.device)
-    model = bd.build_llama(args.model, dev, torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    model = build_llama(args.model, dev, torch.bfloat16 if dev.type == "cuda" else torch.float32)
     cfg, e = model.config, args.experts
     prompt = torch.randint(0, cfg.vocab_size, (args.batch, args.prompt)).to(dev)
     max_len = args.prompt + args.new
-    out = {"env": bd.environment(dev), "args": vars(args), "rows": []}
+    out = {"env": environment(dev), "args": vars(args), "rows": []}
     for s in [float(x) for x in args.sparsities.split(",")]:
         if s > 0 and not prunepath.decode.routed_layers(model):
             wrap(model, prunepath.PrunePathConfig(num_experts=e, clustering="none", router="mlp",
                                                   router_rank=64, prefill="dense"))
         if s > 0:
             k = max(1, round(e * (1 - s)))
-            bd.install_masks(model, bd.make_bank(cfg.num_hidden_layers, 64, args.batch, e, k, seed=k))
+            install_masks(model, make_bank(cfg.num_hidden_layers, 64, args.batch, e, k, seed=k))
         dec = Decoder(model, args.batch, max_len, mode=args.mode, step=args.step,
                       ffn_path=args.ffn_path if s > 0 else "auto")
-        t = bd.time_decode(dec, prompt, 64)
+        t = time_decode(dec, prompt, 64)
         dec.prefill(prompt, eos_token_id=[])
         dec.decode(8)
-        row = {"sparsity": s, "ms_per_step": t["ms_per_step"], **profile_steps(dec, args.steps, bd.sync)}
+        row = {"sparsity": s, "ms_per_step": t["ms_per_step"], **profile_steps(dec, args.steps, sync)}
         out["rows"].append(row)
         print(f"\n== {args.model} {args.mode} {args.step} B={args.batch} sparsity {s}: {t['ms_per_step']:.3f} ms/step, "
               f"kernels {row['kernel_us_per_step']:.0f} us/step in {row['kernels_per_step']:.0f} launches")
@@ -113,7 +109,7 @@ def main(argv=None) -> int:
         del dec
         if dev.type == "cuda":
             torch.cuda.empty_cache()
-    Path(args.json).write_text(json.dumps(out, indent=1))
+    atomic_write_json(Path(args.json), out)
     return 0
 
 

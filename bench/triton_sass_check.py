@@ -1,18 +1,23 @@
 """Compile the Triton kernels for Hopper (sm_90) WITHOUT a GPU and inspect the machine code.
 
 For the kernels ``prunepath.triton_kernels.launch`` would launch on the benchmark shapes
-(bench/ops_gpu.py), this prints registers, local memory (spills), shared memory and the
+(bench.ops_gpu), this prints registers, local memory (spills), shared memory and the
 load/matrix instructions in the SASS: weight tiles should use 16-byte loads
 (``LDGSTS.E.BYPASS.128`` = cp.async 16 B, or ``LDG.E.128``), never 2-byte ``LDG.E.U16``;
 16-token tiles use ``HMMA``, 64-token tiles ``HGMMA`` (wgmma). Uses Triton's bundled
 ``ptxas``/``cuobjdump``; relies on Triton's compiler API (tested with Triton 3.9).
 
-    python bench/triton_sass_check.py
+    python -m bench.triton_sass_check
 
 It also reports the masked-dense path's routed activation kernel (E = 64 .. 448) and the
-route kernel's registers and spills for E = 64 .. 896 (the sorting tail
-above 128 experts, session 10), and checks the compacted small-expert FFN (E = 448 and 896
-on 4096 x 14336, both W_down layouts; session 11).
+route kernel's registers and spills for E = 64 .. 896 (the sorting tail above 128
+experts), and checks the compacted small-expert FFN (E = 448 and 896 on 4096 x 14336, both
+W_down layouts).
+
+Unlike the other scripts here, this one works below the public ops API by design: it
+compiles the ``@triton.jit`` kernel functions of ``prunepath.triton_kernels`` themselves
+with the launcher's block choices, so it names them (``ffn._ffn_up_kernel``, ...) and must
+follow them when they change.
 """
 
 from __future__ import annotations
@@ -27,13 +32,15 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 
-from prunepath.triton_kernels import launch
-
 TARGET = GPUTarget("cuda", 90, 32)
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
                          "cuobjdump")
 COUNT = ("LDGSTS.E.BYPASS.128", "LDG.E.128", "LDG.E.64", "LDG.E.U16", "HMMA", "HGMMA")
-ffn = importlib.import_module("prunepath.triton_kernels.ffn")
+# the kernel modules by their full names (prunepath.triton_kernels.route / .masked_act are
+# also the names of its launcher functions)
+ffn, launch, masked_act_kernels, route_kernels = (
+    importlib.import_module(f"prunepath.triton_kernels.{m}")
+    for m in ("ffn", "launch", "masked_act", "route"))
 
 
 def compile_for_sm90(fn, sig, constexprs, div16=(), num_warps=4, num_stages=3):
@@ -117,9 +124,8 @@ def ffn_kernels(t, d, f, e, dtype="bf16", packed=True):
 def route_kernel(e, low_rank, rank=64, ks=2):
     """The route kernel as ``launch.route`` (logits) or ``launch.router_route`` with a
     low-rank router (``ks`` projection partials) would launch it for ``e`` experts."""
-    route = importlib.import_module("prunepath.triton_kernels.route")
     block_e = triton.next_power_of_2(e)
-    sig = {n: "i32" for n in route._route_kernel.arg_names}
+    sig = {n: "i32" for n in route_kernels._route_kernel.arg_names}
     sig.update({n: "*fp32" for n in ("z_ptr", "budget_ptr", "w2_ptr", "b1_ptr", "b2_ptr")})
     sig.update({"mask_ptr": "*i1", "ok_ptr": "*i1"})
     consts = dict(KS=ks if low_rank else 1, LOW_RANK=low_rank, HAS_B1=low_rank, HAS_B2=low_rank,
@@ -130,24 +136,23 @@ def route_kernel(e, low_rank, rank=64, ks=2):
     if low_rank and block_e > 128:  # the launcher: logits from _router_out_kernel first
         consts.update(KS=1, LOW_RANK=False, HAS_B1=False, HAS_B2=False, HIDDEN_ACT=-1,
                       BLOCK_R=1, KS_P2=1)
-    return compile_for_sm90(route._route_kernel, sig, consts, num_warps=4 if block_e <= 64 else 8)
+    return compile_for_sm90(route_kernels._route_kernel, sig, consts, num_warps=4 if block_e <= 64 else 8)
 
 
 def router_out_kernel(rank=64, ks=2):
     """The low-rank router's second layer above 128 experts, as ``launch.router_route``
     launches it."""
-    route = importlib.import_module("prunepath.triton_kernels.route")
-    sig = {n: "i32" for n in route._router_out_kernel.arg_names}
+    sig = {n: "i32" for n in route_kernels._router_out_kernel.arg_names}
     sig.update({n: "*fp32" for n in ("z_ptr", "w2_ptr", "b1_ptr", "b2_ptr", "out_ptr")})
     consts = dict(KS=ks, HAS_B1=True, HAS_B2=True, HIDDEN_ACT=1, BLOCK_EO=64, BLOCK_R=rank,
                   KS_P2=triton.next_power_of_2(ks), PDL=True)
-    return compile_for_sm90(route._router_out_kernel, sig, consts, num_warps=4)
+    return compile_for_sm90(route_kernels._router_out_kernel, sig, consts, num_warps=4)
 
 
 def routed_act_kernel(e, low_rank, f=14336, rank=64):
     """The masked-dense path's routed activation kernel as ``masked_act.routed_act`` launches
     it for ``e`` experts on an FFN ``f`` wide (bf16 g/u/z/h, fp32 router tensors)."""
-    ma = importlib.import_module("prunepath.triton_kernels.masked_act")
+    ma = masked_act_kernels
     epb, block_n = ma._routed_act_blocks(e, f // e)
     block_e = triton.next_power_of_2(e)
     sig = {n: "i32" for n in ma._routed_act_kernel.arg_names}

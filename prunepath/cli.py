@@ -404,25 +404,31 @@ def add_bench_parser(sub) -> None:
     bench = sub.add_parser("bench", help="benchmarks (scripts in bench/ of a source checkout)")
     bsub = bench.add_subparsers(dest="bench", metavar="BENCH", required=True)
     d = bsub.add_parser("decode", add_help=False,
-                        help="end-to-end decoding speed vs dense (bench/decode.py; --help for options)")
+                        help="end-to-end decoding speed vs dense (python -m bench.decode; --help for options)")
     d.add_argument("-h", "--help", action="store_true", dest="bench_help")
     d.add_argument("bench_args", nargs=argparse.REMAINDER)
     d.set_defaults(func=run_bench_decode)
 
 
 def _bench_module(name: str):
+    """``bench.<name>`` of the source checkout this package runs from (bench/ is a package of
+    the checkout, not installed), imported whatever the current folder."""
+    import importlib
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
-    if not path.exists():
+    root = Path(__file__).resolve().parents[1] / "bench"
+    if not (root / f"{name}.py").exists():
         raise SystemExit(f"prunepath bench {name} runs bench/{name}.py of a source checkout; "
-                         f"not found at {path} (install with `pip install -e .` from the repo)")
-    spec = importlib.util.spec_from_file_location(f"prunepath_bench_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses in the script look their module up
-    spec.loader.exec_module(module)
-    return module
+                         f"not found in {root} (install with `pip install -e .` from the repo)")
+    pkg = sys.modules.get("bench")
+    if pkg is None or Path(getattr(pkg, "__file__", "") or "").resolve().parent != root:
+        spec = importlib.util.spec_from_file_location("bench", root / "__init__.py",
+                                                      submodule_search_locations=[str(root)])
+        pkg = importlib.util.module_from_spec(spec)
+        sys.modules["bench"] = pkg
+        spec.loader.exec_module(pkg)
+    return importlib.import_module(f"bench.{name}")
 
 
 def run_bench_decode(args) -> int:

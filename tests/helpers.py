@@ -1,6 +1,7 @@
 """Shared test utilities: tolerances (as in the device METHOD.md), poisoned buffers, and
 loading a bench script as a module."""
 
+import importlib
 import importlib.util
 import sys
 from pathlib import Path
@@ -39,10 +40,14 @@ def assert_mask_equal_up_to_rounding(out, ref, logits, budget, mass_eps=1e-4):
 
 
 def bench_module(script: str):
-    """``bench/<script>`` imported as a module of its own name (bench/ is not a package)."""
-    path = Path(__file__).resolve().parents[1] / "bench" / script
-    spec = importlib.util.spec_from_file_location(f"bench_{path.stem}_under_test", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    """``bench/<script>`` imported as ``bench.<name>`` from this checkout's bench package
+    (the scripts import ``bench.common``), whatever the current folder."""
+    root = Path(__file__).resolve().parents[1] / "bench"
+    pkg = sys.modules.get("bench")
+    if pkg is None or Path(getattr(pkg, "__file__", "") or "").resolve().parent != root:
+        spec = importlib.util.spec_from_file_location("bench", root / "__init__.py",
+                                                      submodule_search_locations=[str(root)])
+        pkg = importlib.util.module_from_spec(spec)
+        sys.modules["bench"] = pkg
+        spec.loader.exec_module(pkg)
+    return importlib.import_module(f"bench.{Path(script).stem}")
