@@ -21,33 +21,43 @@ CLUSTERINGS = ("balanced_kmeans", "coactivation", "none")
 ROUTERS = ("linear", "mlp", "lowrank", "oracle")
 PREFILL_MODES = ("routed", "dense")
 BACKENDS = ("auto", "torch", "cpu", "triton", "cuda")
+# router kind -> training epochs when train_epochs is None
+DEFAULT_ROUTER_EPOCHS = {"linear": 8, "mlp": 8, "lowrank": 0}
 
 
 @dataclass
 class PrunePathConfig:
-    """How to MoEfy a model and route its FFNs.
+    """How to MoEfy a model and route its FFNs. The defaults are the best recipe measured
+    (EVAL.md, "Expert granularity"): one neuron per expert, rank-256 low-rank routers.
 
     Expert split:
-        num_experts: experts per FFN (E); must divide the FFN width F.
-        clustering: "balanced_kmeans" (neuron weight vectors, MoEfication-style),
-            "coactivation" (neurons that fire together on calibration text) or "none"
-            (keep the original neuron order; experts are consecutive blocks).
+        num_experts: experts per FFN (E); must divide the FFN width F. None (the default):
+            one neuron per expert, E = F, set at conversion.
+        clustering: "coactivation" (neurons that fire together on calibration text),
+            "balanced_kmeans" (neuron weight vectors, MoEfication-style) or "none" (keep the
+            original neuron order; experts are consecutive blocks). Unused at one neuron per
+            expert.
         kmeans_iters: iterations of balanced k-means.
     Routers:
-        router: "linear" (d -> E), "mlp" (d -> router_rank -> E) or "oracle" (true expert
+        router: "lowrank" (a rank-``router_rank`` copy of the FFN's up projections predicts
+            each neuron's activation; fitted in closed form, then refined), "linear" (d -> E),
+            "mlp" (d -> router_rank -> E, trained on the expert shares) or "oracle" (true expert
             shares computed from the FFN itself; for analysis, as slow as the dense FFN).
-        router_rank: hidden width of the "mlp" router.
+        router_rank: rank of the "lowrank" router, hidden width of the "mlp" one.
         train_tokens: calibration tokens used to train routers (and to cluster by coactivation).
         train_seq_len: tokens per calibration sequence.
-        train_epochs, train_batch_tokens, train_lr, train_weight_decay: router optimisation.
+        train_epochs, train_batch_tokens, train_lr, train_weight_decay: router optimisation
+            (for "lowrank": the refinement after the closed-form fit). ``train_epochs=None``:
+            the router kind's default (:attr:`router_epochs`: 8, or 0 for "lowrank", whose
+            refinement gained nothing at rank 256, EVAL.md).
         holdout_fraction: share of calibration tokens kept out of training for the router report.
     Routing at run time:
         prefill: "routed" (prompt tokens are routed like decode tokens) or "dense".
         min_experts: every token keeps at least this many experts (budget 0 -> min_experts).
         router_temperature: the budget rule reads softmax(logits / router_temperature).
-            1.0 is the paper's rule; > 1 flattens the distribution, so tokens and layers
-            whose router is very confident keep more experts (see EVAL.md: on SmolLM2 the
-            confident last layers are starved at 1.0). Presets are calibrated for one value.
+            1.0 is the paper's rule (for "lowrank": the predicted shares themselves); > 1
+            flattens the distribution, so tokens and layers whose router is very confident keep
+            more experts. Presets are calibrated for one value.
         backend: ops backend for routing and the routed FFN ("auto" picks one).
         presets: calibrated budgets by name, e.g. {"s50": 0.62} or {"s50": [per-layer list]}.
         seed: seeds clustering and router initialisation.
@@ -56,14 +66,14 @@ class PrunePathConfig:
     Filled in by :func:`prunepath.finetune.finetune`: finetune (its config, tokens, final KL).
     """
 
-    num_experts: int = 48
-    clustering: str = "balanced_kmeans"
+    num_experts: int | None = None
+    clustering: str = "coactivation"
     kmeans_iters: int = 25
-    router: str = "mlp"
-    router_rank: int = 64
+    router: str = "lowrank"
+    router_rank: int = 256
     train_tokens: int = 32768
     train_seq_len: int = 512
-    train_epochs: int = 8
+    train_epochs: int | None = None
     train_batch_tokens: int = 1024
     train_lr: float = 2e-3
     train_weight_decay: float = 0.0
@@ -95,11 +105,15 @@ class PrunePathConfig:
             v = getattr(self, name)
             need(isinstance(v, int) and not isinstance(v, bool) and v >= 1, name, "an int >= 1")
 
-        for name in ("num_experts", "kmeans_iters", "router_rank", "train_tokens",
+        if self.num_experts is not None:
+            pos_int("num_experts")
+        for name in ("kmeans_iters", "router_rank", "train_tokens",
                      "train_seq_len", "train_batch_tokens"):
             pos_int(name)
-        need(isinstance(self.train_epochs, int) and not isinstance(self.train_epochs, bool)
-             and self.train_epochs >= 0, "train_epochs", "an int >= 0")
+        need(self.train_epochs is None or (isinstance(self.train_epochs, int)
+                                            and not isinstance(self.train_epochs, bool)
+                                            and self.train_epochs >= 0),
+             "train_epochs", "None or an int >= 0")
         need(self.clustering in CLUSTERINGS, "clustering", f"one of {CLUSTERINGS}")
         need(self.router in ROUTERS, "router", f"one of {ROUTERS}")
         need(self.prefill in PREFILL_MODES, "prefill", f"one of {PREFILL_MODES}")
@@ -109,7 +123,8 @@ class PrunePathConfig:
              "train_weight_decay", ">= 0")
         need(isinstance(self.holdout_fraction, (int, float)) and 0 <= self.holdout_fraction < 1,
              "holdout_fraction", "in [0, 1)")
-        need(isinstance(self.min_experts, int) and 0 <= self.min_experts <= self.num_experts,
+        need(isinstance(self.min_experts, int) and 0 <= self.min_experts
+             <= (self.num_experts if self.num_experts is not None else self.min_experts),
              "min_experts", f"an int in [0, num_experts={self.num_experts}]")
         need(is_temperature(self.router_temperature), "router_temperature", "a finite float > 0")
         need(isinstance(self.seed, int), "seed", "an int")
@@ -118,6 +133,13 @@ class PrunePathConfig:
             check_budget_value(value, f"presets[{key!r}]", self.num_layers)
         need(self.format_version == FORMAT_VERSION, "format_version",
              f"{FORMAT_VERSION} (this prunepath reads format {FORMAT_VERSION} only)")
+
+    @property
+    def router_epochs(self) -> int:
+        """Training epochs of this router kind: ``train_epochs``, or the kind's default."""
+        if self.train_epochs is not None:
+            return self.train_epochs
+        return DEFAULT_ROUTER_EPOCHS.get(self.router, 8)
 
     # --- JSON ---------------------------------------------------------------------------
     def to_dict(self) -> dict:

@@ -203,7 +203,9 @@ def compute_permutations(model: nn.Module, fam: Family, cfg, input_ids=None, *,
     layers = decoder_layers(model, fam)
     e = cfg.num_experts
     perms = []
-    if cfg.clustering == "none":
+    widths = {projections(ffn_owner(layer, fam), fam)[1].weight.shape[1 if fam.conv1d else 0]
+              for layer in layers}
+    if cfg.clustering == "none" or widths == {e}:  # one neuron per expert: every order is the same split
         for layer in layers:
             _, up, _ = projections(ffn_owner(layer, fam), fam)
             f = up.weight.shape[1] if fam.conv1d else up.weight.shape[0]

@@ -507,12 +507,12 @@ def train_routers(model, input_ids: torch.Tensor, cfg, *, progress: bool = True)
                              getattr(w, f.name).detach().cpu().float()
                              for f in dataclasses.fields(w)})
             r.fit_to_ffn(x[train], cpu)
-            losses.append(refine_lowrank(r, x[train], cpu, epochs=cfg.train_epochs,
+            losses.append(refine_lowrank(r, x[train], cpu, epochs=cfg.router_epochs,
                                          batch_tokens=cfg.train_batch_tokens, lr=cfg.train_lr,
                                          generator=gen))
     else:
         losses = fit_routers(routers, [x[train] for x in xs], [s[train] for s in ss],
-                             epochs=cfg.train_epochs, batch_tokens=cfg.train_batch_tokens,
+                             epochs=cfg.router_epochs, batch_tokens=cfg.train_batch_tokens,
                              lr=cfg.train_lr, weight_decay=cfg.train_weight_decay, generator=gen,
                              progress=progress)
     per_layer = []

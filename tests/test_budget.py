@@ -159,7 +159,8 @@ def test_generate_with_kv_cache_equals_original_at_budget_one():
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        prunepath.convert(model, prunepath.PrunePathConfig(num_experts=4), progress=False)
+        prunepath.convert(model, prunepath.PrunePathConfig(num_experts=4, clustering="none"),
+                          progress=False)
     assert torch.equal(model.generate(prompt, **kw), ref)
     prunepath.set_budget(model, torch.ones(2))  # routed ops path, all experts
     assert torch.equal(model.generate(prompt, **kw), ref)

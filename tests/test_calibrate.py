@@ -86,7 +86,7 @@ def test_per_layer_spends_sparsity_where_estimated_loss_is_lowest():
 # --- routers -------------------------------------------------------------------------------------
 def test_expert_shares_match_brute_force():
     model = tiny_model("llama", seed=2)
-    prunepath.convert(model, prunepath.PrunePathConfig(num_experts=4, router="oracle"), progress=False)
+    prunepath.convert(model, prunepath.PrunePathConfig(num_experts=4, clustering="none", router="oracle"), progress=False)
     layer = routed_layers(model)[0]
     w = layer.weights()
     x = torch.randn(7, 32)

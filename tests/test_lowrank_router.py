@@ -130,3 +130,20 @@ def test_convert_save_load_every_family(family, tmp_path):
     with torch.no_grad():
         got = back(ids[:2]).logits
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family,mode", [("llama", "compile"), ("gpt2", "eager")])
+def test_decoder_tokens_equal_hf_generate(family, mode):
+    """The default recipe (one neuron per expert, low-rank routers) through the fast decoder."""
+    model = tiny_model(family, seed=6)
+    prunepath.convert(model, calibration=random_ids(8, 32, seed=7), progress=False,
+                      router_rank=8, train_tokens=256, train_seq_len=32, train_epochs=1,
+                      train_batch_tokens=64)
+    assert model.prunepath_config.num_experts == model.prunepath_config.intermediate_size
+    prunepath.set_budget(model, 0.5)
+    ids = random_ids(2, 6, seed=8)
+    ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+                         eos_token_id=None, pad_token_id=0)
+    assert prunepath.stats(model)["sparsity"] > 0.2
+    out = prunepath.generate(model, ids, 8, eos_token_id=[], mode=mode)
+    assert torch.equal(out, ref)

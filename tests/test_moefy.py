@@ -19,8 +19,9 @@ pytestmark = pytest.mark.filterwarnings("ignore:prunepath.convert. no calibratio
 
 
 def _cfg(**kw):
-    base = dict(num_experts=4, router="mlp", router_rank=8, train_tokens=128, train_seq_len=16,
-                train_epochs=1, train_batch_tokens=64, kmeans_iters=5)
+    base = dict(num_experts=4, clustering="balanced_kmeans", router="mlp", router_rank=8,
+                train_tokens=128, train_seq_len=16, train_epochs=1, train_batch_tokens=64,
+                kmeans_iters=5)
     base.update(kw)
     return prunepath.PrunePathConfig(**base)
 
