@@ -285,3 +285,52 @@ def test_missing_backend_names_the_fix(monkeypatch):
     # "auto" falls back to the reference instead of failing
     assert ops.route(torch.randn(2, 4), 0.5).shape == (2, 4)
     autotune.clear()
+
+
+def test_op_table_names_a_reference_and_an_implementation_per_backend():
+    from prunepath.ops import backends, registry
+
+    assert {"route", "routed_ffn", "routed_ffn_packed", "router_route", "router_routed_ffn",
+            "linear", "masked_act", "routed_act"} <= set(registry.OPS)
+    for op in registry.OPS.values():
+        assert callable(op.reference) and "torch" in op.impls, op.name
+        for backend, fn_name in op.impls.items():
+            assert backend in ops.BACKENDS
+            assert callable(getattr(backends._MODULES[backend], fn_name)), (op.name, backend)
+    with pytest.raises(ValueError, match="no 'cuda' implementation"):
+        registry.implementation("masked_act", "cuda")
+    with pytest.raises(ValueError, match="unknown op"):
+        registry.implementation("nope", "torch")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_table_implementations_match_references(backend):
+    """Each table entry's implementation against its reference, called as the ops call it."""
+    from prunepath.ops import registry, reference
+
+    backend_or_skip(backend)
+
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(3, 16, generator=gen)
+    wg, wu = torch.randn(32, 16, generator=gen), torch.randn(32, 16, generator=gen)
+    wd = torch.randn(16, 32, generator=gen)
+    w1 = torch.randn(8, 16, generator=gen)
+    logits = torch.randn(3, 8, generator=gen)
+    b = torch.full((3,), 0.6)
+    mask = reference.route_reference(logits, b, 1, 8)
+    ffn = (x, wg, wu, wd, mask, "silu", None, None)
+    assert torch.equal(registry.implementation("route", backend)(logits, b, 1, 8), mask)
+    torch.testing.assert_close(registry.implementation("routed_ffn", backend)(*ffn),
+                               reference.routed_ffn_reference(*ffn), rtol=1e-4, atol=1e-4)
+    packed = (x, wg, wu, wd.t().contiguous(), mask, "silu", None, None)
+    torch.testing.assert_close(registry.implementation("routed_ffn_packed", backend)(*packed),
+                               reference.routed_ffn_packed_reference(*packed), rtol=1e-4,
+                               atol=1e-4)
+    router = (x, w1, None, None, None, "none")
+    want = reference.router_route_reference(*router, b, 1, 8)
+    got = registry.implementation("router_route", backend)(*router, 0.6, 1, 8)
+    assert_mask_equal_up_to_rounding(got, want, reference.router_logits_reference(*router), b)
+    y, m = registry.implementation("router_routed_ffn", backend)(*router, 0.6, 1, 8, wg, wu, wd,
+                                                                 "silu", None, None)
+    torch.testing.assert_close(y, reference.routed_ffn_reference(x, wg, wu, wd, m),
+                               rtol=1e-4, atol=1e-4)

@@ -16,6 +16,8 @@ overlapped with the up projections on a side CUDA stream: for near-dense unions)
 in the up projections' GEMM, the routing in the masked-activation kernel),
 :func:`bind_routed_ffn` / :func:`bind_router_route` (the same ops bound to one layer's weights:
 checks and backend choice once, for decode loops; see :mod:`prunepath.ops.bound`).
+Every op dispatches through one table, :data:`prunepath.ops.registry.OPS`: per op its plain
+torch reference and its implementation per backend ("torch", "cpu", "triton", "cuda").
 ``backend="auto"`` measures the GPU backends once per shape (:mod:`prunepath.ops.autotune`).
 """
 
@@ -23,8 +25,10 @@ from __future__ import annotations
 
 import torch
 
-from . import backends, checks
-from .backends import BACKENDS, BackendUnavailable
+from . import backends, checks, registry
+from .backends import BACKENDS
+from .dispatch import implementation, resolve
+from .errors import BackendUnavailable
 from .bound import (BoundRoutedFFN, BoundRouterRoute, BoundRouterRoutedFFN, bind_routed_ffn,
                     bind_router_route)
 from .decode_linear import linear
@@ -57,8 +61,8 @@ def route(
     t, e = logits.shape
     lo, hi = checks.expert_count_bounds(min_experts, max_experts, e)
     b = checks.budget_tensor(budget, t, logits.device)
-    name = backends.resolve(backend, logits.device, "route", (e,))
-    return backends.load(name).route(logits.contiguous(), b, lo, hi)
+    name = resolve(backend, logits.device, "route", (e,))
+    return implementation("route", name)(logits.contiguous(), b, lo, hi)
 
 
 def routed_ffn(
@@ -87,8 +91,8 @@ def routed_ffn(
     if checks.needs_grad(x, w_gate, w_up, w_down, b_up, b_down):
         backend = "torch"
     key = (x.dtype, x.shape[1], w_up.shape[0], mask.shape[1], w_gate is not None, x.shape[0])
-    name = backends.resolve(backend, x.device, "routed_ffn", key)
-    return backends.load(name).routed_ffn(
+    name = resolve(backend, x.device, "routed_ffn", key)
+    return implementation("routed_ffn", name)(
         x.contiguous(), w_gate, w_up, w_down, mask.contiguous(), activation, b_up, b_down
     )
 
@@ -118,6 +122,7 @@ __all__ = [
     "router_masked_dense_ffn",
     "stacked",
     "available_backends",
+    "registry",
     "ACTIVATIONS",
     "BACKENDS",
     "BackendUnavailable",

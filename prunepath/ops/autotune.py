@@ -15,7 +15,9 @@ This is the one piece of explicit global state in the library: a cache of choice
   cached choice is used if there is one, else the static order ("triton", "cuda", "torch").
 * ``PRUNEPATH_AUTOTUNE=0`` turns measuring off (static order only).
 
-Forcing a backend (``backend="triton"`` / ``"cuda"``) bypasses all of this.
+Ops marked ``measured=False`` in :mod:`.registry` always take the static order.
+Forcing a backend (``backend="triton"`` / ``"cuda"``) bypasses all of this
+(:func:`prunepath.ops.dispatch.resolve`).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import time
 
 import torch
 
-from . import backends
+from . import backends, registry
 
 _CHOICES: dict = {}
 _DISK: dict | None = None  # the disk cache, loaded on first use
@@ -62,9 +64,10 @@ def _bucket_key(op: str, key):
     return tuple(key) if key is not None else ()
 
 
-def _candidates(device: torch.device) -> list[str]:
+def _candidates(op: str, device: torch.device) -> list[str]:
     return [n for n in _PREFERENCE.get(device.type, ("torch",))
-            if backends.supports_device(n, device) and backends.is_available(n)]
+            if registry.has_implementation(op, n) and backends.supports_device(n, device)
+            and backends.is_available(n)]
 
 
 def _device_name(device: torch.device) -> str:
@@ -134,10 +137,10 @@ def choose(op: str, device: torch.device, key=None) -> str:
     hit = _CHOICES.get(cache_key)
     if hit is not None:
         return hit
-    cands = _candidates(device)
+    cands = _candidates(op, device)
     if not cands:
         return "torch"
-    if device.type not in _MEASURED_DEVICES or len(cands) == 1:
+    if device.type not in _MEASURED_DEVICES or len(cands) == 1 or not registry.OPS[op].measured:
         _CHOICES[cache_key] = cands[0]
         return cands[0]
     dkey = _disk_key(op, device, bkey)
@@ -170,7 +173,7 @@ def _synthetic_args(op: str, device: torch.device, key):
         dtype, d, e = key
         x = torch.randn(16, d, device=device, dtype=dtype, generator=gen)
         w = torch.randn(e, d, device=device, dtype=dtype, generator=gen) / d**0.5
-        return (x, w, torch.full((16,), 0.5, device=device))
+        return (x, w, None, None, None, "none", torch.full((16,), 0.5, device=device), 1, e)
     dtype, d, f, e, gated, t = key
     t = token_bucket(int(t))
     x = torch.randn(t, d, device=device, dtype=dtype, generator=gen)
@@ -183,19 +186,8 @@ def _synthetic_args(op: str, device: torch.device, key):
 
 
 def _runner(op: str, name: str, args):
-    from . import packed, router_route
-
-    if op == "route":
-        mod = backends.load(name)
-        return lambda: mod.route(*args)
-    if op == "router_route":
-        x, w, b = args
-        return lambda: router_route.router_route(x, w, b, hidden_activation="none", backend=name)
-    if op == "routed_ffn_packed":
-        x, wg, wu, wdt, mask, act, bu, bd = args
-        return lambda: packed.routed_ffn_packed(x, wg, wu, wdt, mask, activation=act, backend=name)
-    mod = backends.load(name)
-    return lambda: mod.routed_ffn(*args)
+    fn = registry.implementation(op, name)
+    return lambda: fn(*args)
 
 
 def measure(op: str, device: torch.device, key, candidates, repeats: int = 15) -> dict:
@@ -262,7 +254,7 @@ def clear() -> None:
     global _DISK
     _CHOICES.clear()
     _DISK = None
-    backends._LOADED.clear()
+    registry.clear()
 
 
 def clear_disk() -> None:

@@ -1,25 +1,29 @@
-"""Backend registry: which implementations of the ops exist and how to load them.
+"""The backends: which exist, which devices each computes on, and loading them.
 
-A backend is a module exposing ``route(logits, budget, min_experts, max_experts)`` and
-``routed_ffn(x, w_gate, w_up, w_down, mask, activation, b_up, b_down)`` over already
-validated arguments (``budget`` is an fp32 [T] tensor). Backends are imported lazily,
-so ``import prunepath`` never needs the compiled extension or Triton.
+A backend is a module (:mod:`.torch_backend`, :mod:`.cpp_backend` for "cpu" and "cuda",
+:mod:`.triton_backend`) with one function per op it implements, over already validated
+arguments; :mod:`.registry` says which function implements which op. The modules themselves
+are cheap to import: what they need beyond torch (the compiled extension ``prunepath._C``,
+Triton) is imported by their ``ensure_available``, on first use, so ``import prunepath``
+never needs either.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 
 import torch
 
+from . import cpp_backend, torch_backend, triton_backend
+from .errors import BackendUnavailable
+
 BACKENDS = ("torch", "cpu", "triton", "cuda")
 
 _MODULES = {
-    "torch": "prunepath.ops.torch_backend",
-    "cpu": "prunepath.ops.cpp_backend",
-    "cuda": "prunepath.ops.cpp_backend",
-    "triton": "prunepath.ops.triton_backend",
+    "torch": torch_backend,
+    "cpu": cpp_backend,
+    "cuda": cpp_backend,
+    "triton": triton_backend,
 }
 
 # Which devices each backend computes on.
@@ -31,10 +35,6 @@ _DEVICES = {
 }
 
 
-class BackendUnavailable(RuntimeError):
-    """A backend was asked for but is not installed/built on this machine."""
-
-
 def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -43,14 +43,19 @@ def triton_interpreted() -> bool:
 _LOADED: dict = {}
 
 
+def check_name(name: str) -> None:
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS + ('auto',)}, got {name!r}")
+
+
 def load(name: str):
-    """Import and return the backend module ``name`` (raises BackendUnavailable with a fix)."""
+    """The backend module ``name``, its dependencies loaded (raises BackendUnavailable with a
+    fix when they are missing)."""
     module = _LOADED.get(name)
     if module is not None:
         return module
-    if name not in _MODULES:
-        raise ValueError(f"backend must be one of {BACKENDS + ('auto',)}, got {name!r}")
-    module = importlib.import_module(_MODULES[name])
+    check_name(name)
+    module = _MODULES[name]
     module.ensure_available(name)
     _LOADED[name] = module
     return module
@@ -70,15 +75,13 @@ def supports_device(name: str, device: torch.device) -> bool:
     return device.type in _DEVICES[name]
 
 
-def resolve(backend: str, device: torch.device, op: str, key=None) -> str:
-    """Turn ``backend`` (maybe "auto") into a concrete backend name for ``device``."""
-    if backend != "auto":
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS + ('auto',)}, got {backend!r}")
-        if not supports_device(backend, device):
-            hint = " (set TRITON_INTERPRET=1 to run Triton on the CPU)" if backend == "triton" else ""
-            raise ValueError(f"backend={backend!r} cannot run on device {device}{hint}")
-        return backend
-    from . import autotune
+def check_device(name: str, device: torch.device) -> None:
+    """Raise ValueError when backend ``name`` (not "auto") cannot run on ``device``."""
+    check_name(name)
+    if not supports_device(name, device):
+        hint = " (set TRITON_INTERPRET=1 to run Triton on the CPU)" if name == "triton" else ""
+        raise ValueError(f"backend={name!r} cannot run on device {device}{hint}")
 
-    return autotune.choose(op, device, key)
+
+__all__ = ["BACKENDS", "BackendUnavailable", "load", "is_available", "supports_device",
+           "check_device", "triton_interpreted"]

@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import torch
 
-from . import backends, checks
+from . import checks
 from . import router_route as _rr
-from .router_routed_ffn import run as _run_router_routed_ffn
+from .dispatch import implementation, resolve
 
 
 class BoundRoutedFFN:
@@ -34,7 +34,7 @@ class BoundRoutedFFN:
                  backend="auto"):
         checks.check_ffn_weights(w_gate, w_up, w_down, activation, b_up, b_down)
         if backend != "auto":
-            backends.resolve(backend, w_up.device, "routed_ffn")  # raises for a bad name/device
+            resolve(backend, w_up.device, "routed_ffn")  # raises for a bad name/device
         self.weights = (w_gate, w_up, w_down, b_up, b_down)
         self.activation, self.backend = activation, backend
         self.f, self.d = w_up.shape
@@ -45,8 +45,8 @@ class BoundRoutedFFN:
         checks.check_ffn_inputs(x, mask, d=self.d, f=self.f, dtype=self.dtype, device=self.device)
         w_gate, w_up, w_down, b_up, b_down = self.weights
         name = self.backend_for(x, mask.shape[1])
-        return backends.load(name).routed_ffn(x.contiguous(), w_gate, w_up, w_down,
-                                              mask.contiguous(), self.activation, b_up, b_down)
+        return implementation("routed_ffn", name)(x.contiguous(), w_gate, w_up, w_down,
+                                                  mask.contiguous(), self.activation, b_up, b_down)
 
     def backend_for(self, x: torch.Tensor, num_experts: int) -> str:
         """The concrete backend for a call on ``x`` (chosen once per token count)."""
@@ -56,7 +56,7 @@ class BoundRoutedFFN:
         name = self._names.get(t)
         if name is None:
             key = (self.dtype, self.d, self.f, num_experts, self.weights[0] is not None, t)
-            name = backends.resolve(self.backend, self.device, "routed_ffn", key)
+            name = resolve(self.backend, self.device, "routed_ffn", key)
             if not checks._tracing():  # a choice made while tracing is a static default
                 self._names[t] = name
         return name
@@ -90,13 +90,12 @@ class BoundRouterRoute:
             raise ValueError(f"x is on {x.device} but w_router is on {self.device}")
         name = self._name
         if name is None:
-            name = backends.resolve(self.backend, self.device, "router_route",
-                                    (self.dtype, self.d, self.e))
+            name = resolve(self.backend, self.device, "router_route", (self.dtype, self.d, self.e))
             if not checks._tracing():
                 self._name = name
         w, b, w_out, b_out = self.tensors
-        return _rr.run(name, x, w, b, w_out, b_out, self.hidden_activation, budget, self.lo,
-                       self.hi)
+        return implementation("router_route", name)(x, w, b, w_out, b_out, self.hidden_activation,
+                                                    budget, self.lo, self.hi)
 
 
 class BoundRouterRoutedFFN:
@@ -119,8 +118,11 @@ class BoundRouterRoutedFFN:
             raise ValueError(f"x must be a [T, d={f.d}] {f.dtype} tensor on {f.device}, got "
                              f"{tuple(x.shape)} {x.dtype} on {x.device}")
         name = f.backend_for(x, r.e)
-        return _run_router_routed_ffn(name, x, r.tensors, r.hidden_activation, budget, r.lo,
-                                      r.hi, f.weights, f.activation)
+        w1, b1, w2, b2 = r.tensors
+        w_gate, w_up, w_down, b_up, b_down = f.weights
+        return implementation("router_routed_ffn", name)(
+            x, w1, b1, w2, b2, r.hidden_activation, budget, r.lo, r.hi, w_gate, w_up, w_down,
+            f.activation, b_up, b_down)
 
 
 def bind_routed_ffn(w_gate, w_up, w_down, *, activation="silu", b_up=None, b_down=None,

@@ -7,16 +7,20 @@ kernels when built with nvcc) and ``torch.ops.prunepath.router_route``
 in one call; CPU kernel) and ``torch.ops.prunepath.linear`` (decode-step
 matrix-vector products; CPU kernel). Fake kernels for ``torch.compile``
 are registered here, once, when the extension is first loaded.
+
+Each op of :mod:`.registry` maps to one function here taking its checked arguments
+(``router_route`` and ``router_routed_ffn`` are the bare CPU kernels; the ops of those names
+are ``router_route_cpu`` / ``router_routed_ffn_cpu``, which fall back to torch logits for
+fp64, and ``*_cuda``, torch logits and this backend's route).
 """
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from . import checks
-from .backends import BackendUnavailable
+from .errors import BackendUnavailable
+from .reference import router_logits_reference
 
 _BUILD_HINT = (
     "the compiled extension prunepath._C is not built; install from a source checkout with "
@@ -24,14 +28,22 @@ _BUILD_HINT = (
 )
 
 
-@functools.cache
+# "extension" -> None once prunepath._C loaded (and the fakes are registered), or its ImportError
+# (a plain dict, not functools.cache: a first call may come inside torch.compile, and Dynamo
+# cannot trace an lru_cache wrapper)
+_LOADED: dict = {}
+
+
 def _load():
-    try:
-        from prunepath import _C  # noqa: F401  (registers the ops)
-    except ImportError as err:
-        return err
-    _register_fakes()
-    return None
+    if "extension" not in _LOADED:
+        try:
+            from prunepath import _C  # noqa: F401  (optional compiled extension; registers the ops)
+        except ImportError as err:
+            _LOADED["extension"] = err
+        else:
+            _register_fakes()
+            _LOADED["extension"] = None
+    return _LOADED["extension"]
 
 
 def _register_fakes() -> None:
@@ -124,3 +136,59 @@ def routed_ffn_packed(x, w_gate, w_up, w_down_t, mask, activation, b_up, b_down)
     w_gate, w_up, w_down_t, b_up, b_down = map(_contiguous, (w_gate, w_up, w_down_t, b_up, b_down))
     return torch.ops.prunepath.routed_ffn_packed(x, w_gate, w_up, w_down_t, mask, activation,
                                                  b_up, b_down)
+
+
+def router_route_cpu(x, w_router, b_router, w_router_out, b_router_out, hidden_activation,
+                     budget, min_experts, max_experts):
+    """Op "router_route" on "cpu": the kernel (fp32/bf16/fp16), else (fp64) as on "cuda"."""
+    b = checks.budget_tensor(budget, x.shape[0], x.device)
+    if x.dtype != torch.float64:
+        return router_route(x, w_router, b_router, w_router_out, b_router_out, hidden_activation,
+                            b, min_experts, max_experts)
+    return _route_logits(x, w_router, b_router, w_router_out, b_router_out, hidden_activation,
+                         b, min_experts, max_experts)
+
+
+def router_route_cuda(x, w_router, b_router, w_router_out, b_router_out, hidden_activation,
+                      budget, min_experts, max_experts):
+    """Op "router_route" on "cuda": fp32 torch logits, then this backend's route."""
+    b = checks.budget_tensor(budget, x.shape[0], x.device)
+    return _route_logits(x, w_router, b_router, w_router_out, b_router_out, hidden_activation,
+                         b, min_experts, max_experts)
+
+
+def _route_logits(x, w_router, b_router, w_router_out, b_router_out, hidden_activation, b,
+                  min_experts, max_experts):
+    logits = router_logits_reference(x, w_router, b_router, w_router_out, b_router_out,
+                                     hidden_activation)
+    return route(logits.contiguous(), b, min_experts, max_experts)
+
+
+def router_routed_ffn_cpu(x, w_router, b_router, w_router_out, b_router_out, hidden_activation,
+                          budget, min_experts, max_experts, w_gate, w_up, w_down, activation,
+                          b_up, b_down):
+    """Op "router_routed_ffn" on "cpu": one extension call (fp64: the two ops)."""
+    if x.dtype != torch.float64:
+        return router_routed_ffn(
+            x, w_router, b_router, w_router_out, b_router_out, hidden_activation,
+            checks.budget_tensor(budget, x.shape[0], x.device), min_experts, max_experts,
+            w_gate, w_up, w_down, activation, b_up, b_down)
+    mask = router_route_cpu(x, w_router, b_router, w_router_out, b_router_out, hidden_activation,
+                            budget, min_experts, max_experts)
+    return routed_ffn(x.contiguous(), w_gate, w_up, w_down, mask, activation, b_up, b_down), mask
+
+
+def router_routed_ffn_cuda(x, w_router, b_router, w_router_out, b_router_out, hidden_activation,
+                           budget, min_experts, max_experts, w_gate, w_up, w_down, activation,
+                           b_up, b_down):
+    """Op "router_routed_ffn" on "cuda": the two ops."""
+    mask = router_route_cuda(x, w_router, b_router, w_router_out, b_router_out,
+                             hidden_activation, budget, min_experts, max_experts)
+    return routed_ffn(x.contiguous(), w_gate, w_up, w_down, mask, activation, b_up, b_down), mask
+
+
+def linear(x, weight, bias):
+    """Op "linear": the decode-step matrix-vector kernel (CPU, fp32/bf16/fp16, few rows)."""
+    if not checks.is_packed_down(weight):  # a transposed one goes to at::linear, uncopied
+        weight = weight.contiguous()
+    return torch.ops.prunepath.linear(x.contiguous(), weight, bias)

@@ -14,9 +14,9 @@ fp32 summation order.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from . import backends, checks
+from .registry import implementation
 
 MAX_TOKENS = 8  # more rows: a matrix-matrix product, at::linear's job (csrc/cpu/linear.cpp)
 
@@ -47,7 +47,5 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if not fast:
         if backend == "cpu" and not backends.is_available("cpu"):
             backends.load("cpu")  # raises BackendUnavailable with the build hint
-        return F.linear(x, weight, bias)
-    if not checks.is_packed_down(weight):  # a transposed one goes to at::linear, uncopied
-        weight = weight.contiguous()
-    return torch.ops.prunepath.linear(x.contiguous(), weight, bias)
+        return implementation("linear", "torch")(x, weight, bias)
+    return implementation("linear", "cpu")(x, weight, bias)

@@ -33,26 +33,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import backends, checks
-from .reference import activate, neuron_mask, route_reference
+from . import checks
+from .dispatch import implementation, resolve
+from .reference import masked_act_reference, routed_act_logits, routed_act_reference
 from .router_route import _check as _check_router
-
-
-def masked_act_reference(g, u, mask, activation: str = "silu") -> torch.Tensor:
-    """``act(g) * u`` (``g`` None: ``act(u)``) ``[T, F]``, inactive experts' neurons zeroed."""
-    h = activate(u, activation) if g is None else activate(g, activation) * u
-    return h * neuron_mask(mask, u.shape[1]).to(h.dtype)
 
 
 def _masked_act_backend(backend: str, device: torch.device) -> str:
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"backend must be 'auto', 'torch' or 'triton' for masked_act, got {backend!r}")
-    if backend == "auto":  # the Triton kernel on a GPU, the reference elsewhere
-        ok = device.type == "cuda" and backends.is_available("triton")
-        return "triton" if ok else "torch"
-    backends.resolve(backend, device, "masked_act")  # raises for a device it cannot run on
-    backends.load(backend)
-    return backend
+    # "auto": the Triton kernel on a GPU, the reference elsewhere (the table's static order)
+    return resolve(backend, device, "masked_act")  # raises for a device it cannot run on
 
 
 def masked_act(g: torch.Tensor | None, u: torch.Tensor, mask: torch.Tensor, *,
@@ -72,12 +63,8 @@ def masked_act(g: torch.Tensor | None, u: torch.Tensor, mask: torch.Tensor, *,
 
 def _masked_act_checked(g, u, mask, activation, backend):
     """:func:`masked_act` on arguments already checked."""
-    if _masked_act_backend(backend, u.device) == "torch":
-        return masked_act_reference(g, u, mask, activation)
-    from prunepath import triton_kernels
-
-    c = lambda t: t if t.stride(-1) == 1 else t.contiguous()  # noqa: E731
-    return triton_kernels.masked_act(None if g is None else c(g), c(u), mask.contiguous(), activation)
+    return implementation("masked_act", _masked_act_backend(backend, u.device))(g, u, mask,
+                                                                               activation)
 
 
 def masked_dense_ffn(
@@ -137,18 +124,6 @@ def stacked(*tensors: torch.Tensor | None) -> torch.Tensor | None:
         offset += t.numel()
     shape = (sum(t.shape[0] for t in tensors), *first.shape[1:])
     return first.as_strided(shape, first.stride(), first.storage_offset())
-
-
-def routed_act_reference(g, u, z, budget, b_router=None, w_router_out=None, b_router_out=None,
-                         hidden_activation="gelu", min_experts=1, max_experts=None,
-                         activation="silu"):
-    """``(h, mask)``: ``mask`` routed from the router projection ``z`` [T, R] (logits ``z +
-    b_router``, or ``act(z + b_router) @ w_router_out^T + b_router_out``, in fp32), then
-    :func:`masked_act_reference` of it. ``budget`` fp32 [T]."""
-    logits = routed_act_logits(z, b_router, w_router_out, b_router_out, hidden_activation)
-    e = logits.shape[1]
-    mask = route_reference(logits, budget, min_experts, e if max_experts is None else max_experts)
-    return masked_act_reference(g, u, mask, activation), mask
 
 
 def router_masked_dense_ffn(
@@ -217,29 +192,10 @@ def router_masked_dense_ffn(
     g, u, z = (None, *parts) if w_gate is None else parts
     if b_up is not None:
         u = u + b_up
-    name = _masked_act_backend(backend, x.device)
-    if name == "torch":
-        h, mask = routed_act_reference(g, u, z, b, b_router, w_router_out, b_router_out,
-                                       hidden_activation, lo, hi, activation)
-    else:
-        from prunepath import triton_kernels
-
-        if w_router_out is not None and e > 128:  # the kernel's in-register second layer
-            z = routed_act_logits(z, b_router, w_router_out, b_router_out, hidden_activation)
-            b_router = w_router_out = b_router_out = None  # is for E <= 128
-        c = lambda v: None if v is None else v.contiguous()  # noqa: E731
-        h, mask = triton_kernels.routed_act(g, u, z, c(b_router), c(w_router_out),
-                                            c(b_router_out), hidden_activation, b, lo, hi,
-                                            activation)
+    h, mask = implementation("routed_act", _masked_act_backend(backend, x.device))(
+        g, u, z, b_router, w_router_out, b_router_out, hidden_activation, b, lo, hi, activation)
     return F.linear(h, w_down, b_down), mask
 
 
-def routed_act_logits(z, b_router, w_router_out, b_router_out, hidden_activation):
-    """fp32 router logits [T, E] from the router's first projection ``z`` [T, R] (no bias)."""
-    h = z.float() if b_router is None else z.float() + b_router.float()
-    if w_router_out is None:
-        return h
-    if hidden_activation != "none":
-        h = activate(h, hidden_activation)
-    return F.linear(h, w_router_out.float(),
-                    None if b_router_out is None else b_router_out.float())
+__all__ = ["masked_act", "masked_dense_ffn", "router_masked_dense_ffn", "stacked",
+           "masked_act_reference", "routed_act_reference", "routed_act_logits"]

@@ -20,10 +20,10 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-import torch.nn.functional as F
 
-from . import backends, checks
-from .reference import activate, neuron_mask
+from . import checks
+from .dispatch import implementation, resolve
+from .reference import routed_ffn_packed_reference
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,17 +64,6 @@ def prepack_ffn(w_gate, w_up, w_down, *, b_up=None, b_down=None, activation="sil
     )
 
 
-def routed_ffn_packed_reference(x, w_gate, w_up, w_down_t, mask, activation="silu", b_up=None,
-                                b_down=None):
-    """Plain PyTorch semantics: :func:`~prunepath.ops.reference.routed_ffn_reference` with
-    ``w_down = w_down_t.T``."""
-    up = F.linear(x, w_up, b_up)
-    h = activate(up, activation) if w_gate is None else activate(F.linear(x, w_gate), activation) * up
-    h = h * neuron_mask(mask, w_up.shape[0]).to(h.dtype)
-    out = h @ w_down_t
-    return out if b_down is None else out + b_down
-
-
 def routed_ffn_packed(
     x: torch.Tensor,
     w_gate: torch.Tensor | None,
@@ -97,18 +86,10 @@ def routed_ffn_packed(
     if checks.needs_grad(x, w_gate, w_up, w_down_t, b_up, b_down):
         backend = "torch"  # the kernels have no backward (as in ops.routed_ffn)
     key = (x.dtype, x.shape[1], w_up.shape[0], mask.shape[1], w_gate is not None, x.shape[0])
-    name = backends.resolve(backend, x.device, "routed_ffn_packed", key)
-    x, mask = x.contiguous(), mask.contiguous()
-    if name == "triton":
-        backends.load(name)
-        from prunepath import triton_kernels
+    name = resolve(backend, x.device, "routed_ffn_packed", key)
+    return implementation("routed_ffn_packed", name)(x.contiguous(), w_gate, w_up, w_down_t,
+                                                     mask.contiguous(), activation, b_up, b_down)
 
-        return triton_kernels.routed_ffn_packed(x, w_gate, w_up.contiguous(),
-                                                w_down_t.contiguous(), mask, activation, b_up,
-                                                b_down)
-    if name in ("cpu", "cuda"):  # the compiled extension's kernels (and its fake kernels)
-        return backends.load(name).routed_ffn_packed(x, w_gate, w_up, w_down_t, mask, activation,
-                                                     b_up, b_down)
-    backends.load(name)
-    return routed_ffn_packed_reference(x, w_gate, w_up, w_down_t, mask, activation, b_up, b_down)
+
+__all__ = ["PackedFFN", "prepack_ffn", "routed_ffn_packed", "routed_ffn_packed_reference"]
 

@@ -20,24 +20,12 @@ computed in fp32 everywhere.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from . import backends, checks
-from .reference import activate
+from . import checks
+from .dispatch import implementation, resolve
+from .reference import router_logits_reference
 
 HIDDEN_ACTIVATIONS = ("none", "gelu", "gelu_tanh", "relu", "silu")
-
-
-def router_logits_reference(x, w_router, b_router=None, w_router_out=None, b_router_out=None,
-                            hidden_activation="gelu"):
-    """fp32 router logits [T, E] (the semantics every backend follows)."""
-    f32 = lambda t: None if t is None else t.float()  # noqa: E731
-    h = F.linear(x.float(), w_router.float(), f32(b_router))
-    if w_router_out is None:
-        return h
-    if hidden_activation != "none":
-        h = activate(h, hidden_activation)
-    return F.linear(h, w_router_out.float(), f32(b_router_out))
 
 
 def fold_standardization(w, b, mean, inv_std):
@@ -97,7 +85,7 @@ def router_route(
     _check(x, w_router, b_router, w_router_out, b_router_out, hidden_activation)
     e = w_router.shape[0] if w_router_out is None else w_router_out.shape[0]
     lo, hi = checks.expert_count_bounds(min_experts, max_experts, e)
-    name = backends.resolve(backend, x.device, "router_route", (x.dtype, x.shape[1], e))
+    name = resolve(backend, x.device, "router_route", (x.dtype, x.shape[1], e))
     return run(name, x, w_router, b_router, w_router_out, b_router_out, hidden_activation,
                budget, lo, hi)
 
@@ -105,33 +93,9 @@ def router_route(
 def run(name, x, w_router, b_router, w_router_out, b_router_out, hidden_activation, budget,
         lo, hi):
     """:func:`router_route` on checked arguments with a concrete backend ``name``."""
-    t = x.shape[0]
-    mod = backends.load(name)
-    if name == "triton":
-        from prunepath import triton_kernels
-
-        b, kernel_check = _budget_for_kernel(budget, t, x.device)
-        # the kernels read the router's small tensors in any float dtype (no casting copies)
-        c = lambda v: None if v is None else v.contiguous()  # noqa: E731
-        return triton_kernels.router_route(
-            x.contiguous(), w_router.contiguous(), c(b_router), c(w_router_out),
-            c(b_router_out), hidden_activation, b, lo, hi, check_budget=kernel_check,
-        )
-    b = checks.budget_tensor(budget, t, x.device)
-    if name == "cpu" and x.dtype != torch.float64:
-        return mod.router_route(x, w_router, b_router, w_router_out, b_router_out,
-                                hidden_activation, b, lo, hi)
-    logits = router_logits_reference(x, w_router, b_router, w_router_out, b_router_out,
-                                     hidden_activation)
-    return mod.route(logits.contiguous(), b, lo, hi)
+    return implementation("router_route", name)(x, w_router, b_router, w_router_out,
+                                                b_router_out, hidden_activation, budget, lo, hi)
 
 
-def _budget_for_kernel(budget, t, device):
-    """(fp32 [T] budget, any stride -- one value expanded to every token is not copied --,
-    whether the Triton route kernel must check its range). A GPU budget
-    tensor gets every host-side check of :func:`checks.budget_tensor`; its [0, 1] range is
-    checked by the route kernel (one flag, one device assert) instead of a chain of
-    comparison kernels -- and, as there, not while tracing or capturing a graph."""
-    gpu_tensor = isinstance(budget, torch.Tensor) and budget.device.type != "cpu"
-    b = checks.budget_tensor(budget, t, device, device_range_check=not gpu_tensor, strided_ok=True)
-    return b, gpu_tensor and not checks._tracing()
+__all__ = ["router_route", "router_logits_reference", "fold_standardization",
+           "HIDDEN_ACTIVATIONS"]

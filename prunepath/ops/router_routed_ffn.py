@@ -10,17 +10,17 @@ between them:
   the two C++ kernels back to back): one dispatch instead of two.
 * other backends, Triton included: the two ops. Routing inside the Triton FFN kernels (in a
   one-launch FFN's prologue, or in the two-phase FFN's up kernel) was built and measured on
-  an H200 in sessions 17-19 and gained nothing against the two ops; it was removed in
-  session 20 (BENCHMARKS.md has the numbers, git history the kernels).
+  an H200 and gained nothing against the two ops, so it was removed (BENCHMARKS.md has the
+  numbers, git history the kernels).
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import backends, checks
+from . import checks
+from .dispatch import implementation, resolve
 from .router_route import _check
-from .router_route import run as _route
 
 
 def router_routed_ffn(
@@ -56,7 +56,7 @@ def router_routed_ffn(
     if checks.needs_grad(x, w_gate, w_up, w_down, b_up, b_down):
         backend = "torch"
     key = (x.dtype, x.shape[1], w_up.shape[0], e, w_gate is not None, x.shape[0])
-    name = backends.resolve(backend, x.device, "routed_ffn", key)
+    name = resolve(backend, x.device, "routed_ffn", key)
     return run(name, x, (w_router, b_router, w_router_out, b_router_out), hidden_activation,
                budget, lo, hi, (w_gate, w_up, w_down, b_up, b_down), activation)
 
@@ -68,13 +68,7 @@ def run(name, x, router, hidden_activation, budget, lo, hi, ffn, activation):
     packed W_down^T)."""
     w1, b1, w2, b2 = router
     w_gate, w_up, w_down, b_up, b_down = ffn
-    t = x.shape[0]
-    if name == "cpu" and x.dtype != torch.float64:
-        return backends.load(name).router_routed_ffn(
-            x, w1, b1, w2, b2, hidden_activation, checks.budget_tensor(budget, t, x.device), lo,
-            hi, w_gate, w_up, w_down, activation, b_up, b_down)
-    mask = _route(name, x, w1, b1, w2, b2, hidden_activation, budget, lo, hi)
-    y = backends.load(name).routed_ffn(x.contiguous(), w_gate, w_up, w_down, mask, activation,
-                                       b_up, b_down)
-    return y, mask
+    return implementation("router_routed_ffn", name)(
+        x, w1, b1, w2, b2, hidden_activation, budget, lo, hi, w_gate, w_up, w_down, activation,
+        b_up, b_down)
 
