@@ -25,13 +25,17 @@ import json
 import os
 import shutil
 import tempfile
+import types
 import uuid
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from . import __version__
+from .budget import routed_layers, set_budget
 from .config import FORMAT_VERSION, PrunePathConfig
+from .wrapping import is_converted, unwrap, unwrapped, wrap
 
 CONFIG_NAME = "prunepath_config.json"
 ROUTERS_NAME = "prunepath_routers.safetensors"
@@ -63,8 +67,6 @@ def _router_metadata(cfg: PrunePathConfig) -> dict:
 
 def router_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every layer's router tensors as ``layers.{i}.{name}`` (CPU, contiguous)."""
-    from .budget import routed_layers
-
     out = {}
     for layer in routed_layers(model):
         for key, value in layer.router.state_dict().items():
@@ -79,10 +81,7 @@ def save(model: nn.Module, save_directory, *, tokenizer=None, overwrite: bool = 
     ``tokenizer`` is saved beside it if given; ``hf_kwargs`` go to the HF
     ``save_pretrained`` (e.g. ``max_shard_size``). Returns the directory.
     """
-    from safetensors.torch import save_file
-
-    from . import __version__
-    from .convert import is_converted, unwrapped
+    from safetensors.torch import save_file  # loaded when first needed, as the HF stack does
 
     if not is_converted(model):
         raise ValueError("prunepath.save needs a converted model (prunepath.convert or from_pretrained)")
@@ -122,6 +121,16 @@ def save(model: nn.Module, save_directory, *, tokenizer=None, overwrite: bool = 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _save_pretrained_hook(model, save_directory, *args, **kwargs):
+    """``model.save_pretrained(dir)`` of a converted model: :func:`prunepath.save`."""
+    return save(model, save_directory, *args, **kwargs)
+
+
+def attach_save_pretrained(model: nn.Module) -> None:
+    """Route ``model.save_pretrained`` to :func:`save` (a wrapped model's hook; unwrap removes it)."""
+    model.save_pretrained = types.MethodType(_save_pretrained_hook, model)
 
 
 def read_config(directory) -> PrunePathConfig:
@@ -185,7 +194,7 @@ def _check_files(d: Path, extras: dict) -> None:
 
 
 def _load_router_tensors(d: Path, cfg: PrunePathConfig) -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
+    from safetensors import safe_open  # loaded when first needed, as in save
 
     path = d / ROUTERS_NAME
     try:
@@ -205,8 +214,6 @@ def _load_router_tensors(d: Path, cfg: PrunePathConfig) -> dict[str, torch.Tenso
 
 def load_routers_(model: nn.Module, tensors: dict[str, torch.Tensor], source: str = "routers") -> None:
     """Copy router tensors (``layers.{i}.{name}``) into the model's routers, checking every key/shape."""
-    from .budget import routed_layers
-
     layers = routed_layers(model)
     expected = {}
     for layer in layers:
@@ -244,14 +251,11 @@ def from_pretrained(directory, budget=None, *, model_class=None, **hf_kwargs) ->
         model_class: HF class to load with (default ``AutoModelForCausalLM``).
         hf_kwargs: passed to ``from_pretrained`` of the HF class (``dtype``, ``device_map``...).
     """
-    from .budget import set_budget
-    from .convert import wrap
-
     d = Path(directory)
     cfg, extras = _read_config(d)
     _check_files(d, extras)
     tensors = _load_router_tensors(d, cfg)
-    if model_class is None:
+    if model_class is None:  # transformers is heavy: imported only when loading
         from transformers import AutoModelForCausalLM as model_class
     try:
         model = model_class.from_pretrained(str(d), **hf_kwargs)
@@ -266,11 +270,12 @@ def from_pretrained(directory, budget=None, *, model_class=None, **hf_kwargs) ->
         wrap(model, cfg)
     except ValueError as err:
         raise CheckpointError(f"{d}: the model does not fit {CONFIG_NAME}: {err}") from err
+    attach_save_pretrained(model)
     got = (cfg.num_layers, cfg.hidden_size, cfg.intermediate_size)
     if got != want:
-        from .convert import unload
-
-        unload(model)
+        unwrap(model)  # as prunepath.unload does (a freshly loaded model has nothing packed)
+        if "prunepath_config" in model.__dict__:
+            del model.prunepath_config
         raise CheckpointError(
             f"{d}: {CONFIG_NAME} describes (layers, d, F) = {want} but the weights have {got}"
         )
