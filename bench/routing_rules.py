@@ -1,6 +1,6 @@
 """Which routing rule keeps quality best at a matched FFN sparsity? (analysis on a real checkpoint)
 
-    python bench/routing_rules.py --checkpoint CKPT --targets 0.3 0.5 --windows 4 \
+    python -m bench.routing_rules --checkpoint CKPT --targets 0.3 0.5 --windows 4 \
         --out bench/results/routing_rules.json
 
 For each target sparsity, every rule is calibrated on the same calibration tokens (second half

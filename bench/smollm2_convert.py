@@ -1,6 +1,6 @@
 """Convert SmolLM2-135M-Instruct with PrunePath and measure it: time, router quality, budgets, ppl.
 
-    python bench/smollm2_convert.py --experts 48 96 --eval-tokens 16384 \
+    python -m bench.smollm2_convert --experts 48 96 --eval-tokens 16384 \
         --out bench/results/smollm2_convert.json
 
 For each E: converts the model (balanced k-means experts, trained routers on the bundled
