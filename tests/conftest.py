@@ -2,7 +2,9 @@ import atexit
 import os
 import shutil
 import tempfile
+from pathlib import Path
 
+import pytest
 import torch
 
 # Backend choices measured during the tests (GPU ops) and converted models go to a cache of
@@ -23,3 +25,13 @@ if not torch.cuda.is_available():
 # oversubscribing the cores (CI has 2 cores and runs `pytest -n 2`).
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
+
+
+@pytest.fixture
+def scratch_path():
+    """A folder that is removed when the test ends, for large files such as a real model's
+    checkpoint (pytest keeps ``tmp_path`` folders of the last three runs). It lies in the test
+    cache folder, which is removed at exit even if the test process is interrupted."""
+    path = Path(tempfile.mkdtemp(prefix="scratch-", dir=os.environ["PRUNEPATH_CACHE_DIR"]))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)

