@@ -556,7 +556,7 @@ def print_table(rows: list[dict], title: str) -> None:
 
 def cpu_suite(args) -> list[dict]:
     import prunepath
-    from prunepath import fast_linear, packed_down
+    from prunepath.decode import fast_linear, packed_down
     from prunepath.budget import reset_stats, set_routing, stats
     from prunepath.decode import Decoder
 

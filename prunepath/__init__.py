@@ -34,6 +34,7 @@ _LAZY = {
     "unload": "prunepath.convert",
     "generate": "prunepath.decode",
     "Decoder": "prunepath.decode",
+    "DecodeConfig": "prunepath.decode",
     "models": "prunepath.models",
 }
 

@@ -9,7 +9,10 @@
 >>> prunepath.stats(model)                         # measured FFN sparsity of the last forward
 
 Budgets live in device buffers of each :class:`~prunepath.layers.RoutedFFN`; setting a
-new value of the same kind writes in place (no shape change, no recompilation).
+new value of the same kind writes in place (no shape change, no recompilation). Values are
+validated here, once, when set (:meth:`~prunepath.layers.RoutedFFN.set_budget`); the other
+knobs are each layer's :class:`~prunepath.layers.RoutingSettings`, changed through
+:meth:`~prunepath.layers.RoutedFFN.configure`.
 """
 
 from __future__ import annotations
@@ -20,19 +23,8 @@ import torch
 from torch import nn
 
 from ._modcall import make_module_callable
-from .config import check_budget_value, is_temperature
-from .layers import POLICIES, RoutedFFN
-
-
-def routed_layers(model: nn.Module) -> list[RoutedFFN]:
-    """The model's RoutedFFN modules in layer order (raises if the model is not converted)."""
-    layers = [m for m in model.modules() if isinstance(m, RoutedFFN)]
-    if not layers:
-        raise ValueError(
-            "model has no PrunePath routed FFNs; convert it first with prunepath.convert(model, cfg) "
-            "or load it with prunepath.from_pretrained(dir)"
-        )
-    return sorted(layers, key=lambda r: r.layer_idx)
+from .config import BACKENDS, check_budget_value, is_temperature
+from .layers import POLICIES, get_routing_state, restore_routing_state, routed_layers
 
 
 def _config(model):
@@ -76,14 +68,10 @@ def set_budget(model: nn.Module, p) -> None:
         if pf.device.type == "cpu" and bool(((pf < 0) | (pf > 1) | torch.isnan(pf)).any()):
             raise ValueError(f"budget values must lie in [0, 1], got {pf.flatten()[:8].tolist()}")
         rows = [pf] * n if p.dim() == 1 else list(pf)
-        for layer, row in zip(layers, rows):
-            row = row.to(layer.budget.device)
-            if layer.budget.shape == row.shape:
-                layer.budget.copy_(row)
-            else:
-                layer.budget = row.clone()
-            layer._dense_budget = False
-            layer.policy = "budget"
+        for layer, row in zip(layers, rows):  # (values checked above, once for every layer)
+            layer._set_budget_tensor(row.to(layer.budget.device), False)
+            if layer.settings.policy != "budget":
+                layer.configure(policy="budget")
         return
     if isinstance(p, (list, tuple)):
         check_budget_value(list(p), "budget", n)
@@ -92,12 +80,7 @@ def set_budget(model: nn.Module, p) -> None:
         check_budget_value(p, "budget")
         values = [float(p)] * n
     for layer, v in zip(layers, values):
-        if layer.budget.dim() == 0:
-            layer.budget.fill_(v)
-        else:
-            layer.budget = torch.tensor(v, device=layer.budget.device)
-        layer._dense_budget = v >= 1.0
-        layer.policy = "budget"
+        layer.set_budget(v)
 
 
 def set_routing(model: nn.Module, policy: str, *, k=None, tau=None, keep=None,
@@ -126,7 +109,7 @@ def set_routing(model: nn.Module, policy: str, *, k=None, tau=None, keep=None,
 
     if policy == "budget":
         for layer in layers:
-            layer.policy = "budget"
+            layer.configure(policy="budget")
         if budget is not None:
             set_budget(model, budget)
         return
@@ -138,7 +121,7 @@ def set_routing(model: nn.Module, policy: str, *, k=None, tau=None, keep=None,
             if isinstance(kk, bool) or not isinstance(kk, int) or not 1 <= kk <= layer.num_experts:
                 raise ValueError(f"k must be an int in [1, E={layer.num_experts}], got {kk!r}")
         for layer, kk in zip(layers, ks):
-            layer.topk, layer.policy = kk, "topk"
+            layer.configure(topk=kk, policy="topk")
         return
     if policy == "threshold":
         if tau is None:
@@ -149,7 +132,7 @@ def set_routing(model: nn.Module, policy: str, *, k=None, tau=None, keep=None,
                 raise ValueError(f"tau must be a float in [0, 1] (a sigmoid threshold), got {t!r}")
         for layer, t in zip(layers, taus):
             layer.tau.fill_(float(t))
-            layer.policy = "threshold"
+            layer.configure(policy="threshold")
         return
     if policy == "static":
         if keep is None:
@@ -162,10 +145,10 @@ def set_routing(model: nn.Module, policy: str, *, k=None, tau=None, keep=None,
             masks.append(_keep_mask(kp, layer.num_experts))
         for layer, m in zip(layers, masks):
             layer.static_keep.copy_(m.to(layer.static_keep.device))
-            layer.policy = "static"
+            layer.configure(policy="static")
         return
     for layer in layers:  # dense
-        layer.policy = "dense"
+        layer.configure(policy="dense")
 
 
 def _keep_mask(keep, num_experts: int) -> torch.Tensor:
@@ -181,29 +164,6 @@ def _keep_mask(keep, num_experts: int) -> torch.Tensor:
     m = torch.zeros(num_experts, dtype=torch.bool)
     m[t.long()] = True
     return m
-
-
-def get_routing_state(model: nn.Module) -> list[dict]:
-    """A snapshot of every layer's routing state (restorable with :func:`restore_routing_state`)."""
-    return [
-        {"policy": layer.policy, "budget": layer.budget.clone(), "dense_budget": layer._dense_budget,
-         "topk": layer.topk, "tau": layer.tau.clone(), "static_keep": layer.static_keep.clone(),
-         "prefill": layer.prefill, "record_stats": layer.record_stats}
-        for layer in routed_layers(model)
-    ]
-
-
-def restore_routing_state(model: nn.Module, state: list[dict]) -> None:
-    for layer, st in zip(routed_layers(model), state):
-        layer.policy, layer.topk = st["policy"], st["topk"]
-        layer._dense_budget, layer.prefill = st["dense_budget"], st["prefill"]
-        layer.record_stats = st["record_stats"]
-        if layer.budget.shape == st["budget"].shape:
-            layer.budget.copy_(st["budget"])
-        else:
-            layer.budget = st["budget"]
-        layer.tau.copy_(st["tau"])
-        layer.static_keep.copy_(st["static_keep"])
 
 
 @contextlib.contextmanager
@@ -234,7 +194,7 @@ def set_prefill(model: nn.Module, mode: str) -> None:
     if mode not in ("routed", "dense"):
         raise ValueError(f"prefill must be 'routed' or 'dense', got {mode!r}")
     for layer in routed_layers(model):
-        layer.prefill = mode
+        layer.configure(prefill=mode)
     cfg = _config(model)
     if cfg is not None:
         cfg.prefill = mode
@@ -242,12 +202,10 @@ def set_prefill(model: nn.Module, mode: str) -> None:
 
 def set_backend(model: nn.Module, backend: str) -> None:
     """The ops backend every routed FFN uses ("auto", "torch", "cpu", "triton", "cuda")."""
-    from .config import BACKENDS
-
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     for layer in routed_layers(model):
-        layer.backend = backend
+        layer.configure(backend=backend)
     cfg = _config(model)
     if cfg is not None:
         cfg.backend = backend
@@ -264,7 +222,7 @@ def set_router_temperature(model: nn.Module, temperature: float) -> None:
     if not is_temperature(temperature):
         raise ValueError(f"temperature must be a finite float > 0, got {temperature!r}")
     for layer in routed_layers(model):
-        layer.temperature = float(temperature)
+        layer.configure(temperature=float(temperature))
     cfg = _config(model)
     if cfg is not None:
         if cfg.presets and cfg.router_temperature != temperature:
@@ -278,7 +236,7 @@ def set_router_temperature(model: nn.Module, temperature: float) -> None:
 def set_stats_recording(model: nn.Module, enabled: bool) -> None:
     """Turn the per-forward statistics counters on or off (e.g. off inside CUDA graphs)."""
     for layer in routed_layers(model):
-        layer.record_stats = bool(enabled)
+        layer.configure(record_stats=bool(enabled))
 
 
 def reset_stats(model: nn.Module) -> None:
@@ -311,7 +269,7 @@ def stats(model: nn.Module, *, include_report: bool = True) -> dict:
             "per_layer": [float(c) for c in cum],
             "tokens": int(tokens.max()) if len(tokens) else 0,
         },
-        "policy": layers[0].policy,
+        "policy": layers[0].settings.policy,
     }
     cfg = _config(model)
     if include_report and cfg is not None and cfg.router_report:

@@ -20,11 +20,12 @@ import warnings
 
 from torch import nn
 
-from . import moefy, packed_down
+from . import moefy
 from ._modcall import make_module_callable
 from .checkpoint import attach_save_pretrained
 from .config import PrunePathConfig
 from .data import token_batches
+from .decode import restore as restore_decode_layouts
 from .families import activation_of, family_of
 from .routers import train_routers
 from .wrapping import check_widths, is_converted, unwrap, unwrapped
@@ -103,11 +104,11 @@ def convert(model: nn.Module, cfg: PrunePathConfig | None = None, calibration=No
 
 def unload(model: nn.Module) -> nn.Module:
     """Remove PrunePath from a converted model (in place): the plain, permuted dense model
-    (a ``W_down`` stored transposed by :mod:`prunepath.packed_down` is laid out as nn.Linear's
-    again)."""
+    (whatever a :class:`~prunepath.decode.Decoder` changed -- layouts, patched linears -- is
+    undone first: :func:`prunepath.decode.restore`)."""
     if not is_converted(model):
         raise ValueError("model is not a PrunePath model (nothing to unload)")
-    packed_down.unpack(model)
+    restore_decode_layouts(model)
     unwrap(model)
     if "prunepath_config" in model.__dict__:
         del model.prunepath_config

@@ -16,21 +16,137 @@ Routing policies (all on the same experts; set with :func:`prunepath.set_routing
 "budget" (cumulative softmax mass >= budget, the PrunePath rule), "topk" (fixed k per
 layer), "threshold" (sigmoid(logit) > tau, independent per expert), "static" (a fixed
 per-layer expert keep-mask: static structured pruning) and "dense".
+
+Every other knob of a layer (policy, k, temperature, backends, the decoder's FFN path, ...)
+is one immutable :class:`RoutingSettings`, ``layer.settings``, validated when made and
+changed through one method, :meth:`RoutedFFN.configure` (the attributes of the same names,
+``layer.policy`` etc., read and set it). :func:`routed_layers`, :func:`get_routing_state`
+and :func:`restore_routing_state` find and snapshot the routed layers of a model.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import torch
 from torch import nn
 
 from . import ops
+from .config import BACKENDS, check_budget_value, is_temperature
 from .families import Family, FFNWeights, ffn_weights, projections
 from .ops.reference import activate
 from .ops.router_route import fold_standardization
 
 POLICIES = ("budget", "topk", "threshold", "static", "dense")
+PREFILLS = ("routed", "dense")
+
+
+@dataclasses.dataclass(frozen=True)
+class RoutingSettings:
+    """How one :class:`RoutedFFN` routes and runs (host-side; the budget, ``tau`` and
+    ``static_keep`` values are device buffers beside it). Immutable: change it with
+    :meth:`RoutedFFN.configure`, which validates the new settings.
+
+    Attributes:
+        topk: experts per token under the "topk" policy (1..E).
+        policy: one of :data:`POLICIES`.
+        min_experts: each token keeps at least this many experts ("budget" policy).
+        temperature: the budget rule's softmax temperature (finite, > 0).
+        prefill: "routed" or "dense": whether multi-token forwards (prompts) are routed.
+        backend: ops backend (:data:`prunepath.config.BACKENDS`).
+        ffn_backend: backend of ``ops.routed_ffn`` alone (``None``: ``backend``).
+        record_stats: update the device-side statistics in every forward.
+        fuse_router: plain linear/MLP routers run as one :func:`prunepath.ops.router_route`
+            on folded weights (:meth:`RoutedFFN.fused_router`).
+        fuse_routing: with a fused router, routing and the FFN as one
+            :func:`prunepath.ops.router_routed_ffn` call.
+        masked_dense: the FFN at dense cost with the same result (the decoder's "dense" FFN
+            path): :func:`prunepath.ops.router_masked_dense_ffn` or
+            :func:`prunepath.ops.masked_dense_ffn`.
+        router_stream: the CUDA stream the masked-dense path routes on (or ``None``).
+    """
+
+    topk: int
+    policy: str = "budget"
+    min_experts: int = 1
+    temperature: float = 1.0
+    prefill: str = "routed"
+    backend: str = "auto"
+    ffn_backend: str | None = None
+    record_stats: bool = True
+    fuse_router: bool = True
+    fuse_routing: bool = False
+    masked_dense: bool = False
+    router_stream: object = None
+
+    def check(self, num_experts: int) -> None:
+        """Raise ValueError unless every field is valid for a layer of ``num_experts``."""
+        if self.policy not in POLICIES:
+            raise ValueError(f"routing policy must be one of {POLICIES}, got {self.policy!r}")
+        for name in ("topk", "min_experts"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise ValueError(f"{name} must be an int, got {v!r}")
+        if not 1 <= self.topk <= num_experts:
+            raise ValueError(f"k must be an int in [1, E={num_experts}], got {self.topk!r}")
+        if self.min_experts < 0:
+            raise ValueError(f"min_experts must be >= 0, got {self.min_experts!r}")
+        if not is_temperature(self.temperature):
+            raise ValueError(f"temperature must be a finite float > 0, got {self.temperature!r}")
+        if self.prefill not in PREFILLS:
+            raise ValueError(f"prefill must be 'routed' or 'dense', got {self.prefill!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.ffn_backend is not None and self.ffn_backend not in BACKENDS:
+            raise ValueError(f"ffn_backend must be None or one of {BACKENDS}, "
+                             f"got {self.ffn_backend!r}")
+
+
+_SETTINGS = tuple(f.name for f in dataclasses.fields(RoutingSettings))
+
+
+def _setting(name: str):
+    """``layer.NAME``: reads ``layer.settings.NAME``; setting it is ``layer.configure(NAME=v)``."""
+    def get(self):
+        return getattr(self.settings, name)
+
+    def set_(self, value):
+        self.configure(**{name: value})
+
+    return property(get, set_, doc=f"``settings.{name}`` (:class:`RoutingSettings`)")
+
+
+def routed_layers(model: nn.Module, *, required: bool = True) -> list[RoutedFFN]:
+    """The model's RoutedFFN modules in layer order. Raises if there are none, unless
+    ``required=False`` (then ``[]`` for a dense model)."""
+    layers = [m for m in model.modules() if isinstance(m, RoutedFFN)]
+    if not layers and required:
+        raise ValueError(
+            "model has no PrunePath routed FFNs; convert it first with prunepath.convert(model, cfg) "
+            "or load it with prunepath.from_pretrained(dir)"
+        )
+    return sorted(layers, key=lambda r: r.layer_idx)
+
+
+def get_routing_state(model: nn.Module) -> list[dict]:
+    """A snapshot of every layer's routing state (restorable with :func:`restore_routing_state`):
+    its :class:`RoutingSettings` and its budget, ``tau`` and ``static_keep`` values."""
+    return [
+        {"settings": layer.settings, "budget": layer.budget.clone(),
+         "dense_budget": layer._dense_budget, "tau": layer.tau.clone(),
+         "static_keep": layer.static_keep.clone()}
+        for layer in routed_layers(model)
+    ]
+
+
+def restore_routing_state(model: nn.Module, state: list[dict]) -> None:
+    """Put back what :func:`get_routing_state` returned."""
+    for layer, st in zip(routed_layers(model), state):
+        layer.configure(st["settings"])
+        layer._set_budget_tensor(st["budget"], st["dense_budget"])
+        layer.tau.copy_(st["tau"])
+        layer.static_keep.copy_(st["static_keep"])
 
 
 def _contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -58,6 +174,20 @@ def frozen(layers):
     finally:
         for m, b in zip(layers, before):
             m._frozen, m._bound = b, None
+
+
+# the router classes with a folded form (exact classes: a subclass may change the forward)
+_PLAIN_ROUTERS = {("prunepath.routers", "MLPRouter"): "mlp",
+                  ("prunepath.routers", "LinearRouter"): "linear"}
+
+
+def _plain_router_kind(router) -> str | None:
+    """"mlp" / "linear" for a plain :class:`~prunepath.routers.MLPRouter` /
+    :class:`~prunepath.routers.LinearRouter`, else None. Matched by the class's module and
+    name, not by importing :mod:`prunepath.routers`: this module sits below it (its training
+    code uses :func:`routed_layers` through :mod:`prunepath.budget`)."""
+    cls = type(router)
+    return _PLAIN_ROUTERS.get((cls.__module__, cls.__qualname__))
 
 
 class InlineFFN(nn.Module):
@@ -95,16 +225,19 @@ class RoutedFFN(nn.Module):
         min_experts: each token keeps at least this many experts.
         backend: ops backend.
 
-    ``ffn_backend`` (attribute, default ``None`` = same as ``backend``) overrides the backend
-    of ``ops.routed_ffn`` alone; routing keeps ``backend``. ``masked_dense`` (attribute,
-    default ``False``): the FFN runs at dense cost with the same result -- the decoder's
+    The run-time knobs below are fields of ``self.settings`` (:class:`RoutingSettings`),
+    changed with :meth:`configure` (the attributes of the same names read and set them).
+
+    ``ffn_backend`` (default ``None`` = same as ``backend``) overrides the backend
+    of ``ops.routed_ffn`` alone; routing keeps ``backend``. ``masked_dense``
+    (default ``False``): the FFN runs at dense cost with the same result -- the decoder's
     "dense" FFN path for near-dense unions: :func:`prunepath.ops.router_masked_dense_ffn`
     where the router has a folded form (the router's projection in the up GEMM when
-    :mod:`prunepath.stacked_ffn` laid the weights out, the routing inside the activation
+    :mod:`prunepath.decode.stacked_ffn` laid the weights out, the routing inside the activation
     kernel), else :func:`prunepath.ops.masked_dense_ffn` (the mask first; on
     ``router_stream``, a CUDA stream, beside the up projections in eager and graph steps).
 
-    ``fuse_router`` (attribute, default ``True``): when the router is a plain
+    ``fuse_router`` (default ``True``): when the router is a plain
     :class:`~prunepath.routers.LinearRouter` or :class:`~prunepath.routers.MLPRouter` and the
     policy is "budget" or "topk", the mask comes from one :func:`prunepath.ops.router_route`
     call (router projection + routing, fused on GPU with the Triton backend) on folded
@@ -117,12 +250,26 @@ class RoutedFFN(nn.Module):
     when the router, its weights (in-place updates are seen through tensor versions), the
     temperature or the dtype change; in-place weight updates refold into the same tensors.
 
-    ``fuse_routing`` (attribute, default ``False``): with a fused router (above) and the
+    ``fuse_routing`` (default ``False``): with a fused router (above) and the
     routed FFN, a forward makes one :func:`prunepath.ops.router_routed_ffn` call instead of
     ``router_route`` + ``routed_ffn`` (same mask and output; see that op for what it fuses per
-    backend: no measured gain on a CPU or an H200, BENCHMARKS.md session 18). The decoder
-    sets it per decode (``Decoder(fuse_routing=...)``).
+    backend: no measured gain on a CPU or an H200, BENCHMARKS.md). The decoder
+    sets it per decode (``DecodeConfig(fuse_routing=...)``).
     """
+
+    # the settings' fields as attributes (read: settings.NAME; set: configure(NAME=value))
+    policy = _setting("policy")
+    topk = _setting("topk")
+    min_experts = _setting("min_experts")
+    temperature = _setting("temperature")
+    prefill = _setting("prefill")
+    backend = _setting("backend")
+    ffn_backend = _setting("ffn_backend")
+    record_stats = _setting("record_stats")
+    fuse_router = _setting("fuse_router")
+    fuse_routing = _setting("fuse_routing")
+    masked_dense = _setting("masked_dense")
+    router_stream = _setting("router_stream")
 
     def __init__(self, base: nn.Module, fam: Family, activation: str, num_experts: int,
                  router: nn.Module, *, layer_idx: int = 0, prefill: str = "routed",
@@ -134,11 +281,6 @@ class RoutedFFN(nn.Module):
         self.activation = activation
         self.num_experts = int(num_experts)
         self.layer_idx = int(layer_idx)
-        self.prefill = prefill
-        self.min_experts = int(min_experts)
-        self.temperature = float(temperature)  # budget rule: softmax(logits / temperature)
-        self.backend = backend
-        self.ffn_backend: str | None = None  # None: same as backend (routed_ffn only)
         w = self.weights()
         self.hidden_size, self.intermediate_size = w.hidden_size, w.intermediate_size
         if self.intermediate_size % self.num_experts:
@@ -146,17 +288,12 @@ class RoutedFFN(nn.Module):
                 f"layer {layer_idx}: FFN width F={self.intermediate_size} is not divisible by "
                 f"num_experts={num_experts}"
             )
-        self.policy = "budget"
-        self.topk = self.num_experts
-        self.record_stats = True
-        self.fuse_router = True  # router_route on folded weights for linear/mlp routers
-        self.fuse_routing = False  # router_routed_ffn: routing and the FFN as one op
-        # masked-dense FFN (ops.masked_dense_ffn): cuBLAS over every expert, the mask applied to
-        # the hidden state; routing runs on ``router_stream`` (CUDA) beside the up projections
-        self.masked_dense = False
-        self.router_stream = None
+        self.settings = RoutingSettings(  # budget rule: softmax(logits / temperature)
+            topk=self.num_experts, min_experts=int(min_experts), temperature=float(temperature),
+            prefill=prefill, backend=backend)
+        self.settings.check(self.num_experts)
         # rows of the FFN's stacked up-projection storage that hold the folded router's first
-        # layer (prunepath.stacked_ffn.stack), so one GEMM makes g, u and the router projection
+        # layer (prunepath.decode.stacked_ffn.stack), so one GEMM makes g, u and the router projection
         self.router_rows: torch.Tensor | None = None
         self._stacked_views = (None, None)  # what stacked_views() last found (eagerly)
         self._maybe_stacked = False  # set by stacked_ffn.stack: stacked_views() looks at storages
@@ -177,6 +314,57 @@ class RoutedFFN(nn.Module):
                              persistent=False)
         self.register_buffer("token_count", torch.zeros(1, dtype=torch.float64, device=dev),
                              persistent=False)
+
+    # --- settings and budget ------------------------------------------------------------
+    def configure(self, settings: RoutingSettings | None = None, **changes) -> RoutingSettings:
+        """Set this layer's :class:`RoutingSettings`: ``settings`` (a whole one, e.g. one this
+        returned before) and/or ``changes`` (field names); validated here, once. Returns the
+        settings it replaced."""
+        old = self.settings
+        new = old if settings is None else settings
+        if changes:
+            unknown = set(changes) - set(_SETTINGS)
+            if unknown:
+                raise TypeError(f"unknown routing setting(s) {sorted(unknown)}; "
+                                f"RoutingSettings fields: {list(_SETTINGS)}")
+            new = dataclasses.replace(new, **changes)
+        if new is not old:
+            if not isinstance(new, RoutingSettings):
+                raise TypeError(f"settings must be RoutingSettings, got {type(new).__name__}")
+            new.check(self.num_experts)
+            object.__setattr__(self, "settings", new)  # (a plain attribute, not a submodule)
+        return old
+
+    def set_budget(self, value) -> None:
+        """Select the "budget" policy with budget ``value``: a float in [0, 1] (1.0 = exactly
+        dense) or a 1-D float tensor ``[B]`` (one budget per sequence; its values are checked
+        where they are on the CPU). Validated here, once: forwards read the buffer as it is.
+        A value of the same kind is written in place (captured graphs stay valid)."""
+        if isinstance(value, torch.Tensor):
+            if value.dim() != 1 or not value.is_floating_point() or value.numel() == 0:
+                raise ValueError(f"a per-sequence budget must be a non-empty 1-D float tensor, "
+                                 f"got {value.dtype} {tuple(value.shape)}")
+            v = value.detach().float()
+            if v.device.type == "cpu" and bool(((v < 0) | (v > 1) | torch.isnan(v)).any()):
+                raise ValueError(f"budget values must lie in [0, 1], got {v[:8].tolist()}")
+            self._set_budget_tensor(v.to(self.budget.device), False)
+        else:
+            check_budget_value(value, "budget")
+            v = float(value)
+            if self.budget.dim() == 0:
+                self.budget.fill_(v)
+            else:
+                self.budget = torch.tensor(v, device=self.budget.device)
+            self._dense_budget = v >= 1.0
+        if self.settings.policy != "budget":
+            self.configure(policy="budget")
+
+    def _set_budget_tensor(self, value: torch.Tensor, dense: bool) -> None:
+        if self.budget.shape == value.shape:
+            self.budget.copy_(value)
+        else:
+            self.budget = value.clone()
+        self._dense_budget = bool(dense)  # host-side: every budget exactly 1.0 (the dense path)
 
     # routing state and statistics: their dtype is fixed (a budget of 0.564 in bf16 is 0.5625;
     # a float16/bf16 token count stops counting at 2048/256); ``model.to(dtype)`` moves them only
@@ -211,7 +399,7 @@ class RoutedFFN(nn.Module):
             logits = self.router(x, self)
         else:
             logits = self.router(x)
-        return logits if self.temperature == 1.0 else logits / self.temperature
+        return logits if self.settings.temperature == 1.0 else logits / self.settings.temperature
 
     def token_budget(self, num_tokens: int, batch: int | None) -> torch.Tensor:
         """The budget of each of ``num_tokens`` tokens (sequence-major), fp32 ``[T]``."""
@@ -229,7 +417,7 @@ class RoutedFFN(nn.Module):
     def expert_mask(self, x: torch.Tensor, batch: int | None = None) -> torch.Tensor:
         """Bool ``[T, E]`` mask of active experts for FFN inputs ``x`` ``[T, d]`` under the policy."""
         t = x.shape[0]
-        policy = self.policy
+        policy = self.settings.policy
         if policy == "dense" or (policy == "budget" and self._dense_budget):
             return torch.ones(t, self.num_experts, dtype=torch.bool, device=x.device)
         if policy == "static":
@@ -244,36 +432,36 @@ class RoutedFFN(nn.Module):
                 budget, lo, hi = self._route_args(t, batch)
                 return ops.router_route(x, w1, budget, b_router=b1, w_router_out=w2,
                                         b_router_out=b2, hidden_activation=act,
-                                        min_experts=lo, max_experts=hi, backend=self.backend)
+                                        min_experts=lo, max_experts=hi, backend=self.settings.backend)
         logits = self.router_logits(x)
         if policy == "budget":
-            return ops.route(logits, self.token_budget(t, batch), min_experts=self.min_experts,
-                             backend=self.backend)
+            return ops.route(logits, self.token_budget(t, batch), min_experts=self.settings.min_experts,
+                             backend=self.settings.backend)
         if policy == "topk":
-            k = self.topk
-            return ops.route(logits, 1.0, min_experts=k, max_experts=k, backend=self.backend)
+            k = self.settings.topk
+            return ops.route(logits, 1.0, min_experts=k, max_experts=k, backend=self.settings.backend)
         if policy == "threshold":
             return torch.sigmoid(logits.float()) > self.tau
         raise ValueError(f"routing policy must be one of {POLICIES}, got {policy!r}")
 
     def _route_args(self, t: int, batch: int | None):
         """(budget, min_experts, max_experts) of the "budget" / "topk" policy's routing."""
-        if self.policy == "budget":
-            return self.token_budget(t, batch), self.min_experts, None
-        return 1.0, self.topk, self.topk
+        s = self.settings
+        if s.policy == "budget":
+            return self.token_budget(t, batch), s.min_experts, None
+        return 1.0, s.topk, s.topk
 
     # --- fused router ---------------------------------------------------------------------
     def _router_sources(self):
         """The plain router's tensors (mean, inv_std, weights, biases), or None if it has no
         fused form (another router kind, a subclass, or ``fuse_router`` off)."""
-        from .routers import LinearRouter, MLPRouter
-
         r = self.router
-        if not self.fuse_router:
+        if not self.settings.fuse_router:
             return None
-        if type(r) is MLPRouter:
+        kind = _plain_router_kind(r)
+        if kind == "mlp":
             return (r.in_mean, r.in_inv_std, r.fc1.weight, r.fc1.bias, r.fc2.weight, r.fc2.bias)
-        if type(r) is LinearRouter:
+        if kind == "linear":
             return (r.in_mean, r.in_inv_std, r.proj.weight, r.proj.bias)
         return None
 
@@ -281,7 +469,7 @@ class RoutedFFN(nn.Module):
     def _fold_router(self, src, dtype):
         """Folded ``(w1, b1, w2, b2, activation)``: standardisation into the first layer,
         ``1/temperature`` into the last; w1 in ``dtype`` (the input's), the rest fp32."""
-        inv_t = 1.0 / self.temperature
+        inv_t = 1.0 / self.settings.temperature
         mean, inv_std, w, b = src[:4]
         w1, b1 = fold_standardization(w.float(), b, mean, inv_std)
         if len(src) == 4:  # linear: logits = (w1 x + b1) / T
@@ -308,10 +496,10 @@ class RoutedFFN(nn.Module):
             # every decode); one made for another router, dtype or temperature is not used.
             # In-place weight updates are not seen here: call fused_router() eagerly after them.
             c = self._fused
-            if c is not None and c[0][:3] == (id(self.router), dtype, self.temperature):
+            if c is not None and c[0][:3] == (id(self.router), dtype, self.settings.temperature):
                 return c[2]
             return self._fold_router(src, dtype)  # folded inside the traced step
-        key = (id(self.router), dtype, self.temperature,
+        key = (id(self.router), dtype, self.settings.temperature,
                tuple((t.data_ptr(), t.dtype, tuple(t.shape), t.device) for t in src if t is not None),
                tuple(t is None for t in src))
         versions = tuple(t._version for t in src if t is not None)
@@ -348,26 +536,27 @@ class RoutedFFN(nn.Module):
         # is_compiling first: a traced step must not read (and so guard on) _frozen
         if torch.compiler.is_compiling() or not self._frozen:
             return (None, None, None)
-        key = (dtype, self.policy, self.backend, self.ffn_backend, self.temperature,
-               self.min_experts, self.topk, self.fuse_router, self.fuse_routing)
+        s = self.settings
+        key = (dtype, s.policy, s.backend, s.ffn_backend, s.temperature, s.min_experts, s.topk,
+               s.fuse_router, s.fuse_routing)
         cached = self._bound
         if cached is not None and cached[0] == key:
             return cached[1]
         router = ffn = None
-        fused = self.fused_router(dtype) if self.policy in ("budget", "topk") else None
+        fused = self.fused_router(dtype) if s.policy in ("budget", "topk") else None
         if fused is not None:
             w1, b1, w2, b2, act = fused
-            lo, hi = (self.min_experts, None) if self.policy == "budget" else (self.topk, self.topk)
+            lo, hi = (s.min_experts, None) if s.policy == "budget" else (s.topk, s.topk)
             router = ops.bind_router_route(w1, b_router=b1, w_router_out=w2, b_router_out=b2,
                                            hidden_activation=act, min_experts=lo, max_experts=hi,
-                                           backend=self.backend)
+                                           backend=s.backend)
         w = self.weights()
         if all(t is None or t.is_contiguous() for t in (w.w_gate, w.w_up)):
             ffn = ops.bind_routed_ffn(w.w_gate, w.w_up, w.w_down, activation=self.activation,
                                       b_up=w.b_up, b_down=w.b_down,
-                                      backend=self.ffn_backend or self.backend)
+                                      backend=s.ffn_backend or s.backend)
         both = (ops.BoundRouterRoutedFFN(router, ffn)
-                if self.fuse_routing and router is not None and ffn is not None else None)
+                if s.fuse_routing and router is not None and ffn is not None else None)
         self._bound = (key, (router, ffn, both))
         return router, ffn, both
 
@@ -380,24 +569,25 @@ class RoutedFFN(nn.Module):
             batch, seq = self._seq_shape
         else:
             batch, seq = None, None
-        dense = self.policy == "dense" or (self.policy == "budget" and self._dense_budget) or (
-            self.prefill == "dense" and seq is not None and seq > 1
+        s = self.settings
+        dense = s.policy == "dense" or (s.policy == "budget" and self._dense_budget) or (
+            s.prefill == "dense" and seq is not None and seq > 1
         )
         if dense:
-            if self.record_stats:
+            if s.record_stats:
                 self._record_dense(x.numel() // shape[-1])
             return self._dense(x)
         x2 = x.reshape(-1, shape[-1])
-        if self.masked_dense:
+        if s.masked_dense:
             done = self._router_masked_dense(x2, batch)
             if done is not None:
                 return self._finish(*done, shape)
             w = self.weights()
             y, mask = ops.masked_dense_ffn(
                 x2, w.w_gate, w.w_up, w.w_down, lambda: self.expert_mask(x2, batch),
-                activation=self.activation, b_up=w.b_up, b_down=w.b_down, stream=self.router_stream)
+                activation=self.activation, b_up=w.b_up, b_down=w.b_down, stream=s.router_stream)
             return self._finish(y, mask, shape)
-        if self.fuse_routing and self.policy in ("budget", "topk"):
+        if s.fuse_routing and s.policy in ("budget", "topk"):
             done = self._routed_with_routing(x2, batch)
             if done is not None:
                 return self._finish(*done, shape)
@@ -410,12 +600,12 @@ class RoutedFFN(nn.Module):
             w_gate, w_up = (None if t is None else _contiguous(t) for t in (w.w_gate, w.w_up))
             y = ops.routed_ffn(x2, w_gate, w_up, w.w_down, mask, activation=self.activation,
                                b_up=w.b_up, b_down=w.b_down,
-                               backend=self.ffn_backend or self.backend)
+                               backend=s.ffn_backend or s.backend)
         return self._finish(y, mask, shape)
 
     def stacked_views(self):
         """``([W_gate; W_up] [2F, d], [W_gate; W_up; router_rows])`` views where
-        :mod:`prunepath.stacked_ffn` laid them out as one storage, else ``None`` each. Found
+        :mod:`prunepath.decode.stacked_ffn` laid them out as one storage, else ``None`` each. Found
         by a host-side look at the storages in eager calls; a traced step (``torch.compile``
         cannot look) reads what the last eager call found -- the Decoder calls this before
         every decode."""
@@ -429,7 +619,7 @@ class RoutedFFN(nn.Module):
 
     def _dense(self, x):
         """The original FFN; one GEMM for both up projections where they are stacked
-        (:mod:`prunepath.stacked_ffn`)."""
+        (:mod:`prunepath.decode.stacked_ffn`)."""
         joint = self.stacked_views()[0]
         if joint is None:
             return self.base(x)
@@ -442,7 +632,7 @@ class RoutedFFN(nn.Module):
         up GEMM when stacked, the routing in the activation kernel), or None where the router
         has no folded form, the policy is not "budget"/"topk", or this instance's
         ``expert_mask`` was replaced (custom routing): the mask-first path."""
-        if "expert_mask" in self.__dict__ or self.policy not in ("budget", "topk"):
+        if "expert_mask" in self.__dict__ or self.settings.policy not in ("budget", "topk"):
             return None
         fused = self.fused_router(x2.dtype)
         if fused is None:
@@ -476,10 +666,10 @@ class RoutedFFN(nn.Module):
             x2, w1, w.w_gate, w.w_up, w.w_down, budget, b_router=b1, w_router_out=w2,
             b_router_out=b2, hidden_activation=act, min_experts=lo, max_experts=hi,
             activation=self.activation, b_up=w.b_up, b_down=w.b_down,
-            backend=self.ffn_backend or self.backend)
+            backend=self.settings.ffn_backend or self.settings.backend)
 
     def _finish(self, y, mask, shape):
-        if self.record_stats:
+        if self.settings.record_stats:
             self._record(mask)
         if self.fam.dropout is not None:
             y = getattr(self.base, self.fam.dropout)(y)
@@ -509,4 +699,4 @@ class RoutedFFN(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"layer={self.layer_idx}, experts={self.num_experts}x{self.expert_size}, "
-                f"activation={self.activation}, policy={self.policy}, prefill={self.prefill}")
+                f"activation={self.activation}, policy={self.settings.policy}, prefill={self.settings.prefill}")

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
+from .budget import routed_layers, routing_state
 from .ops.reference import activate
 
 REPORT_BUDGETS = (0.5, 0.7, 0.9)
@@ -358,8 +359,6 @@ def capture_ffn_io(model, routed, input_ids: torch.Tensor, *, batch_size: int = 
     """
     from tqdm.auto import tqdm
 
-    from .budget import routing_state
-
     xs = [[] for _ in routed]
     ss = [[] for _ in routed]
     grams = [down_gram(r.weights(), r.num_experts) for r in routed] if shares else None
@@ -481,8 +480,6 @@ def train_routers(model, input_ids: torch.Tensor, cfg, *, progress: bool = True)
     loss, the held-out loss and target entropy, :func:`router_quality` on the held-out tokens
     (plus the mean), and the router's size against its FFN's (``router_cost``).
     """
-    from .budget import routed_layers
-
     routed = routed_layers(model)
     closed_form = cfg.router == "lowrank"
     xs, ss = capture_ffn_io(model, routed, input_ids, progress=progress, shares=not closed_form,
@@ -564,8 +561,6 @@ def router_report(model, calibration=None, tokenizer=None, *, budgets=REPORT_BUD
     measures on it: per layer, at each budget, the share of the oracle's importance mass
     the router keeps at the same expert count, the mass kept and the mean active experts.
     """
-    from .budget import routed_layers
-
     if calibration is None:
         cfg = getattr(model, "prunepath_config", None)
         routed_layers(model)  # raises if not converted

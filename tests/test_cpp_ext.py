@@ -516,7 +516,7 @@ def test_linear_dispatch():
 
 
 def test_fast_linear_enable_disable():
-    from prunepath import fast_linear
+    from prunepath.decode import fast_linear
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(24, 40), torch.nn.GELU(), torch.nn.Linear(40, 7, bias=False))

@@ -349,7 +349,7 @@ def test_compiled_cpu_step_sees_model_changes_between_decodes():
     # Compiled CPU steps skip Dynamo's per-step guards on the model's modules; the decoder's
     # model key, read once per decode call, must select a new step when the model's layout
     # or flags change, never replay a graph made for the old one.
-    from prunepath import fast_linear, fused_qkv, packed_down
+    from prunepath.decode import fast_linear, fused_qkv, packed_down
 
     model = routed(seed=45)
     prunepath.set_budget(model, 0.5)
@@ -452,7 +452,7 @@ def test_compiled_step_matches_hf_cpu():
 
 
 def test_fast_linears_on_cpu_by_default():
-    from prunepath import fast_linear
+    from prunepath.decode import fast_linear
 
     model = routed(seed=25)
     prunepath.set_budget(model, 0.6)
@@ -663,3 +663,88 @@ def test_bench_bytes_model_and_union():
     chosen = bench.make_bank(4, 50, 8, 64, 32, seed=0)
     assert chosen.sum(-1).eq(32).all()
     assert bench.union_density(chosen) == pytest.approx(1 - 0.5 ** 8, abs=0.01)
+
+
+# --------------------------------------------------------------------------- undo
+
+
+def _snapshot(model, ids):
+    """Everything restore must give back: state_dict (keys, values, dtypes, shapes, strides,
+    which entries share storage), patched forwards, the training flag, and eval outputs."""
+    sd = model.state_dict(keep_vars=True)
+    first = {}
+    entries = {k: (t.dtype, tuple(t.shape), t.stride(),
+                   first.setdefault(t.untyped_storage().data_ptr(), k), t.detach().clone())
+               for k, t in sd.items()}
+    patched = sorted(n for n, m in model.named_modules() if "forward" in m.__dict__)
+    training = model.training
+    model.eval()
+    with torch.no_grad():
+        out = model(ids).logits
+    model.train(training)
+    return entries, patched, training, out
+
+
+def _assert_same(a, b):
+    (ea, pa, ta, oa), (eb, pb, tb, ob) = a, b
+    assert ea.keys() == eb.keys()
+    for k in ea:
+        assert ea[k][:4] == eb[k][:4], k
+        assert torch.equal(ea[k][4], eb[k][4]), k
+    assert pa == pb and ta == tb
+    assert torch.equal(oa, ob)
+
+
+def _decode_with_every_layout(model, ids):
+    # every transform the decoder has, on (on a CPU stack_ffn is off by default)
+    dec = Decoder(model, ids.shape[0], ids.shape[1] + 4, stack_ffn=True, fuse_qkv=True,
+                  fast_linears=True, packed_down=True)
+    dec.generate(ids, 4, eos_token_id=[])
+    return dec
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_close_restores_the_model_bit_exactly(family):
+    model = routed(family, seed=61)
+    prunepath.set_budget(model, 0.5)
+    model.train()
+    ids, _ = prompts(1, 5, seed=62)
+    before = _snapshot(model, ids)
+    dec = _decode_with_every_layout(model, ids)
+    assert not model.training
+    dec.close()
+    _assert_same(before, _snapshot(model, ids))
+    assert prunepath.decode.restore(model) == 0  # nothing left to undo
+    # a dense model too
+    dense = tiny_model(family, 63)
+    before = _snapshot(dense, ids)
+    prunepath.generate(dense, ids, 4, eos_token_id=[], stack_ffn=True)
+    prunepath.decode.restore(dense)
+    _assert_same(before, _snapshot(dense, ids))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_unload_after_decode_equals_unload(family):
+    ids, _ = prompts(1, 5, seed=64)
+    plain = prunepath.unload(routed(family, seed=65))
+    model = routed(family, seed=65)
+    prunepath.set_budget(model, 0.5)
+    _decode_with_every_layout(model, ids)
+    prunepath.unload(model)
+    model.train(plain.training)
+    _assert_same(_snapshot(plain, ids), _snapshot(model, ids))
+
+
+def test_decode_config_and_keywords():
+    from prunepath.decode import DecodeConfig
+
+    model = routed(seed=66)
+    cfg = DecodeConfig(mode="eager", record_stats=True)
+    dec = Decoder(model, 1, 8, cfg, check_every=4)
+    assert dec.config == DecodeConfig(mode="eager", record_stats=True, check_every=4)
+    assert dec.record_stats and dec.check_every == 4
+    with pytest.raises(ValueError, match="mode"):
+        DecodeConfig(mode="fast")
+    with pytest.raises(TypeError, match="unknown decode option"):
+        Decoder(model, 1, 8, budget=0.5)
+    dec.close()

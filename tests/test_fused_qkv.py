@@ -1,10 +1,10 @@
-"""prunepath.fused_qkv: q/k/v weights in one storage, and the lean decode step's one product."""
+"""prunepath.decode.fused_qkv: q/k/v weights in one storage, and the lean decode step's one product."""
 
 import pytest
 import torch
 
 import prunepath
-from prunepath import fused_qkv
+from prunepath.decode import fused_qkv
 from prunepath.decode import Decoder
 
 from .test_decode import NEW, hf_greedy, prompts, routed

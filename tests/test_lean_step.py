@@ -1,4 +1,4 @@
-"""prunepath.lean_step: the hand-written Llama-family forward against Hugging Face's own.
+"""prunepath.decode.lean_step: the hand-written Llama-family forward against Hugging Face's own.
 
 Greedy tokens of ``Decoder(step="lean")`` must equal ``model.generate`` (eager, dynamic cache)
 exactly, dense and routed, with and without left padding; the prefill's logits must match the
@@ -10,7 +10,7 @@ import torch
 
 import prunepath
 from prunepath.decode import Decoder, generate, no_host_sync
-from prunepath.lean_step import FAMILIES, LeanStep, unsupported
+from prunepath.decode.lean_step import FAMILIES, LeanStep, unsupported
 
 from .test_decode import NEW, hf_greedy, prompts, routed
 from .tiny_models import tiny_config, tiny_model

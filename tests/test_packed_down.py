@@ -1,10 +1,11 @@
-"""prunepath.packed_down: W_down stored transposed, read in place by every path."""
+"""prunepath.decode.packed_down: W_down stored transposed, read in place by every path."""
 
 import pytest
 import torch
 
 import prunepath
-from prunepath import ops, packed_down
+from prunepath import ops
+from prunepath.decode import packed_down
 from prunepath.decode import Decoder, routed_layers
 from prunepath.layers import frozen
 from prunepath.ops.checks import is_packed_down

@@ -1,11 +1,11 @@
-"""prunepath.stacked_ffn: W_gate, W_up (and a routed layer's folded router) in one storage; the
+"""prunepath.decode.stacked_ffn: W_gate, W_up (and a routed layer's folded router) in one storage; the
 lean step's one up product and the masked-dense path's one GEMM with routing in the kernel."""
 
 import pytest
 import torch
 
 import prunepath
-from prunepath import stacked_ffn
+from prunepath.decode import stacked_ffn
 from prunepath.convert import wrap
 from prunepath.decode import Decoder
 from prunepath.layers import RoutedFFN

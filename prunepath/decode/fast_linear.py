@@ -1,8 +1,8 @@
 """Decode steps on the CPU: route the model's ``nn.Linear`` layers through
 :func:`prunepath.ops.linear` (the C++ matrix-vector kernel) when they see a few tokens.
 
->>> prunepath.fast_linear.enable(model)    # number of layers switched; Decoder does this on CPU
->>> prunepath.fast_linear.disable(model)   # back to torch.nn.functional.linear
+>>> prunepath.decode.fast_linear.enable(model)    # number of layers switched; Decoder does this on CPU
+>>> prunepath.decode.fast_linear.disable(model)   # back to torch.nn.functional.linear
 
 A decode step is a chain of matrix-vector products; ``torch.nn.functional.linear`` runs
 them at about half the rate the CPU's memory allows (on a 2-core Zen 3), for the dense
@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import ops
-from .ops.decode_linear import MAX_TOKENS
+from .. import ops
+from ..ops.decode_linear import MAX_TOKENS
 
 _FLAG = "_prunepath_fast_linear"
 

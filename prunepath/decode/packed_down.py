@@ -9,8 +9,8 @@ stay valid), no extra memory. The kernels see the layout
 contiguous rows; the dense paths (``nn.Linear``, :func:`prunepath.ops.linear`) read the
 transposed weight in place.
 
->>> prunepath.packed_down.pack(model)     # number of down projections re-laid
->>> prunepath.packed_down.unpack(model)   # back to nn.Linear's contiguous [d, F]
+>>> prunepath.decode.packed_down.pack(model)     # number of down projections re-laid
+>>> prunepath.decode.packed_down.unpack(model)   # back to nn.Linear's contiguous [d, F]
 
 GPT-2's Conv1D already stores ``c_proj`` as ``[F, d]``: nothing to do there.
 """
@@ -20,8 +20,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layers import RoutedFFN
-from .ops.checks import is_packed_down
+from ..layers import RoutedFFN
+from ..ops.checks import is_packed_down
 
 
 def _down_weights(model: nn.Module):

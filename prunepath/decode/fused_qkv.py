@@ -7,12 +7,12 @@ into one ``[Dq + 2 Dkv, d]`` storage and leaves each ``weight`` the view of its 
 values, shapes, ``state_dict`` keys and Parameter objects (optimizers and references stay
 valid), no extra memory once the old storages are freed; ``save_pretrained`` writes the
 usual checkpoint. :func:`qkv_view` then hands the lean decode step
-(:mod:`prunepath.lean_step`) one ``[Dq + 2 Dkv, d]`` weight for one product. Anything that
+(:mod:`prunepath.decode.lean_step`) one ``[Dq + 2 Dkv, d]`` weight for one product. Anything that
 re-allocates a parameter (``model.to(...)``, loading a state dict into new tensors) undoes
 the layout silently; :func:`qkv_view` then returns None and the step runs three products.
 
->>> prunepath.fused_qkv.fuse(model)     # number of attentions re-laid
->>> prunepath.fused_qkv.unfuse(model)   # each projection its own storage again
+>>> prunepath.decode.fused_qkv.fuse(model)     # number of attentions re-laid
+>>> prunepath.decode.fused_qkv.unfuse(model)   # each projection its own storage again
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .ops.masked_dense import stacked
+from ..ops.masked_dense import stacked
 
 
 def _projections(attn: nn.Module):

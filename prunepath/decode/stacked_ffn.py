@@ -22,8 +22,8 @@ copies each layer's weights once; an old storage stays alive while something els
 (a compiled step of a decoder made before, e.g. a dense baseline's: bench/decode.py's
 peak memory then shows it).
 
->>> prunepath.stacked_ffn.stack(model)     # number of FFNs re-laid
->>> prunepath.stacked_ffn.unstack(model)
+>>> prunepath.decode.stacked_ffn.stack(model)     # number of FFNs re-laid
+>>> prunepath.decode.stacked_ffn.unstack(model)
 """
 
 from __future__ import annotations
@@ -31,13 +31,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .ops.masked_dense import stacked
+from ..layers import RoutedFFN
+from ..ops.masked_dense import stacked
 
 
 def _gated_mlps(model: nn.Module):
     """(module, owning RoutedFFN or None) for each MLP with ``gate_proj``/``up_proj`` Linears."""
-    from .layers import RoutedFFN
-
     owners = {id(m.base): m for m in model.modules() if isinstance(m, RoutedFFN)}
     for mod in model.modules():
         if all(isinstance(getattr(mod, n, None), nn.Linear) for n in ("gate_proj", "up_proj")):

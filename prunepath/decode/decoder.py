@@ -3,7 +3,7 @@
 A gpt-fast-style decode loop over any Hugging Face causal LM that supports
 ``transformers.StaticCache`` (Llama, Mistral, Qwen, Gemma, ...), routed (PrunePath) or dense;
 Llama-family models run a hand-written forward over their own modules
-(:mod:`prunepath.lean_step`, ``step="auto"``), the others their own forward:
+(:mod:`prunepath.decode.lean_step`, ``step="auto"``), the others their own forward:
 
 >>> out = prunepath.generate(model, input_ids, max_new_tokens=128, budget=0.5)
 
@@ -11,6 +11,10 @@ or, to keep the cache and captured graphs between calls (what a server does):
 
 >>> dec = prunepath.decode.Decoder(model, batch_size=4, max_length=1024)
 >>> out = dec.generate(input_ids, 128, temperature=0.7, top_k=50)
+>>> dec.close()    # the model as it was before (layouts, patches, training mode)
+
+Every option is a field of one :class:`~prunepath.decode.DecodeConfig` (also accepted as
+keywords: ``Decoder(model, 1, 512, mode="compile")``).
 
 How one generation runs:
 
@@ -31,7 +35,7 @@ read only the active experts), ``"dense"`` (the dense matmuls over every expert 
 inactive neurons zeroed -- same result, dense cost: :func:`prunepath.ops.router_masked_dense_ffn`
 for the usual folded routers, whose projection is a few more rows of the up GEMM when the
 weights are stacked (``stack_ffn``) and whose routing runs inside the activation kernel -- an
-H100 compiled batch-8 step costs 1.03x the dense one, BENCHMARKS.md session 21 -- else
+H100 compiled batch-8 step costs 1.03x the dense one, BENCHMARKS.md -- else
 :func:`prunepath.ops.masked_dense_ffn`, the mask made first) or ``"auto"``
 (default): one step of each is timed once per budget on the live cache (after capturing
 both, with CUDA graphs) and the faster one runs, so decoding is never slower than dense
@@ -41,7 +45,7 @@ are the kernel backends themselves ("triton", "cuda"), each timed on the live ma
 its own step); at batch 1 and on a CPU it runs "sparse".
 
 On the CPU the model's ``nn.Linear`` layers run decode steps through the C++ matrix-vector
-kernel (``fast_linears``, :mod:`prunepath.fast_linear`): dense and PrunePath steps alike.
+kernel (``fast_linears``, :mod:`prunepath.decode.fast_linear`): dense and PrunePath steps alike.
 
 Decode steps do not update the routed layers' statistics (:func:`prunepath.stats`) unless
 ``record_stats=True``: the counters cost a few small kernels per layer per step.
@@ -55,12 +59,17 @@ import types
 
 import torch
 
-from .layers import RoutedFFN, frozen
+from .. import ops
+from ..budget import set_budget
+from ..layers import RoutedFFN, frozen
+from ..layers import routed_layers as _routed_layers
+from ..ops import checks
+from . import fast_linear, fused_qkv, stacked_ffn
+from . import packed_down as _packed_down
+from .config import FFN_PATHS, MODES, STEPS, DecodeConfig
+from .lean_step import LeanStep, unsupported
 
-MODES = ("auto", "eager", "graph", "compile")
 _MAX_EOS = 16  # size of the device buffer of end-of-sequence ids
-FFN_PATHS = ("auto", "sparse", "dense")
-STEPS = ("auto", "hf", "lean")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -84,23 +93,21 @@ def _model_device_dtype(model) -> tuple[torch.device, torch.dtype]:
     return p.device, p.dtype
 
 
-def routed_layers(model) -> list[torch.nn.Module]:
+def routed_layers(model) -> list[RoutedFFN]:
     """The PrunePath routed FFN modules of ``model`` (empty for a dense model)."""
-    return [m for m in model.modules() if isinstance(m, RoutedFFN)]
+    return _routed_layers(model, required=False)
 
 
 def _routing_key(layers) -> tuple:
     """The host-side routing state a captured step depends on (a change means a new capture).
-    Budget *values* are not part of it: they live in device buffers the step reads. A
-    replaced router module (a new object: a captured graph would still read the old one's
-    tensors) and switching statistics recording on/off are. ``_dense_budget`` (every budget
-    exactly 1.0: the exact dense path) only counts under the budget policy."""
+    Budget *values* are not part of it: they live in device buffers the step reads. Each
+    layer's :class:`~prunepath.layers.RoutingSettings` (policy, k, backends, statistics
+    recording, ...) and a replaced router module (a new object: a captured graph would still
+    read the old one's tensors) are. ``_dense_budget`` (every budget exactly 1.0: the exact
+    dense path) only counts under the budget policy."""
     return tuple(
-        (m.policy, m.policy == "budget" and m._dense_budget, m.topk, m.min_experts,
-         tuple(m.budget.shape), m.budget.data_ptr(),
-         getattr(m, "backend", None), getattr(m, "ffn_backend", None), id(m.router),
-         getattr(m, "record_stats", True), getattr(m, "temperature", 1.0),
-         getattr(m, "fuse_router", None), getattr(m, "fuse_routing", None), _fused_ptrs(m))
+        (m.settings, m.settings.policy == "budget" and m._dense_budget,
+         tuple(m.budget.shape), m.budget.data_ptr(), id(m.router), _fused_ptrs(m))
         for m in layers
     )
 
@@ -138,15 +145,15 @@ def _compile_options(device: torch.device):
     """``torch.compile`` arguments of a compiled step. On a CPU, Dynamo's guards on the
     model's modules -- thousands per step: types, hook dicts, attributes, parameter metadata --
     cost ~8-11% of a SmolLM2 step, so they are skipped and :func:`_model_key` stands in for
-    them once per decode call (BENCHMARKS.md, session 15; inductor's C++ wrapper, another
+    them once per decode call (BENCHMARKS.md; inductor's C++ wrapper, another
     4-6% per step there, is left off: it made a cold compile 43 -> 103 s). The same key covers
     what inductor's per-call ``size_asserts`` check (every input's size and stride, ~550 Python
     calls per SmolLM2 step), so those are off too: 1.02x dense, 1.03-1.05x s50 per step
-    (BENCHMARKS.md, session 22). On a GPU the step
+    (BENCHMARKS.md). On a GPU the step
     replays as CUDA graphs (what ``mode="reduce-overhead"`` sets: ``triton.cudagraphs``) with
     the guards kept. Inductor's ``freezing`` is off whatever the global config says: it turns
     the modules' buffers into constants too, and a compiled step then ignores a new budget
-    (session 18: s50 -> s30 decoded the s50 tokens)."""
+    (once seen: s50 -> s30 decoded the s50 tokens)."""
     skip = getattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe", None)
     if device.type != "cpu" or skip is None:
         return {"options": {"triton.cudagraphs": device.type == "cuda", "freezing": False}}
@@ -175,8 +182,6 @@ def _sparse_backends(device: torch.device) -> list[str]:
     """Explicit routed-FFN kernel backends the "auto" FFN path times on ``device`` (GPU)."""
     if device.type != "cuda":
         return []
-    from prunepath import ops
-
     return [b for b in ("triton", "cuda") if b in ops.available_backends(device)]
 
 
@@ -230,8 +235,6 @@ def no_host_sync():
                 raise HostSyncError(f"host sync inside a decode step: {func}")
             return func(*args, **(kwargs or {}))
 
-    from prunepath.ops import checks
-
     real = torch.cuda.is_current_stream_capturing, checks._tracing
     torch.cuda.is_current_stream_capturing = checks._tracing = lambda: True
     try:
@@ -251,89 +254,29 @@ class Decoder:
         model: a Hugging Face causal LM (dense or converted by :func:`prunepath.convert`).
         batch_size: sequences per call.
         max_length: cache length = longest prompt + ``max_new_tokens`` this decoder will see.
-        mode: ``"graph"`` (CUDA graph per step, GPU only), ``"compile"``
-            (``torch.compile(mode="reduce-overhead")``), ``"eager"``, or ``"auto"`` (graph on
-            CUDA, eager on the CPU).
-        ffn_path: ``"auto"``, ``"sparse"`` or ``"dense"`` (module docstring).
-        check_every: decode steps between host checks of "all sequences ended".
-        record_stats: count the decode steps' active experts in the routed layers'
-            statistics (:func:`prunepath.stats`). Off by default: recording costs a few small
-            kernels per layer in every step (~0.3 ms of a 9 ms Llama-3-8B step on an H100).
-            The prefill records as the layers are set (:func:`prunepath.set_stats_recording`);
-            pass ``True`` to measure the sparsity of generated tokens.
-        fast_linears: route the model's ``nn.Linear`` layers through the C++
-            matrix-vector kernel in decode steps (:mod:`prunepath.fast_linear`; CPU only,
-            same results up to fp32 summation order). Default ``None``: on for a CPU model
-            (where ``torch.nn.functional.linear`` streams weights at about half the memory
-            rate), off on a GPU. It switches the model's layers in place;
-            ``prunepath.fast_linear.disable(model)`` switches them back.
-        packed_down: store the routed layers' ``W_down`` transposed
-            (:mod:`prunepath.packed_down`: same values, no extra memory) so the FFN kernels
-            read each active expert's down block as contiguous rows. Default ``None``: on
-            where the fast linears are (a CPU model: :func:`prunepath.ops.linear` reads the
-            transposed weight at the dense rate, so dense steps keep their speed and sparse
-            ones gain; BENCHMARKS.md), off on a GPU (no gain measured at E=64);
-            ``prunepath.packed_down.unpack(model)`` restores the layout.
-        step: how a forward runs: ``"hf"`` (the model's own forward over a
-            ``transformers.StaticCache``; any family that supports one), ``"lean"``
-            (:class:`prunepath.lean_step.LeanStep`: a hand-written forward over the same
-            modules with its own static cache, a few tensor ops per layer; Llama, Mistral,
-            Qwen2/3 with full attention) or ``"auto"`` (default): lean where it can run the
-            model, else hf. Same tokens; lean is the faster step on a GPU and a CPU
-            (BENCHMARKS.md).
-        fuse_qkv: with the lean step, store each attention's q/k/v weights as one tensor
-            (:mod:`prunepath.fused_qkv`: same values, no extra memory) so a step computes
-            them with one product. Default ``None``: on (a GPU: one cuBLAS product instead
-            of three split-K products and their reduce launches; a CPU: one GEMV on every
-            thread instead of two small single-threaded ones; both measured in BENCHMARKS.md);
-            ``False`` leaves the model's layout alone;
-            ``prunepath.fused_qkv.unfuse(model)`` restores it.
-        stack_ffn: store each gated MLP's W_gate and W_up (and a routed layer's folded
-            router) as rows of one tensor (:mod:`prunepath.stacked_ffn`: same values, no
-            extra memory) so a dense FFN computes both up projections with one product, and
-            the masked-dense FFN path those and the router's projection with one product
-            (the routing then runs inside its activation kernel). Default ``None``: on for a
-            GPU model; ``prunepath.stacked_ffn.unstack(model)`` restores the layout.
-        fuse_routing: sparse steps run each routed layer's routing and FFN as one
-            :func:`prunepath.ops.router_routed_ffn` call (``RoutedFFN.fuse_routing``). Default
-            ``None``: the layers' own setting (off unless set; no gain measured on a CPU or an
-            H200). Same tokens either way.
+        config: a :class:`~prunepath.decode.DecodeConfig` (default: its defaults); its
+            fields may also be passed as keywords (``mode="compile"``), which replace the
+            config's.
+
+    The decoder changes the model in place for speed (layouts of weights, patched
+    ``nn.Linear`` forwards, eval mode; see :class:`~prunepath.decode.DecodeConfig`):
+    :meth:`close` (or :func:`prunepath.decode.restore`, or :func:`prunepath.unload`) undoes
+    all of it, leaving ``state_dict`` and outputs bit-identical to before.
     """
 
-    def __init__(
-        self,
-        model,
-        batch_size: int,
-        max_length: int,
-        *,
-        mode: str = "auto",
-        ffn_path: str = "auto",
-        check_every: int = 16,
-        record_stats: bool = False,
-        fast_linears: bool | None = None,
-        packed_down: bool | None = None,
-        step: str = "auto",
-        fuse_qkv: bool | None = None,
-        stack_ffn: bool | None = None,
-        fuse_routing: bool | None = None,
-    ):
+    def __init__(self, model, batch_size: int, max_length: int,
+                 config: DecodeConfig | None = None, **options):
         from transformers import StaticCache
 
-        from . import fast_linear
-        from . import packed_down as _packed_down
-
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if ffn_path not in FFN_PATHS:
-            raise ValueError(f"ffn_path must be one of {FFN_PATHS}, got {ffn_path!r}")
-        if step not in STEPS:
-            raise ValueError(f"step must be one of {STEPS}, got {step!r}")
+        self.config = cfg = DecodeConfig.make(config, **options)
+        mode, ffn_path, step = cfg.mode, cfg.ffn_path, cfg.step
+        fast_linears, packed_down = cfg.fast_linears, cfg.packed_down
+        fuse_qkv, stack_ffn = cfg.fuse_qkv, cfg.stack_ffn
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         if not isinstance(max_length, int) or max_length < 2:
             raise ValueError(f"max_length must be an int >= 2, got {max_length!r}")
-        if not isinstance(check_every, int) or check_every < 1:
-            raise ValueError(f"check_every must be a positive int, got {check_every!r}")
+        self._was_training = model.training
         self.model = model.eval()
         self.device, self.dtype = _model_device_dtype(model)
         if mode == "auto":
@@ -341,9 +284,9 @@ class Decoder:
         if mode == "graph" and self.device.type != "cuda":
             raise ValueError(f"mode='graph' needs a model on a CUDA device, got {self.device}")
         self.mode, self.batch_size, self.max_length = mode, batch_size, max_length
-        self.check_every = check_every
-        self.record_stats = bool(record_stats)
-        self.fuse_routing = None if fuse_routing is None else bool(fuse_routing)
+        self.check_every = cfg.check_every
+        self.record_stats = bool(cfg.record_stats)
+        self.fuse_routing = None if cfg.fuse_routing is None else bool(cfg.fuse_routing)
         if fast_linears is None:
             fast_linears = self.device.type == "cpu"
         if fast_linears:
@@ -357,20 +300,13 @@ class Decoder:
         # with no routed layers there is nothing to choose
         self.ffn_path = ffn_path if self.layers else "dense"
         if step == "auto":
-            from .lean_step import unsupported
-
             step = "hf" if unsupported(model, max_length) else "lean"
         self.step_kind = step
         if stack_ffn is None:
             stack_ffn = self.device.type == "cuda"
         if stack_ffn:
-            from . import stacked_ffn
-
             stacked_ffn.stack(model)
         if step == "lean":
-            from . import fused_qkv
-            from .lean_step import LeanStep
-
             if fuse_qkv is not False:  # None, the default: on
                 fused_qkv.fuse(model)
             self.lean, self.cache = LeanStep(model, batch_size, max_length), None
@@ -401,6 +337,21 @@ class Decoder:
         self.last_path = None  # FFN path of the last decode ("sparse" / "dense")
         self.last_ffn_backend = None  # the routed-FFN backend "auto" chose for it (or None)
         self.path_timings = None  # ms per step of each path, when ffn_path="auto" timed them
+
+    def close(self) -> None:
+        """Give the model back as it was before this decoder: every layout and patch undone
+        (:func:`restore`) and its training mode back. Make a new decoder to decode again."""
+        restore(self.model)
+        self.model.train(self._was_training)
+        self._steps.clear()
+        self._path_choice.clear()
+        self._key_refs.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     # -- one step ---------------------------------------------------------------------
 
@@ -442,29 +393,25 @@ class Decoder:
         """Routed FFNs run ``path`` inside the block ("sparse": their own backend;
         "sparse:NAME": kernel backend NAME; "dense": :func:`prunepath.ops.masked_dense_ffn`,
         cuBLAS with the routing on a side stream), with statistics recording off unless this
-        decoder records them; settings are restored afterwards."""
-        attrs = ["ffn_backend" if hasattr(m, "ffn_backend") else "backend" for m in self.layers]
-        own = [(getattr(m, a), getattr(m, "record_stats", True), getattr(m, "masked_dense", False),
-                getattr(m, "router_stream", None), getattr(m, "fuse_routing", False))
-               for m, a in zip(self.layers, attrs)]
+        decoder records them: one :meth:`~prunepath.layers.RoutedFFN.configure` per layer,
+        and the layer's own settings are put back afterwards."""
         kind, _, backend = path.partition(":")
-        for m, a in zip(self.layers, attrs):
-            if kind == "dense":
-                m.masked_dense, m.router_stream = True, self._router_stream
-            else:
-                if backend:
-                    setattr(m, a, backend)
-                if self.fuse_routing is not None:
-                    m.fuse_routing = self.fuse_routing
-            if not self.record_stats:
-                m.record_stats = False
+        changes = {}
+        if kind == "dense":
+            changes.update(masked_dense=True, router_stream=self._router_stream)
+        else:
+            if backend:
+                changes["ffn_backend"] = backend
+            if self.fuse_routing is not None:
+                changes["fuse_routing"] = self.fuse_routing
+        if not self.record_stats:
+            changes["record_stats"] = False
+        own = [m.configure(**changes) for m in self.layers]
         try:
             yield
         finally:
-            for m, a, (b, st, md, rs, fr) in zip(self.layers, attrs, own):
-                setattr(m, a, b)
-                m.record_stats, m.masked_dense, m.router_stream = st, md, rs
-                m.fuse_routing = fr
+            for m, settings in zip(self.layers, own):
+                m.configure(settings)
 
     def _prepare_routers(self) -> None:
         """Fold (or refresh in place) every routed layer's fused router before a step is
@@ -721,8 +668,6 @@ class Decoder:
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
         if budget is not None:
-            from prunepath.budget import set_budget
-
             set_budget(self.model, budget)
         self.prefill(input_ids, attention_mask, temperature=temperature, top_k=top_k,
                      eos_token_id=eos_token_id, pad_token_id=pad_token_id)
@@ -735,7 +680,7 @@ class Decoder:
     def _decode_path(self) -> str:
         if self.ffn_path != "auto":
             return self.ffn_path
-        if all(m.policy == "dense" or (m.policy == "budget" and m._dense_budget)
+        if all(m.settings.policy == "dense" or (m.settings.policy == "budget" and m._dense_budget)
                for m in self.layers):
             return "sparse"  # nothing to choose
         if self.mode == "compile" and (self.device.type != "cuda" or self.batch_size == 1):
@@ -754,7 +699,7 @@ class Decoder:
         ops-level choice is made on synthetic half-density masks, which at a few tokens per
         step have a near-full union and pick the masked-dense kernel; here every candidate
         is timed on the live masks."""
-        own = {getattr(m, "ffn_backend", None) or m.backend for m in self.layers}
+        own = {m.settings.ffn_backend or m.settings.backend for m in self.layers}
         explicit = _sparse_backends(self.device) if own == {"auto"} else []
         return ["dense"] + ([f"sparse:{b}" for b in explicit] or ["sparse"])
 
@@ -822,12 +767,8 @@ def generate(
     eos_token_id=None,
     pad_token_id: int | None = None,
     budget=None,
-    mode: str = "auto",
-    ffn_path: str = "auto",
-    check_every: int = 16,
-    record_stats: bool = False,
-    fast_linears: bool | None = None,
-    step: str = "auto",
+    config: DecodeConfig | None = None,
+    **options,
 ) -> torch.Tensor:
     """Generate up to ``max_new_tokens`` tokens after ``input_ids`` ([B, T]) with a static KV
     cache and (on CUDA) a CUDA-graph decode step. Returns ``[B, T + n]`` token ids.
@@ -835,24 +776,36 @@ def generate(
     ``temperature=0`` is greedy; otherwise softmax sampling at that temperature, optionally
     restricted to the ``top_k`` most likely tokens. ``budget`` (float, per-layer list or
     preset name, as :func:`prunepath.set_budget` takes) is set on the model first; ``None``
-    keeps the current one. Left-padded batches pass ``attention_mask``. ``mode``,
-    ``ffn_path``, ``check_every``, ``record_stats`` (decode steps update
-    :func:`prunepath.stats` only when True), ``fast_linears`` (on by default for a CPU
-    model) and ``step`` (``"auto"``, ``"hf"`` or ``"lean"``): see :class:`Decoder`. Builds a new :class:`Decoder` per
-    call; keep one yourself to reuse the cache and the captured graphs.
+    keeps the current one. Left-padded batches pass ``attention_mask``. ``config`` (a
+    :class:`~prunepath.decode.DecodeConfig`) and ``options`` (its fields as keywords, e.g.
+    ``mode="compile"``): see :class:`Decoder`. Builds a new :class:`Decoder` per call; keep
+    one yourself to reuse the cache and the captured graphs. The model keeps the decoder's
+    layouts; :func:`prunepath.decode.restore` undoes them.
     """
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         raise ValueError("input_ids must be a [batch, prompt_len] tensor of token ids")
     b, t = input_ids.shape
-    dec = Decoder(model, b, t + max_new_tokens, mode=mode, ffn_path=ffn_path,
-                  check_every=check_every, record_stats=record_stats, fast_linears=fast_linears,
-                  step=step)
+    dec = Decoder(model, b, t + max_new_tokens, DecodeConfig.make(config, **options))
     return dec.generate(input_ids, max_new_tokens, attention_mask=attention_mask,
                         temperature=temperature, top_k=top_k, eos_token_id=eos_token_id,
                         pad_token_id=pad_token_id, budget=budget)
 
 
-__all__ = ["Decoder", "generate", "no_host_sync", "HostSyncError", "routed_layers", "MODES",
-           "FFN_PATHS", "STEPS"]
+@torch.no_grad()
+def restore(model) -> int:
+    """Undo every change a :class:`Decoder` makes to ``model``'s modules: patched
+    ``nn.Linear.forward`` (:mod:`~prunepath.decode.fast_linear`), fused q/k/v
+    (:mod:`~prunepath.decode.fused_qkv`), stacked W_gate/W_up and router rows
+    (:mod:`~prunepath.decode.stacked_ffn`), transposed W_down
+    (:mod:`~prunepath.decode.packed_down`). Afterwards ``state_dict`` (values, dtypes,
+    strides) and forward outputs are bit-identical to the model's before decoding. Returns
+    how many modules were changed back (0: nothing to undo). (The eval mode the decoder sets
+    is restored by :meth:`Decoder.close`.)"""
+    return (fast_linear.disable(model) + fused_qkv.unfuse(model) + stacked_ffn.unstack(model)
+            + _packed_down.unpack(model))
+
+
+__all__ = ["Decoder", "DecodeConfig", "generate", "restore", "no_host_sync", "HostSyncError",
+           "routed_layers", "MODES", "FFN_PATHS", "STEPS"]

@@ -30,7 +30,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import fast_linear, ops
+from .. import ops
+from . import fast_linear
 from .fused_qkv import qkv_view
 from .stacked_ffn import gate_up_view
 
@@ -158,7 +159,7 @@ class LeanStep:
         hd, kv, g = self.head_dim, self.kv_heads, self.heads // self.kv_heads
         if self.qkv[i] is not None:  # one product for q, k and v
             w, bias = self.qkv[i]
-            # the CPU decode GEMV where the model's linears use it (prunepath.fast_linear)
+            # the CPU decode GEMV where the model's linears use it (prunepath.decode.fast_linear)
             linear = ops.linear if fast_linear.is_fast(attn.q_proj) else F.linear
             y = linear(x.reshape(b * t, -1), w, bias).view(b, t, -1)
             q, k, v = y.split([self.heads * hd, kv * hd, kv * hd], dim=-1)
