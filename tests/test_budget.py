@@ -258,3 +258,39 @@ def test_model_to_dtype_keeps_budget_and_counters_exact(dtype):
     with torch.no_grad():
         model(random_ids(3, 100, seed=6))
     assert prunepath.stats(model)["cumulative"]["tokens"] == 300
+
+
+def test_routing_settings_one_object_validated_when_set(trained):
+    from prunepath.layers import RoutingSettings
+
+    layer = routed_layers(trained)[0]
+    own = layer.settings
+    assert isinstance(own, RoutingSettings) and own.topk == E and own.policy == "budget"
+    old = layer.configure(policy="topk", topk=3)
+    assert old is own and layer.settings.policy == "topk" and layer.topk == 3
+    layer.configure(old)
+    assert layer.settings is own
+    with pytest.raises(ValueError, match="k must be"):
+        layer.configure(topk=E + 1)
+    with pytest.raises(ValueError, match="policy"):
+        layer.policy = "sometimes"  # the attributes set through configure too
+    with pytest.raises(ValueError, match="temperature"):
+        layer.configure(temperature=0.0)
+    with pytest.raises(TypeError, match="unknown routing setting"):
+        layer.configure(polcy="dense")
+    assert layer.settings is own  # a rejected change leaves the settings alone
+    with pytest.raises(ValueError):
+        layer.set_budget(1.5)
+    with pytest.raises(ValueError):
+        layer.set_budget(torch.tensor([0.5, 2.0]))
+    layer.set_budget(0.25)
+    assert float(layer.budget) == 0.25 and not layer._dense_budget
+    # a snapshot restores settings and budgets; the decoder leaves the settings as they were
+    with prunepath.budget.routing_state(trained, "topk", k=2):
+        assert all(m.settings.policy == "topk" for m in routed_layers(trained))
+    assert layer.settings is own and float(layer.budget) == 0.25
+    prunepath.set_budget(trained, 0.5)
+    before = [m.settings for m in routed_layers(trained)]
+    prunepath.generate(trained, random_ids(1, 4), 3, eos_token_id=[], record_stats=False)
+    assert [m.settings for m in routed_layers(trained)] == before
+    prunepath.decode.restore(trained)
