@@ -398,8 +398,9 @@ def test_fused_routing_decodes_the_same_tokens(monkeypatch, mode, policy):
     from prunepath.ops import bound
 
     calls = []
-    real = bound._run_router_routed_ffn
-    monkeypatch.setattr(bound, "_run_router_routed_ffn", lambda *a: calls.append(1) or real(*a))
+    real = bound.BoundRouterRoutedFFN.__call__
+    monkeypatch.setattr(bound.BoundRouterRoutedFFN, "__call__",
+                        lambda self, *a: calls.append(1) or real(self, *a))
     model = routed(seed=49)
     if policy == "budget":
         prunepath.set_budget(model, 0.5)
