@@ -129,9 +129,15 @@ def routed_layers(model: nn.Module, *, required: bool = True) -> list[RoutedFFN]
     return sorted(layers, key=lambda r: r.layer_idx)
 
 
+# the settings a routing-state snapshot puts back (backends, temperature and the fused paths
+# keep whatever was set meanwhile)
+_SNAPSHOT = ("policy", "topk", "prefill", "record_stats")
+
+
 def get_routing_state(model: nn.Module) -> list[dict]:
     """A snapshot of every layer's routing state (restorable with :func:`restore_routing_state`):
-    its :class:`RoutingSettings` and its budget, ``tau`` and ``static_keep`` values."""
+    its policy, k, prefill and statistics recording (:class:`RoutingSettings`) and its budget,
+    ``tau`` and ``static_keep`` values."""
     return [
         {"settings": layer.settings, "budget": layer.budget.clone(),
          "dense_budget": layer._dense_budget, "tau": layer.tau.clone(),
@@ -143,7 +149,10 @@ def get_routing_state(model: nn.Module) -> list[dict]:
 def restore_routing_state(model: nn.Module, state: list[dict]) -> None:
     """Put back what :func:`get_routing_state` returned."""
     for layer, st in zip(routed_layers(model), state):
-        layer.configure(st["settings"])
+        saved, now = st["settings"], layer.settings
+        changes = {f: getattr(saved, f) for f in _SNAPSHOT if getattr(now, f) != getattr(saved, f)}
+        if changes:
+            layer.configure(**changes)
         layer._set_budget_tensor(st["budget"], st["dense_budget"])
         layer.tau.copy_(st["tau"])
         layer.static_keep.copy_(st["static_keep"])
