@@ -292,8 +292,8 @@ class Row:
     prefill_ms: float = 0.0
     mode: str = "graph"  # Decoder mode: "graph" (CUDA graph per step) or "compile"
     ffn_backend: str | None = None  # routed-FFN kernel backend the decoder chose (auto)
-    step: str = "lean"  # Decoder step run: "hf" (the model's forward) or "lean" (prunepath.lean_step)
-    fused_qkv: bool = False  # the lean step computed q/k/v with one product (prunepath.fused_qkv)
+    step: str = "lean"  # Decoder step run: "hf" (the model's forward) or "lean" (prunepath.decode.lean_step)
+    fused_qkv: bool = False  # the lean step computed q/k/v with one product (prunepath.decode.fused_qkv)
 
 
 def _qkv_fused(dec) -> bool:
@@ -737,7 +737,7 @@ def parse_args(argv=None):
                    help="gpu suite: batch sizes that also run mode compile (if in --modes)")
     p.add_argument("--ffn-path", default="auto", help="Decoder ffn_path")
     p.add_argument("--fuse-qkv", default="auto", choices=("auto", "on", "off"),
-                   help="lean step: q/k/v weights fused into one product (prunepath.fused_qkv); "
+                   help="lean step: q/k/v weights fused into one product (prunepath.decode.fused_qkv); "
                    "auto: Decoder's default (on)")
     p.add_argument("--mask-source", default="where", choices=("where", "logits", "router"),
                    help="gpu suite: how the synthetic expert sets reach the routed FFNs: where "
@@ -749,12 +749,12 @@ def parse_args(argv=None):
                    "experts per token are measured and reported)")
     p.add_argument("--stack-ffn", default="auto", choices=("auto", "on", "off"),
                    help="Decoder(stack_ffn=...): W_gate, W_up (and the router) as one product "
-                   "(prunepath.stacked_ffn); auto: the Decoder's default (on for a GPU)")
+                   "(prunepath.decode.stacked_ffn); auto: the Decoder's default (on for a GPU)")
     p.add_argument("--fuse-routing", default="off", choices=("off", "on"),
                    help="Decoder(fuse_routing=...): routing and the routed FFN as one op "
                    "(prunepath.ops.router_routed_ffn)")
     p.add_argument("--steps", default="auto",
-                   help="Decoder step(s): auto, hf (the model's forward), lean (prunepath.lean_step); "
+                   help="Decoder step(s): auto, hf (the model's forward), lean (prunepath.decode.lean_step); "
                         "the gpu suite runs each, the cpu suite the first")
     p.add_argument("--backend", default="auto", help="ops backend of the routed FFNs")
     p.add_argument("--bank-steps", type=int, default=64, help="distinct mask steps (cycled)")
@@ -774,11 +774,11 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--dtype", default="fp32", choices=tuple(CPU_DTYPES), help="cpu suite: model dtype")
     p.add_argument("--no-fast-linears", dest="fast_linears", action="store_false",
-                   help="cpu: keep torch's F.linear in decode steps (default: prunepath.fast_linear, "
+                   help="cpu: keep torch's F.linear in decode steps (default: prunepath.decode.fast_linear, "
                    "with a dense_torch_linear row for comparison)")
     p.add_argument("--packed-down", action=argparse.BooleanOptionalAction, default=None,
                    help="cpu (default on): also time every config with W_down stored transposed "
-                   "(prunepath.packed_down, the CPU Decoder's default; rows named "
+                   "(prunepath.decode.packed_down, the CPU Decoder's default; rows named "
                    "<config>_packed); gpu (default off): the routed models' decoders store it "
                    "so (Decoder(packed_down=True))")
     a = p.parse_args(argv)

@@ -21,7 +21,7 @@ over copies larger than L2; bench.common's timers):
 * ``gemm_up`` / ``gemm_up_router`` / ``silu_mul`` / ``routed_act``: the pieces of the two
   stacked paths alone (the routed activation kernel on the GEMM's output);
 * ``router_masked_stacked``: the same with ``W_gate``, ``W_up`` and the router's first layer
-  as rows of one storage: one GEMM for all three (what ``prunepath.stacked_ffn`` lays out).
+  as rows of one storage: one GEMM for all three (what ``prunepath.decode.stacked_ffn`` lays out).
 
     python -m bench.masked_dense_gpu --out bench/results/masked_dense_gpu.json
 """

@@ -225,7 +225,7 @@ def test_router_masked_dense_ffn_equals_route_then_routed_ffn(backend, dtype, ga
     f = e * n
     wg, wu, wd, bu, bd = _ffn_weights(d, f, gen, dtype, gated, bias)
     w1, b1, w2, b2, hid = _router(kind, d, e, gen, dtype)
-    if stack:  # the rows of one storage, as prunepath.stacked_ffn lays them
+    if stack:  # the rows of one storage, as prunepath.decode.stacked_ffn lays them
         rows = [w for w in (wg, wu, w1) if w is not None]
         joint = torch.cat(rows)
         views = list(joint.split([w.shape[0] for w in rows]))

@@ -21,7 +21,7 @@ def _tracing() -> bool:
 
 def is_packed_down(w_down: torch.Tensor) -> bool:
     """Whether ``w_down`` [d, F] is the transposed view of a contiguous W_down^T [F, d] (how
-    :func:`prunepath.packed_down.pack` and GPT-2's Conv1D store it): the kernels then read the
+    :func:`prunepath.decode.packed_down.pack` and GPT-2's Conv1D store it): the kernels then read the
     packed layout in place (each expert's block is contiguous rows), never a copy."""
     return (w_down.dim() == 2 and not w_down.is_contiguous() and w_down.t().is_contiguous())
 

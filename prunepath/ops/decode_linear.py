@@ -5,7 +5,7 @@ this is the C++ kernel of csrc/cpu/linear.cpp: the routed FFN's dot kernels over
 of ``weight``, the rows split over the threads. A decode step's projections are matrix-vector
 products, which that kernel streams at about twice the rate of ``torch.nn.functional.linear``
 on 2 Zen 3 / Zen 4 cores (BENCHMARKS.md). A weight stored transposed (the view of a
-contiguous ``weight^T``: a packed W_down, :mod:`prunepath.packed_down`) is read in place by
+contiguous ``weight^T``: a packed W_down, :mod:`prunepath.decode.packed_down`) is read in place by
 the routed FFN's row-sum kernel, rows split over the threads. Everything else (GPU, more
 tokens, fp64, other strides, autograd) is ``torch.nn.functional.linear``. Same result up to
 fp32 summation order.
