@@ -125,7 +125,7 @@ PP_INLINE void row_block(const SegsDot& a, const typename W::T* w, int64_t r0) {
 // gate/up block) are read one after another, in address order: the slab is one front-to-back
 // memory stream, the pattern hardware prefetchers follow best. Interleaving 8 such rows (576
 // floats each) starts 8 short streams per block: 11-14% slower in fp32, up to 2x in bf16, on a
-// 2-core Zen 4 (BENCHMARKS.md, session 15). Row pieces a stride apart (W_down's runs of expert
+// 2-core Zen 4 (BENCHMARKS.md, measured 2026-12-05). Row pieces a stride apart (W_down's runs of expert
 // columns, nn.Linear layout) are read several rows at a time: 8 for one token, 2 for more.
 template <typename W>
 PP_TARGET void segs_dot(const SegsDot& a);
@@ -277,7 +277,7 @@ PP_INLINE void axpy_rows_all_tokens(const SegsAxpy& a, const typename W::T* w,
 // each segment started and ended the 4 streams together at every segment: SmolLM2's FFN
 // (16-neuron experts), T=1, paired, 2-core Zen 4: bf16 1.05-1.11x with 24-72 of 96 experts
 // live at random or every other one, fp32 1.01-1.04x, one run of experts unchanged; 8 streams
-// instead of 4 gained nothing (BENCHMARKS.md, session 18).
+// instead of 4 gained nothing (measured 2026-12-05).
 template <typename W>
 PP_TARGET void segs_axpy(const SegsAxpy& a) {
   const auto* w = static_cast<const typename W::T*>(a.w);

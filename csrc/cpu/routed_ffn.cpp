@@ -60,7 +60,7 @@ int64_t gather_min_tokens(at::ScalarType dtype) {
 
 // The decode path uses one thread per this many bytes of active weights (and at most
 // torch.get_num_threads()): about 25 us of reading on one core. Was 1 MiB; SmolLM2's FFN
-// (576 x 1536, E=96) on a 2-core Xeon, medians of 200 (BENCHMARKS.md, session 12): bf16 at
+// (576 x 1536, E=96) on a 2-core Xeon, medians of 200 (BENCHMARKS.md, measured 2026-12-04): bf16 at
 // 70% 0.27 -> 0.17 ms (1.6 MB of experts had one thread), fp32 at 90% 0.15 -> 0.11 ms, 50%
 // unchanged.
 constexpr int64_t kMinBytesPerThread = int64_t{1} << 18;
