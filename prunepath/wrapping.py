@@ -86,17 +86,22 @@ def wrap(model: nn.Module, cfg: PrunePathConfig) -> nn.Module:
         routed = RoutedFFN(base, fam, activation, cfg.num_experts, router, layer_idx=i,
                            prefill=cfg.prefill, min_experts=cfg.min_experts, backend=cfg.backend,
                            temperature=cfg.router_temperature)
-        if fam.inline_ffn:
-            setattr(owner, fam.up, routed)
-            setattr(owner, fam.down, nn.Identity())
-            setattr(owner, fam.act_attr, nn.Identity())
-            routed._shape_hook = layer.register_forward_pre_hook(_record_seq_shape(routed),
-                                                                 with_kwargs=True)
-        else:
-            parent, name = _parent_and_name(layer, fam.ffn)
-            setattr(parent, name, routed)
+        _install(layer, fam, routed)
     model.prunepath_config = cfg
     return model
+
+
+def _install(layer: nn.Module, fam: Family, routed: RoutedFFN) -> None:
+    """Put ``routed`` in place of ``layer``'s FFN (an inline FFN's projections become identities)."""
+    if fam.inline_ffn:
+        owner = ffn_owner(layer, fam)
+        setattr(owner, fam.up, routed)
+        setattr(owner, fam.down, nn.Identity())
+        setattr(owner, fam.act_attr, nn.Identity())
+        routed._shape_hook = layer.register_forward_pre_hook(_record_seq_shape(routed), with_kwargs=True)
+    else:
+        parent, name = _parent_and_name(layer, fam.ffn)
+        setattr(parent, name, routed)
 
 
 def _record_seq_shape(routed: RoutedFFN):
@@ -161,14 +166,5 @@ def unwrapped(model: nn.Module):
 
 def _rewrap(model, fam, routed_layers, cfg):
     for layer, routed in zip(decoder_layers(model, fam), routed_layers):
-        if fam.inline_ffn:
-            owner = layer
-            setattr(owner, fam.up, routed)
-            setattr(owner, fam.down, nn.Identity())
-            setattr(owner, fam.act_attr, nn.Identity())
-            routed._shape_hook = layer.register_forward_pre_hook(_record_seq_shape(routed),
-                                                                 with_kwargs=True)
-        else:
-            parent, name = _parent_and_name(layer, fam.ffn)
-            setattr(parent, name, routed)
+        _install(layer, fam, routed)
     model.prunepath_config = cfg
