@@ -650,14 +650,14 @@ def add_bench_parser(sub) -> None:
     d.set_defaults(func=run_bench_decode)
 
 
-def _bench_module(name: str):
-    """``bench.<name>`` of the source checkout this package runs from (bench/ is a package of
-    the checkout, not installed), imported whatever the current folder."""
+def bench_module(name: str, root=None):
+    """``bench.<name>`` of a source checkout's bench package (``root``, default the checkout this
+    package runs from: bench/ is not installed), imported whatever the current folder."""
     import importlib
     import importlib.util
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1] / "bench"
+    root = Path(root) if root is not None else Path(__file__).resolve().parents[1] / "bench"
     if not (root / f"{name}.py").exists():
         raise SystemExit(f"prunepath bench {name} runs bench/{name}.py of a source checkout; "
                          f"not found in {root} (install with `pip install -e .` from the repo)")
@@ -673,7 +673,7 @@ def _bench_module(name: str):
 
 def run_bench_decode(args) -> int:
     argv = (["--help"] if args.bench_help else []) + args.bench_args
-    return int(_bench_module("decode").main(argv) or 0)
+    return int(bench_module("decode").main(argv) or 0)
 
 
 PARSERS = [add_quickstart_parser, add_convert_parser, add_finetune_parser, add_eval_parser, add_bench_parser]

@@ -1,9 +1,6 @@
 """Shared test utilities: tolerances (as in the device METHOD.md), poisoned buffers, and
 loading a bench script as a module."""
 
-import importlib
-import importlib.util
-import sys
 from pathlib import Path
 
 import torch
@@ -42,12 +39,6 @@ def assert_mask_equal_up_to_rounding(out, ref, logits, budget, mass_eps=1e-4):
 def bench_module(script: str):
     """``bench/<script>`` imported as ``bench.<name>`` from this checkout's bench package
     (the scripts import ``bench.common``), whatever the current folder."""
-    root = Path(__file__).resolve().parents[1] / "bench"
-    pkg = sys.modules.get("bench")
-    if pkg is None or Path(getattr(pkg, "__file__", "") or "").resolve().parent != root:
-        spec = importlib.util.spec_from_file_location("bench", root / "__init__.py",
-                                                      submodule_search_locations=[str(root)])
-        pkg = importlib.util.module_from_spec(spec)
-        sys.modules["bench"] = pkg
-        spec.loader.exec_module(pkg)
-    return importlib.import_module(f"bench.{Path(script).stem}")
+    from prunepath.cli import bench_module as load
+
+    return load(Path(script).stem, Path(__file__).resolve().parents[1] / "bench")
