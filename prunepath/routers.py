@@ -112,15 +112,17 @@ class LowRankRouter(nn.Module):
         self.proj_out = nn.Linear(rank, (2 if gated else 1) * intermediate_size)  # A, a
         self.register_buffer("down_norm", torch.ones(intermediate_size))            # c
 
-    def neuron_scores(self, x: torch.Tensor) -> torch.Tensor:
-        """Predicted ``|h_i| c_i`` ``[T, F]`` (fp32)."""
+    def predicted_activations(self, x: torch.Tensor) -> torch.Tensor:
+        """Predicted neuron activations ``h`` ``[T, F]`` (fp32)."""
         z = self.proj_out(self.proj_in(x.to(self.proj_in.weight.dtype))).float()
         if self.gated:
             g, u = z.split(self.intermediate_size, dim=-1)
-            h = activate(g, self.activation) * u
-        else:
-            h = activate(z, self.activation)
-        return h.abs() * self.down_norm
+            return activate(g, self.activation) * u
+        return activate(z, self.activation)
+
+    def neuron_scores(self, x: torch.Tensor) -> torch.Tensor:
+        """Predicted ``|h_i| c_i`` ``[T, F]`` (fp32)."""
+        return self.predicted_activations(x).abs() * self.down_norm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = self.neuron_scores(x)
@@ -179,16 +181,11 @@ def refine_lowrank(router: LowRankRouter, x: torch.Tensor, w, *, epochs: int, ba
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch,
                                                 pct_start=0.1)
     loss_val = float("nan")
-    f = router.intermediate_size
     for _ in range(epochs):
         order = torch.randperm(n, generator=generator)
         for i in range(steps_per_epoch):
             idx = order[i * batch_tokens:(i + 1) * batch_tokens]
-            z = router.proj_out(router.proj_in(x[idx]))
-            if router.gated:
-                h = activate(z[:, :f], router.activation) * z[:, f:]
-            else:
-                h = activate(z, router.activation)
+            h = router.predicted_activations(x[idx])
             loss = (h * router.down_norm - target[idx]).pow(2).sum(-1).mean() / scale
             opt.zero_grad(set_to_none=True)
             loss.backward()
