@@ -28,7 +28,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -43,12 +42,7 @@ from prunepath.eval import suites
 from prunepath.eval.sweep import SweepConfig, calibration_ids
 from prunepath.layers import RoutedFFN
 
-
-def write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
-        json.dump(data, f, indent=1)
-    os.replace(f.name, path)
+from .common import atomic_write_json
 
 
 def layer_times(model, repeats: int = 20) -> dict:
@@ -199,11 +193,11 @@ def main(argv=None) -> int:
                   "calib_sparsity": sparsity, "ppl": ppl, "ppl_vs_dense_pct": 100 * (ppl / out["dense_ppl"] - 1),
                   "seconds": time.perf_counter() - t0}
             out["points"].append(pt)
-            write_json(out_path, out)
+            atomic_write_json(out_path, out)
             print(f"E {e:5d} {router:8s} target {target:.2f} sparsity {sparsity:.3f} "
                   f"ppl {ppl:9.2f} ({pt['ppl_vs_dense_pct']:+.1f}%)  {pt['seconds']:.0f}s", flush=True)
         del model
-    write_json(out_path, out)
+    atomic_write_json(out_path, out)
     if out["points"]:
         plot(out, out_path.with_suffix(".png"))
 
